@@ -1,0 +1,149 @@
+"""MixSKD objectives: KD, the five loss terms, the discriminators, and each recipe's total.
+
+SPEC section 5, Eqs. (5)-(10'). Paper: Yang et al., "MixSKD: Self-Knowledge Distillation from Mixup
+for Image Recognition", ECCV 2022, section 3.
+
+Notation (SPEC section 3): for every head k, the interpolation of its outputs on the clean batch
+(`feats_interp`, `logits_interp`) and its outputs on the mixed batch (`feats_mixed`,
+`logits_mixed`) distill into each other. `teacher_interp`, `teacher_mixed` are the self-teacher's
+logits on the interpolated and on the mixed feature maps.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mixup import interp, mix_ce
+
+RECIPES = ("paper", "official")
+TERMS = ("ce", "mix", "kd", "feat", "adv")
+
+
+def check_recipe(recipe):
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+
+
+def kd(student, teacher, temperature):
+    """KD(s || t) = T^2 * KL(softmax(sg(t) / T) || softmax(s / T)), batch mean (SPEC section 5)."""
+    log_p_student = F.log_softmax(student / temperature, dim=1)
+    p_teacher = F.softmax(teacher.detach() / temperature, dim=1)
+    return temperature**2 * F.kl_div(log_p_student, p_teacher, reduction="batchmean")
+
+
+def loss_ce(logits_clean, y):
+    """Task loss on clean images, SPEC Eq. (5): sum over heads of CE(z_k(x), y)."""
+    return sum(F.cross_entropy(z, y) for z in logits_clean)
+
+
+def loss_mix(logits_mixed, teacher_interp, teacher_mixed, y, lam, perm):
+    """Mixup loss, SPEC Eq. (6): every head and the self-teacher (both inputs) on the mixup labels."""
+    heads = sum(mix_ce(z, y, lam, perm) for z in logits_mixed)
+    return heads + mix_ce(teacher_interp, y, lam, perm) + mix_ce(teacher_mixed, y, lam, perm)
+
+
+def loss_kd(logits_interp, logits_mixed, teacher_interp, teacher_mixed, temperature):
+    """Logit self-KD, SPEC Eq. (7).
+
+    Branches (all heads but the last) distill mutually between interpolated and mixed logits; the
+    backbone (last head) learns from the self-teacher, crossed: its interpolated logits from the
+    teacher on mixed features, its mixed logits from the teacher on interpolated features.
+    """
+    branches = sum(
+        kd(z_bar, z_tilde, temperature) + kd(z_tilde, z_bar, temperature)
+        for z_bar, z_tilde in zip(logits_interp[:-1], logits_mixed[:-1])
+    )
+    backbone = kd(logits_interp[-1], teacher_mixed, temperature) + kd(logits_mixed[-1], teacher_interp, temperature)
+    return branches + backbone
+
+
+def loss_feat(feats_interp, feats_mixed):
+    """Feature self-KD, SPEC Eq. (8): sum_k mean((F_bar_k - F_tilde_k)^2), gradient to both sides."""
+    return sum(F.mse_loss(f_bar, f_tilde) for f_bar, f_tilde in zip(feats_interp, feats_mixed))
+
+
+class GradReverse(torch.autograd.Function):
+    """Gradient reversal: identity forward, negated gradient backward (SPEC Eq. (10))."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+def discriminator(channels, hidden=128):
+    """D_k of SPEC Eq. (9) after its GAP: Linear(C, 128) -> ReLU -> Linear(128, 2)."""
+    return nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2))
+
+
+def discriminators(channels, num_heads=4):
+    """D_1..D_4 as registered modules, so they are optimised and saved (unlike SPEC section 6, item 3)."""
+    return nn.ModuleList(discriminator(channels) for _ in range(num_heads))
+
+
+def loss_adv(discs, feats_interp, feats_mixed, reverse):
+    """Discriminator loss, SPEC Eq. (9): tell interpolated ([1, 0]) from mixed ([0, 1]) features.
+
+    reverse=True (recipe `paper`) puts a gradient reversal between the pooled features and D_k: the
+    discriminators descend L_adv while the network ascends it. reverse=False (recipe `official`)
+    lets the network descend L_adv through D_k, as the released script does.
+    """
+    batch = feats_interp[0].shape[0]
+    targets = torch.zeros(2 * batch, 2, device=feats_interp[0].device)
+    targets[:batch, 0] = 1.0
+    targets[batch:, 1] = 1.0
+    total = 0.0
+    for disc, f_bar, f_tilde in zip(discs, feats_interp, feats_mixed):
+        pooled = torch.cat([f_bar.mean((2, 3)), f_tilde.mean((2, 3))])
+        if reverse:
+            pooled = GradReverse.apply(pooled)
+        total = total + F.binary_cross_entropy_with_logits(disc(pooled), targets)
+    return total
+
+
+def trained_parameters(recipe, net, self_teacher, discs):
+    """The parameters a recipe optimises: all of them for `paper` (Eq. (10)), the network alone for
+    `official` (Eq. (10')), where the self-teacher and the discriminators stay at initialisation."""
+    check_recipe(recipe)
+    modules = [net, self_teacher, discs] if recipe == "paper" else [net]
+    return [p for m in modules for p in m.parameters()]
+
+
+def mixskd_loss(feats, logits, y, lam, perm, self_teacher, discs, recipe="paper", weights=None, temperature=3.0):
+    """The MixSKD objective of one step: SPEC Eq. (10) (`paper`) or (10') (`official`).
+
+    feats, logits: lists over heads (backbone last) of the network's outputs on cat([x, x_mix]).
+    y: labels of the clean batch x; lam, perm: the step's pairing (mixup.mix_batch).
+    weights: {term: weight} for the terms in TERMS, default 1 each; a weight of 0 removes its term.
+    Returns (total, terms): the loss to backpropagate and every term, detached, for logging.
+
+    Recipe `official` (SPEC section 6): L_mix is computed for the log but not optimised, so the
+    self-teacher runs without a graph (its logits are detached targets in Eq. (7) anyway), and the
+    network minimises L_adv through discriminators that the caller keeps out of the optimiser.
+    """
+    check_recipe(recipe)
+    weights = {**dict.fromkeys(TERMS, 1.0), **(weights or {})}
+    if set(weights) != set(TERMS):
+        raise ValueError(f"unknown loss weights {sorted(set(weights) - set(TERMS))}; terms are {', '.join(TERMS)}")
+    paper = recipe == "paper"
+    batch = y.shape[0]
+    feats_mixed = [f[batch:] for f in feats]
+    logits_mixed = [z[batch:] for z in logits]
+    # Interpolate each head's clean outputs once; every term below reuses them.
+    feats_interp = [interp(f[:batch], lam, perm) for f in feats]
+    logits_interp = [interp(z[:batch], lam, perm) for z in logits]
+
+    with torch.set_grad_enabled(paper and torch.is_grad_enabled()):
+        teacher_interp = self_teacher(feats_interp)
+        teacher_mixed = self_teacher(feats_mixed)
+        terms = {"mix": loss_mix(logits_mixed, teacher_interp, teacher_mixed, y, lam, perm)}
+    terms["ce"] = loss_ce([z[:batch] for z in logits], y)
+    terms["kd"] = loss_kd(logits_interp, logits_mixed, teacher_interp, teacher_mixed, temperature)
+    terms["feat"] = loss_feat(feats_interp, feats_mixed)
+    terms["adv"] = loss_adv(discs, feats_interp, feats_mixed, reverse=paper)
+
+    optimised = TERMS if paper else tuple(t for t in TERMS if t != "mix")
+    total = sum(weights[t] * terms[t] for t in optimised if weights[t] != 0)
+    return total, {t: terms[t].detach() for t in TERMS}
