@@ -1,10 +1,20 @@
 """MixSKD checklist: one test per property of ../shared/SPEC.md, smallest case that shows it."""
 import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+import data
+import eval as evaluation
+import train
 
 from losses import (TERMS, discriminator, discriminators, kd, loss_adv, loss_ce, loss_feat, loss_kd, loss_mix,
                     mixskd_loss, trained_parameters)
@@ -422,3 +432,317 @@ def test_overfits_one_small_batch(recipe):
         totals.append(total.item())
     assert np.mean(totals[-5:]) < 0.5 * np.mean(totals[:5])
     assert backbone_ce() < 0.4 * ce_before
+
+
+# ---------------------------------------------------------------- train.py, data.py, eval.py
+
+HERE = Path(__file__).resolve().parent
+SHARED_NPZ = HERE.parent / "shared" / "data" / "cifar10_q75_10k.npz"
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    """256 train and 128 test images: real CIFAR-10 from ../shared when present, else synthetic."""
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    if SHARED_NPZ.exists():
+        with np.load(SHARED_NPZ) as f:
+            arrays = {"x_train": f["x_train"][:256], "y_train": f["y_train"][:256],
+                      "x_test": f["x_test"][:128], "y_test": f["y_test"][:128]}
+    else:
+        rng = np.random.default_rng(0)
+        arrays = {"x_train": rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8),
+                  "y_train": rng.integers(0, 10, 256), "x_test": rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8),
+                  "y_test": np.arange(128) % 10}
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def tiny_run(npz, out, *extra):
+    train.main(["--dataset", npz, "--width", "4", "--batch-size", "32", "--warmup-epochs", "1",
+                "--milestones", "1", "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "two-epochs"
+    tiny_run(tiny_npz, out, "--epochs", "2")
+    return out
+
+
+def metric_lines(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(record):
+    return {k: v for k, v in record.items() if k not in ("epoch_time", "img_per_s")}
+
+
+def test_two_epoch_run_writes_every_output(run_dir):
+    assert {"metrics.jsonl", "last.pt", "best.pt", "deploy.pt", "summary.json"} <= set(os.listdir(run_dir))
+    lines = metric_lines(run_dir)
+    assert [r["epoch"] for r in lines] == [0, 1]
+    assert set(lines[-1]["loss"]) == {"total", *TERMS}
+    assert list(lines[-1]["test"]) == ["backbone", "branch1", "branch2", "branch3", "self_teacher"]
+    assert {"top1", "top5", "nll", "ece"} == set(lines[-1]["test"]["backbone"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["headline_final_backbone_top1"] == lines[-1]["test"]["backbone"]["top1"]
+    assert summary["best_backbone_top1"] == max(r["test"]["backbone"]["top1"] for r in lines)
+    assert summary["released_code_metric_max_over_heads_and_epochs"] == max(
+        m["top1"] for r in lines for h, m in r["test"].items() if h != "self_teacher")
+    assert summary["deployed_params"] < summary["trained_params"]
+    for name in ("last.pt", "best.pt", "deploy.pt"):
+        torch.load(run_dir / name, weights_only=True)
+
+
+def test_deploy_checkpoint_loads_with_backbone_class_alone(run_dir, tiny_npz):
+    ckpt = torch.load(run_dir / "deploy.pt", weights_only=True)
+    meta = ckpt["meta"]
+    net = ResNet(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"])
+    net.load_state_dict(ckpt["backbone"])
+    d = data.load_dataset(tiny_npz)
+    d.stats = data.pixel_stats(meta["mean"], meta["std"], "cpu")
+    metrics = evaluation.evaluate(net, None, d)
+    assert metrics["backbone"]["top1"] == metric_lines(run_dir)[-1]["test"]["backbone"]["top1"]
+
+
+def test_eval_reproduces_logged_test_metrics_exactly(run_dir, capsys):
+    evaluation.main([str(run_dir / "last.pt"), "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["heads"] == metric_lines(run_dir)[-1]["test"]
+
+
+def test_eval_prints_backbone_row_first(run_dir, capsys):
+    evaluation.main([str(run_dir / "last.pt")])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split() == ["head", "top-1", "top-5", "NLL", "ECE"]
+    assert rows[2].startswith("backbone")
+
+
+def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path):
+    tiny_run(tiny_npz, tmp_path, "--epochs", "1")
+    tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--resume")
+    straight = torch.load(run_dir / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "last.pt", weights_only=True)
+    for part in ("model", "self_teacher", "discriminators"):
+        for k, v in straight[part].items():
+            assert torch.equal(v, resumed[part][k]), f"{part}.{k} differs after resume"
+    assert [without_timing(r) for r in metric_lines(run_dir)] == [without_timing(r) for r in metric_lines(tmp_path)]
+
+
+@pytest.mark.parametrize("method", ["ce", "mixup", "cutmix"])
+def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path):
+    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--method", method)
+    record = metric_lines(tmp_path)[-1]
+    assert list(record["test"]) == ["backbone"]
+    assert set(record["loss"]) == {"total", "ce" if method == "ce" else "mix"}
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["self_teacher"] is None and "fc.weight" in ckpt["model"]
+
+
+def test_official_recipe_run_has_no_stem_relu_and_frozen_teacher(tiny_npz, tmp_path):
+    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--recipe", "official")
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["meta"]["stem_relu"] is False
+    torch.manual_seed(0)  # train.main seeds 0 before building: the self-teacher must still be that init
+    net = MixSKDNet("resnet18", 10, 4, stem_relu=False)
+    fresh = SelfTeacher(net.backbone.feature_channels, 10)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, ckpt["self_teacher"][k])
+
+
+def test_lr_follows_spec_schedule():
+    args = train.parse_args([])
+    steps = 781
+    assert args.milestones == [105, 155] and args.epochs == 205
+    assert train.lr_at(0, steps, args) == pytest.approx(0.1 / (5 * steps))
+    assert train.lr_at(5 * steps - 1, steps, args) == pytest.approx(0.1)
+    assert train.lr_at(5 * steps, steps, args) == pytest.approx(0.1)
+    assert train.lr_at(105 * steps - 1, steps, args) == pytest.approx(0.1)
+    assert train.lr_at(105 * steps, steps, args) == pytest.approx(0.01)
+    assert train.lr_at(155 * steps - 1, steps, args) == pytest.approx(0.01)
+    assert train.lr_at(155 * steps, steps, args) == pytest.approx(0.001)
+    assert train.lr_at(205 * steps - 1, steps, args) == pytest.approx(0.001)
+    assert train.parse_args(["--epochs", "90"]).milestones == [46, 68]  # same fractions of training
+
+
+def test_augmentation_crops_with_zero_padding_and_flips():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).view(2, 3, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(50):
+        out = data.random_crop_flip(x, generator, pad=2)
+        assert out.shape == x.shape and out.dtype == torch.uint8
+        for i in range(2):
+            padded = F.pad(x[i], (2, 2, 2, 2))
+            matches = [(dy, dx, f) for dy in range(5) for dx in range(5) for f in (0, 1)
+                       if torch.equal(out[i], (padded.flip(2) if f else padded)[:, dy:dy + 8,
+                                      (4 - dx if f else dx):(4 - dx if f else dx) + 8])]
+            assert matches, "not a crop of the zero-padded image, flipped or not"
+            seen.add(matches[0])
+    assert len({m[2] for m in seen}) == 2 and len({m[:2] for m in seen}) > 10
+
+
+def test_epoch_data_depends_only_on_seed_and_epoch(tiny_npz):
+    d = data.load_dataset(tiny_npz)
+    first = [x for x, _ in data.train_batches(d, 32, data.epoch_generator(0, 3, "cpu"))]
+    again = [x for x, _ in data.train_batches(d, 32, data.epoch_generator(0, 3, "cpu"))]
+    other = [x for x, _ in data.train_batches(d, 32, data.epoch_generator(0, 4, "cpu"))]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    assert len(first) == 256 // 32
+
+
+# ------------------------------------------------ errors: one line, non-zero exit, checkpoints kept
+
+
+@pytest.mark.parametrize("argv", [["--arch", "resnet20"], ["--method", "kd"], ["--recipe", "released"],
+                                  ["--dataset", "imagenet"], ["--alpha", "0"], ["--batch-size", "1"],
+                                  ["--w-kd", "nan"]])
+def test_bad_arguments_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_missing_dataset_offline_names_folder_and_url(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(self):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", offline)
+    with pytest.raises(data.UserError, match=r"cifar-100-python.*https://www\.cs\.toronto\.edu/~kriz/cifar-100-python"):
+        data.load_dataset("cifar100", str(tmp_path))
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x_train": np.zeros((4, 32, 32, 3), np.uint8)}, "lacks y_train, x_test, y_test"),
+    ({"x_train": np.zeros((4, 32, 32), np.uint8), "y_train": np.zeros(4, int),
+      "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.zeros(2, int)}, "x_train must be uint8 N x H x W x 3"),
+    ({"x_train": np.zeros((4, 32, 32, 3), np.uint8), "y_train": np.zeros(3, int),
+      "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.zeros(2, int)}, "y_train must hold 4"),
+])
+def test_bad_npz_is_reported(arrays, message, tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(data.UserError, match=message):
+        data.load_dataset(str(path))
+
+
+@pytest.fixture
+def kept_run(run_dir, tmp_path):
+    """A copy of the two-epoch run, and a check that its last.pt is byte-for-byte intact afterwards."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    before = (out / "last.pt").read_bytes()
+    yield out
+    assert (out / "last.pt").read_bytes() == before, "an error damaged last.pt"
+
+
+def test_existing_run_without_resume_is_refused(kept_run, tiny_npz):
+    with pytest.raises(data.UserError, match="already holds a run"):
+        tiny_run(tiny_npz, kept_run, "--epochs", "3")
+
+
+def test_resume_with_another_width_is_refused(kept_run, tiny_npz):
+    with pytest.raises(data.UserError, match="width=4.*8"):
+        train.main(["--dataset", tiny_npz, "--width", "8", "--out", str(kept_run), "--resume"])
+
+
+def test_non_finite_loss_stops_naming_the_term_and_keeps_last_checkpoint(kept_run, tiny_npz):
+    with pytest.raises(data.UserError, match=r"non-finite loss in epoch 2 \(L_.*last.pt from the previous epoch is kept"):
+        tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--lr", "1e30", "--log-every", "2")
+
+
+def test_truncated_checkpoint_is_reported(kept_run, tiny_npz):
+    broken = kept_run / "broken.pt"
+    broken.write_bytes((kept_run / "last.pt").read_bytes()[:5000])
+    with pytest.raises(data.UserError, match="truncated, corrupt or not a PyTorch checkpoint"):
+        evaluation.main([str(broken)])
+    with pytest.raises(data.UserError, match="truncated, corrupt"):
+        tiny_run(tiny_npz, kept_run.parent / "fresh", "--epochs", "1", "--init-from", str(broken))
+
+
+def test_init_from_checkpoint_of_another_width_is_refused(kept_run, tiny_npz, tmp_path):
+    with pytest.raises(data.UserError, match="does not fit the model.*another arch, width or class count"):
+        train.main(["--dataset", tiny_npz, "--width", "8", "--epochs", "1", "--out", str(tmp_path / "w8"),
+                    "--init-from", str(kept_run / "last.pt")])
+
+
+def test_unwritable_output_folder_is_reported(tiny_npz, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(data.UserError, match="cannot write to output folder"):
+        tiny_run(tiny_npz, tmp_path / "a-file" / "run", "--epochs", "1")
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    missing = subprocess.run([sys.executable, str(HERE / "train.py"), "--dataset", str(tmp_path / "none.npz")],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines() == [f"error: dataset file {tmp_path / 'none.npz'} does not exist"]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    junk = subprocess.run([sys.executable, str(HERE / "eval.py"), str(tmp_path / "junk.pt")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert junk.returncode == 1 and len(junk.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in junk.stderr and "cannot read checkpoint" in junk.stderr
+
+
+# ------------------------------------------------ the released script's checkpoints (SPEC section 11)
+
+
+def to_released_layout(net, teacher):
+    """Our state dicts renamed as the released CIFAR script names them, written independently of
+    eval.released_to_ours so the test checks the mapping rather than restating it."""
+    state = {}
+    for key, value in net.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "branches":
+            k = int(parts[1]) + 1
+            if parts[2] == "fc":
+                state[f"module.auxiliary_classifier.fc{k}.{parts[3]}"] = value
+            else:
+                state[f"module.auxiliary_classifier.block_extractor{k}." + ".".join(parts[3:])] = value
+        else:
+            state[f"module.{key}"] = value
+    for key, value in teacher.state_dict().items():
+        state[f"module.final_aux_classifier.{key}"] = value
+    return {"net": state, "acc": 80.32, "epoch": 204, "optimizer": {}}
+
+
+def test_released_checkpoint_maps_by_name(tmp_path):
+    net, teacher, _ = tiny("official", arch="resnet50")
+    net.eval()
+    path = tmp_path / "released.pth.tar"
+    torch.save(to_released_layout(net, teacher), path)
+    model, loaded_teacher, meta = evaluation.model_from_checkpoint(evaluation.read_checkpoint(path), path)
+    assert meta == {"arch": "resnet50", "num_classes": CLASSES, "width": WIDTH, "stem_relu": False}
+    model.eval()
+    x, _ = batch()
+    feats, logits = net(x)
+    feats2, logits2 = model(x)
+    for a, b in zip(logits + [teacher(feats)], logits2 + [loaded_teacher(feats2)]):
+        assert torch.equal(a, b)
+
+
+def test_released_checkpoint_with_unknown_key_is_refused(tmp_path):
+    net, teacher, _ = tiny("official")
+    ckpt = to_released_layout(net, teacher)
+    ckpt["net"]["module.auxiliary_classifier.fc4.weight"] = torch.zeros(1)
+    path = tmp_path / "released.pth.tar"
+    torch.save(ckpt, path)
+    with pytest.raises(data.UserError, match="fc4.weight.*does not map"):
+        evaluation.model_from_checkpoint(evaluation.read_checkpoint(path), path)
+
+
+def test_init_from_released_checkpoint(tiny_npz, tmp_path):
+    torch.manual_seed(1)
+    net, teacher = MixSKDNet("resnet18", 10, 4, stem_relu=False), SelfTeacher(32, 10)
+    path = tmp_path / "released.pth.tar"
+    torch.save(to_released_layout(net, teacher), path)
+    args = train.parse_args(["--dataset", tiny_npz, "--width", "4", "--recipe", "official"])
+    model, own_teacher, _, _ = train.build(args, 10, torch.device("cpu"), torch.contiguous_format)
+    train.init_from(str(path), model, own_teacher)
+    for a, b in zip(model.state_dict().values(), net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(own_teacher.conv.weight, teacher.conv.weight)

@@ -1,0 +1,155 @@
+"""CIFAR data on the training device as uint8, with batched augmentation there.
+
+SPEC section 7: random crop 32 with 4-pixel zero padding of the raw pixels, horizontal flip with
+probability 0.5, then normalisation. As in airbench, the whole training set is one uint8 tensor on
+the device (150 MB for CIFAR), and augmentation is a few batched tensor ops per batch: no DataLoader,
+no worker processes, no per-image Python.
+
+Sources: torchvision's CIFAR-10/100 (downloaded when missing and online), or an `.npz` file with
+x_train, y_train, x_test, y_test (uint8 NHWC images, integer labels; class_names optional).
+"""
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+DATASETS = ("cifar10", "cifar100")
+STATS = {  # per-channel mean and std of the training set, SPEC section 7
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+class UserError(Exception):
+    """A problem with the command line or the files it names: reported in one line, no traceback."""
+
+
+def dataset_name(dataset):
+    """Short name of a dataset argument: cifar10, cifar100, or the stem of an .npz path."""
+    return dataset if dataset in DATASETS else os.path.splitext(os.path.basename(dataset))[0]
+
+
+def load_dataset(dataset, root="./data", device="cpu"):
+    """Train and test sets as device tensors: x uint8 N x 3 x 32 x 32, y int64, plus num_classes, mean, std."""
+    if dataset in DATASETS:
+        arrays, stats_key = load_torchvision(dataset, root), dataset
+    elif dataset.endswith(".npz"):
+        arrays = load_npz(dataset)
+        stats_key = "cifar10" if tuple(arrays.get("class_names", ())) == CIFAR10_CLASSES else None
+    else:
+        raise UserError(f"unknown dataset {dataset!r}: use cifar10, cifar100 or the path of an .npz file")
+    if stats_key:
+        mean, std = STATS[stats_key]
+    else:  # an unknown dataset: normalise with its own training statistics
+        pixels = arrays["x_train"].reshape(-1, 3) / 255.0
+        mean, std = tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist())
+    to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    return SimpleNamespace(
+        name=dataset_name(dataset),
+        x_train=to_device(arrays["x_train"].transpose(0, 3, 1, 2)),
+        y_train=to_device(arrays["y_train"].astype(np.int64)),
+        x_test=to_device(arrays["x_test"].transpose(0, 3, 1, 2)),
+        y_test=to_device(arrays["y_test"].astype(np.int64)),
+        num_classes=int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1,
+        mean=mean,
+        std=std,
+        stats=pixel_stats(mean, std, device),
+    )
+
+
+def load_torchvision(dataset, root):
+    import torchvision
+
+    cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        train, test = (cls(root, train=split, download=True) for split in (True, False))
+    except Exception as e:  # offline: URLError, socket errors, or a corrupt partial archive
+        folder = os.path.join(root, cls.base_folder)
+        raise UserError(f"{dataset} not found in {folder} and could not be downloaded ({type(e).__name__}); "
+                        f"download {cls.url} and extract it into {root}, or pass --dataset PATH.npz") from None
+    return {"x_train": train.data, "y_train": np.array(train.targets),
+            "x_test": test.data, "y_test": np.array(test.targets)}
+
+
+def load_npz(path):
+    """Read and validate an .npz dataset (keys, dtypes, shapes), with one-line errors."""
+    try:
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise UserError(f"dataset file {path} does not exist") from None
+    except Exception as e:
+        raise UserError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from None
+    missing = [k for k in NPZ_KEYS if k not in arrays]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: an .npz dataset needs {', '.join(NPZ_KEYS)}")
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
+            raise UserError(f"{path}: x_{split} must be uint8 N x H x W x 3 images, got {x.dtype} {x.shape}")
+        if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise UserError(f"{path}: y_{split} must hold {x.shape[0]} non-negative integer labels, "
+                            f"got {y.dtype} {y.shape}")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise UserError(f"{path}: train images {arrays['x_train'].shape[1:]} and test images "
+                        f"{arrays['x_test'].shape[1:]} differ in size")
+    return arrays
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def pixel_stats(mean, std, device):
+    """Mean and std in pixel units as 1 x 3 x 1 x 1 device tensors, made once, not per batch."""
+    to_pixels = lambda v: torch.tensor(v, device=device).view(1, 3, 1, 1) * 255
+    return to_pixels(mean), to_pixels(std)
+
+
+def normalize(x, stats):
+    """uint8 N x 3 x H x W -> float, standardised per channel; stats from pixel_stats."""
+    return (x.float() - stats[0]) / stats[1]
+
+
+def random_crop_flip(x, generator, pad=4):
+    """Random crop with `pad` pixels of zero padding and a horizontal flip with probability 0.5,
+    each drawn per image, as batched gathers (SPEC section 7). x: uint8 N x C x H x W."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), device=x.device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), device=x.device, generator=generator)
+    flip = torch.rand(n, 1, 1, 1, device=x.device, generator=generator) < 0.5
+    rows = dy + torch.arange(h, device=x.device).view(1, 1, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, 1, w)
+    cols = dx + torch.where(flip, w - 1 - cols, cols)
+    batch_idx = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    chan_idx = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[batch_idx, chan_idx, rows, cols]
+
+
+def epoch_generator(seed, epoch, device):
+    """The generator of one epoch's order and augmentation: a function of (seed, epoch) alone, so a
+    resumed run draws exactly what the uninterrupted run drew."""
+    return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+
+
+def train_batches(data, batch_size, generator):
+    """Shuffled, augmented, normalised batches of one epoch. The last incomplete batch is dropped,
+    so every step has the same shape (steady memory, no recompilation)."""
+    x, y = data.x_train, data.y_train
+    order = torch.randperm(x.shape[0], device=x.device, generator=generator)
+    for i in range(len(order) // batch_size):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        yield normalize(random_crop_flip(x[idx], generator), data.stats), y[idx]
+
+
+def steps_per_epoch(data, batch_size):
+    return data.x_train.shape[0] // batch_size
+
+
+def eval_batches(data, batch_size):
+    """The test set in order, normalised, in batches of batch_size (the last may be smaller)."""
+    for i in range(0, data.x_test.shape[0], batch_size):
+        yield normalize(data.x_test[i:i + batch_size], data.stats), data.y_test[i:i + batch_size]

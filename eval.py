@@ -1,0 +1,221 @@
+"""Evaluate a checkpoint: top-1, top-5, NLL and ECE of every head, backbone first.
+
+    python eval.py runs/cifar100-resnet18-mixskd-paper-seed0/last.pt
+    python eval.py deploy.pt --dataset cifar100 --json
+    python eval.py released_ckpt.pth.tar --dataset cifar100     # the authors' released CIFAR script
+
+Accepts this project's last.pt / best.pt (every head and the self-teacher), deploy.pt (the backbone
+alone) and checkpoints of the released CIFAR script (SPEC section 11, mapped by name). SPEC section 8:
+the backbone is the deployed network, so its row comes first and is the headline.
+"""
+import argparse
+import json
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from data import UserError, eval_batches, load_dataset, pixel_stats
+from model import ARCHS, Bottleneck, MixSKDNet, ResNet
+from self_teacher import SelfTeacher
+
+HEADS = ("backbone", "branch1", "branch2", "branch3", "self_teacher")
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def expected_calibration_error(probs, y, bins=15):
+    """ECE: |accuracy - confidence| per equal-width confidence bin, weighted by the bin's share."""
+    confidence, prediction = probs.max(1)
+    correct = (prediction == y).float()
+    bin_index = (confidence * bins).ceil().clamp(1, bins).long() - 1  # bins (0, 1/15], ..., (14/15, 1]
+    counts = torch.zeros(bins).index_add_(0, bin_index, torch.ones_like(confidence))
+    gap = torch.zeros(bins).index_add_(0, bin_index, correct - confidence)
+    return (gap.abs().sum() / counts.sum()).item()
+
+
+def head_metrics(logits, y):
+    """top-1 and top-5 accuracy in percent, mean NLL, and ECE (15 bins) of one head's logits."""
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    return {  # counts to Python floats, so 38.7 prints as 38.7, not 38.6999995
+        "top1": 100.0 * (top5[:, 0] == y).sum().item() / len(y),
+        "top5": 100.0 * (top5 == y[:, None]).any(1).sum().item() / len(y),
+        "nll": F.cross_entropy(logits, y).item(),
+        "ece": expected_calibration_error(logits.softmax(1), y),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, self_teacher, data, batch_size=500, channels_last=False):
+    """Metrics of every head on the test set, in fp32, model in eval mode: {head: {top1, ...}}.
+
+    model: a MixSKDNet (heads, and the self-teacher on clean-image features when given) or a plain
+    ResNet (the backbone row only). Restores the model's train/eval mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    outputs = {}
+    for x, _ in eval_batches(data, batch_size):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if isinstance(model, MixSKDNet):
+            feats, logits = model(x)
+            heads = {"backbone": logits[-1], "branch1": logits[0], "branch2": logits[1], "branch3": logits[2]}
+            if self_teacher is not None:
+                heads["self_teacher"] = self_teacher(feats)
+        else:
+            heads = {"backbone": model(x)}
+        for name, z in heads.items():
+            outputs.setdefault(name, []).append(z.float().cpu())
+    model.train(was_training)
+    y = data.y_test.cpu()
+    return {name: head_metrics(torch.cat(outputs[name]), y) for name in HEADS if name in outputs}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def read_checkpoint(path, device="cpu"):
+    """torch.load(weights_only=True) with one-line errors for missing, truncated or foreign files."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint ({reason})") from None
+
+
+def load_state(module, state, what):
+    """load_state_dict(strict) with a one-line error naming the first missing, unexpected or
+    mis-shaped key, the sign of a checkpoint made for another arch, width or class count."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
+                  f"{shapes[0]} is {tuple(state[shapes[0]].shape)}, expected {tuple(own[shapes[0]].shape)}")
+        raise UserError(f"{what} does not fit the model ({len(missing)} missing, {len(unexpected)} unexpected, "
+                        f"{len(shapes)} mis-shaped keys; {detail}): another arch, width or class count?")
+    module.load_state_dict(state)
+
+
+def released_to_ours(state):
+    """Map a state dict of the released MixSKD CIFAR network (SPEC section 11) onto ours.
+
+    Returns (meta, net_state, teacher_state); meta holds arch, num_classes, width, stem_relu (False:
+    the released network has no stem ReLU, SPEC section 6, item 5). Any key that does not map raises.
+    """
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    net_state, teacher_state = {}, {}
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            net_state[key] = value
+        elif m := re.fullmatch(r"auxiliary_classifier\.block_extractor([123])\.(.+)", key):
+            net_state[f"branches.{int(m[1]) - 1}.layers.{m[2]}"] = value
+        elif m := re.fullmatch(r"auxiliary_classifier\.fc([123])\.(weight|bias)", key):
+            net_state[f"branches.{int(m[1]) - 1}.fc.{m[2]}"] = value
+        elif m := re.fullmatch(r"final_aux_classifier\.(conv\.weight|fc\.weight|fc\.bias)", key):
+            teacher_state[m[1]] = value
+        else:
+            raise UserError(f"released checkpoint key {key!r} does not map onto this implementation (SPEC section 11)")
+    try:
+        depths = tuple(1 + max(int(m[1]) for k in net_state if (m := re.match(rf"backbone\.layer{s}\.(\d+)\.", k)))
+                       for s in (1, 2, 3, 4))
+        bottleneck = "backbone.layer1.0.conv3.weight" in net_state
+        arch = next(a for a, (block, d) in ARCHS.items() if d == depths and (block is Bottleneck) == bottleneck)
+        meta = {"arch": arch, "num_classes": net_state["backbone.fc.weight"].shape[0],
+                "width": net_state["backbone.conv1.weight"].shape[0], "stem_relu": False}
+    except (ValueError, StopIteration, KeyError):
+        raise UserError("released checkpoint: cannot recognise a ResNet-18/34/50/101 backbone in its keys") from None
+    return meta, net_state, teacher_state
+
+
+def model_from_checkpoint(ckpt, path):
+    """Build the network a checkpoint holds: (model, self_teacher or None, meta).
+
+    Our last.pt/best.pt: the trained model (MixSKDNet, or ResNet for the baselines) and the
+    self-teacher; deploy.pt: the backbone alone; the released script's {'net': ...}: mapped by name.
+    """
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a checkpoint of this project or of the released code")
+    if "net" in ckpt and "meta" not in ckpt:
+        meta, net_state, teacher_state = released_to_ours(ckpt["net"])
+        model = MixSKDNet(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"])
+        load_state(model, net_state, f"released checkpoint {path}")
+        teacher = None
+        if teacher_state:
+            teacher = SelfTeacher(model.backbone.feature_channels, meta["num_classes"])
+            load_state(teacher, teacher_state, f"released checkpoint {path} (self-teacher)")
+        return model, teacher, meta
+    if "meta" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project or of the released code (no 'meta' or 'net')")
+    meta = ckpt["meta"]
+    config = (meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"])
+    if "backbone" in ckpt:  # deploy.pt
+        model = ResNet(*config)
+        load_state(model, ckpt["backbone"], f"deploy checkpoint {path}")
+        return model, None, meta
+    model = MixSKDNet(*config) if meta["method"] == "mixskd" else ResNet(*config)
+    load_state(model, ckpt["model"], f"checkpoint {path}")
+    teacher = None
+    if ckpt.get("self_teacher") is not None:
+        teacher = SelfTeacher(model.backbone.feature_channels, meta["num_classes"])
+        load_state(teacher, ckpt["self_teacher"], f"checkpoint {path} (self-teacher)")
+    return model, teacher, meta
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def format_table(metrics):
+    lines = [f"{'head':<13}{'top-1':>8}{'top-5':>8}{'NLL':>8}{'ECE':>8}"]
+    for head, m in metrics.items():
+        lines.append(f"{head:<13}{m['top1']:>8.2f}{m['top5']:>8.2f}{m['nll']:>8.4f}{m['ece']:>8.4f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a MixSKD checkpoint (last.pt, best.pt, deploy.pt or the "
+                                            "released code's) on the test set: top-1, top-5, NLL, ECE per head.")
+    p.add_argument("checkpoint", help="path of the checkpoint")
+    p.add_argument("--dataset", default=None, help="cifar10, cifar100 or PATH.npz (default: the one it was trained on)")
+    p.add_argument("--data", default="./data", help="torchvision dataset root (default ./data)")
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt = read_checkpoint(args.checkpoint)
+    model, teacher, meta = model_from_checkpoint(ckpt, args.checkpoint)
+    dataset = args.dataset or meta.get("dataset")
+    if dataset is None:
+        raise UserError(f"{args.checkpoint} does not record its dataset: pass --dataset cifar10, cifar100 or PATH.npz")
+    data = load_dataset(dataset, args.data, device)
+    if data.num_classes > meta["num_classes"]:
+        raise UserError(f"{args.checkpoint} has {meta['num_classes']} classes but {dataset} has {data.num_classes}")
+    if "mean" in meta:  # normalise as in training, whatever the dataset argument
+        data.mean, data.std = meta["mean"], meta["std"]
+        data.stats = pixel_stats(meta["mean"], meta["std"], device)
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device)
+    metrics = evaluate(model, teacher, data, args.batch_size)
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "dataset": dataset, "heads": metrics}))
+    else:
+        print(f"{args.checkpoint} on {data.name} ({data.y_test.shape[0]} test images)")
+        print(format_table(metrics))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,407 @@
+"""Train MixSKD, or a CE / Mixup / CutMix baseline, on CIFAR.
+
+    python train.py --arch resnet18 --dataset cifar100                     # MixSKD, recipe `paper`
+    python train.py --arch resnet18 --dataset cifar100 --recipe official   # the released objective
+    python train.py --dataset ../shared/data/cifar10_q75_10k.npz --width 16 --epochs 90   # offline
+    python train.py --arch resnet18 --dataset cifar100 --resume            # continue OUT/last.pt
+
+SPEC sections 5-8: one optimiser over everything the recipe trains, SGD with Nesterov momentum,
+per-iteration warmup, step decays; the headline is the backbone's top-1 at the final epoch.
+A run writes into --out: metrics.jsonl (one line per epoch), last.pt (every epoch, atomically),
+best.pt (best backbone top-1), deploy.pt (the backbone alone) and summary.json.
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import DATASETS, UserError, dataset_name, epoch_generator, load_dataset, steps_per_epoch, train_batches
+from eval import HEADS, evaluate, load_state, model_from_checkpoint, read_checkpoint
+from losses import RECIPES, TERMS, discriminators, mixskd_loss, trained_parameters
+from mixup import MIX_MODES, mix_batch, mix_ce
+from model import ARCHS, MixSKDNet, ResNet
+from self_teacher import SelfTeacher
+
+METHODS = ("mixskd", "ce", "mixup", "cutmix")
+SPEC_EPOCHS, SPEC_MILESTONES = 205, (105, 155)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train MixSKD (Yang et al., ECCV 2022) or a baseline on CIFAR. Defaults are the "
+                    "SPEC's CIFAR recipe: ResNet-18, batch 64, SGD 0.1 Nesterov, 205 epochs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--arch", default="resnet18", choices=list(ARCHS), help="CIFAR ResNet")
+    g.add_argument("--width", type=int, default=64, help="channels of the first stage (64 in the paper)")
+    g.add_argument("--dataset", default="cifar100",
+                   help="cifar10, cifar100 (torchvision, downloaded into --data) or PATH.npz with "
+                        "x_train, y_train, x_test, y_test (uint8 NHWC images)")
+    g.add_argument("--data", default="./data", help="torchvision dataset root")
+    g.add_argument("--method", default="mixskd", choices=METHODS,
+                   help="mixskd; or a baseline on the backbone alone: ce (clean images), mixup, cutmix")
+    g.add_argument("--recipe", default="paper", choices=RECIPES,
+                   help="mixskd objective: paper (Eq. 10, everything trained) or official (Eq. 10', the "
+                        "released CIFAR script: no L_mix, fixed self-teacher and discriminators)")
+    g.add_argument("--mix", default="mixup", choices=MIX_MODES, help="how mixskd mixes images")
+    g.add_argument("--alpha", type=float, default=0.4, help="lam ~ Beta(alpha, alpha)")
+    g.add_argument("--temperature", type=float, default=3.0, help="KD temperature T")
+    for term in TERMS:
+        g.add_argument(f"--w-{term}", type=float, default=1.0, help=f"weight of L_{term} (0 disables it)")
+    g = p.add_argument_group("optimisation (SPEC section 7)")
+    g.add_argument("--epochs", type=int, default=SPEC_EPOCHS, help="training epochs")
+    g.add_argument("--warmup-epochs", type=int, default=5, help="linear warmup, per iteration")
+    g.add_argument("--milestones", type=int, nargs="*", default=None,
+                   help="absolute epochs where lr is multiplied by 0.1 (default: 105 155, scaled by "
+                        "--epochs/205 when --epochs differs)")
+    g.add_argument("--lr", type=float, default=0.1, help="base learning rate")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="on every trained parameter")
+    g.add_argument("--batch-size", type=int, default=64, help="clean images per step (MixSKD forwards twice as many)")
+    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation, mixing")
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                   help="autocast: auto = bf16 on CUDA where supported, else fp16; off on CPU")
+    g.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="auto = on for CUDA")
+    g = p.add_argument_group("files")
+    g.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<arch>-<method>[-<recipe>]-seed<k>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    g.add_argument("--init-from", default=None,
+                   help="start from the weights of a checkpoint: ours (last/best/deploy.pt) or the released script's")
+    g.add_argument("--log-every", type=int, default=100, help="steps between progress updates (each one syncs)")
+    args = p.parse_args(argv)
+
+    if not args.alpha > 0:
+        p.error(f"--alpha must be > 0, got {args.alpha}")
+    if args.batch_size < 2:
+        p.error(f"--batch-size must be at least 2 (mixup pairs images, BatchNorm needs a batch), got {args.batch_size}")
+    if args.width < 1 or args.epochs < 1 or args.warmup_epochs < 0 or args.log_every < 1:
+        p.error("--width, --epochs and --log-every must be positive and --warmup-epochs non-negative")
+    if not all(np.isfinite(getattr(args, f"w_{t}")) and getattr(args, f"w_{t}") >= 0 for t in TERMS):
+        p.error("loss weights must be finite and non-negative")
+    if args.dataset not in DATASETS and not args.dataset.endswith(".npz"):
+        p.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100 or the path of an .npz file")
+    if args.milestones is None:
+        args.milestones = [round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES]
+    if args.out is None:
+        recipe = f"-{args.recipe}" if args.method == "mixskd" else ""
+        args.out = os.path.join("runs", f"{dataset_name(args.dataset)}-{args.arch}-{args.method}{recipe}-seed{args.seed}")
+    return args
+
+
+def lr_at(step, steps_per_epoch, args):
+    """SPEC section 7: lr_i = lr (i + 1) / (warmup iterations) during warmup, then lr times 0.1 for
+    every milestone epoch reached."""
+    warmup = args.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    epoch = step // steps_per_epoch
+    return args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)
+
+
+def autocast_dtype(choice, device):
+    if choice == "off" or (choice == "auto" and device.type != "cuda"):
+        return None
+    if choice == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if choice == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16 or off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def build(args, num_classes, device, memory_format):
+    """The model, self-teacher and discriminators (MixSKD only), and one SGD over what the recipe trains."""
+    stem_relu = not (args.method == "mixskd" and args.recipe == "official")  # SPEC section 6, item 5
+    if args.method == "mixskd":
+        model = MixSKDNet(args.arch, num_classes, args.width, stem_relu)
+        channels = model.backbone.feature_channels
+        teacher, discs = SelfTeacher(channels, num_classes), discriminators(channels)
+        params = trained_parameters(args.recipe, model, teacher, discs)
+        # what the recipe does not train needs no .grad (official's would pile up, never zeroed)
+        trained = {id(p) for p in params}
+        for module in (teacher, discs):
+            for q in module.parameters():
+                q.requires_grad_(id(q) in trained)
+        teacher.to(device, memory_format=memory_format)
+        discs.to(device)
+    else:
+        model = ResNet(args.arch, num_classes, args.width, stem_relu)
+        teacher = discs = None
+        params = list(model.parameters())
+    model.to(device, memory_format=memory_format)
+    # foreach: one fused kernel launch per parameter group instead of one per tensor
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay,
+                          foreach=True)
+    return model, teacher, discs, opt
+
+
+def train_step(args, model, teacher, discs, opt, scaler, x, y, autocast, weights):
+    """One optimisation step on a clean batch (x, y). Returns a device vector
+    [total, *TERMS, correct] without synchronising with the host."""
+    batch = y.shape[0]
+    zero = torch.zeros((), device=y.device)
+    with autocast:
+        if args.method == "mixskd":
+            x_mix, perm, lam = mix_batch(x, args.alpha, args.mix)
+            # one forward over clean + mixed, so BatchNorm statistics cover both (SPEC section 2)
+            feats, logits = model(torch.cat([x, x_mix]))
+            total, terms = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, args.recipe, weights,
+                                       args.temperature)
+            correct = (logits[-1][:batch].argmax(1) == y).sum()
+        elif args.method == "ce":
+            logits = model(x)
+            total = F.cross_entropy(logits, y)
+            terms = {"ce": total.detach()}
+            correct = (logits.argmax(1) == y).sum()
+        else:  # mixup / cutmix baseline: the backbone on mixed images only, mixed CE (Eq. 3)
+            x_mix, perm, lam = mix_batch(x, args.alpha, args.method)
+            logits = model(x_mix)
+            total = mix_ce(logits, y, lam, perm)
+            terms = {"mix": total.detach()}
+            pred = logits.argmax(1)
+            correct = lam * (pred == y).sum() + (1 - lam) * (pred == y[perm]).sum()
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(opt)
+    scaler.update()
+    return torch.stack([total.detach().float()] + [terms.get(t, zero).float() for t in TERMS] + [correct.float()])
+
+
+def rng_state(device):
+    """Every generator the step draws from, as tensors and plain values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a torn file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path):
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
+def check_writable(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") from None
+
+
+def init_from(path, model, teacher):
+    """Copy the weights of any checkpoint eval.py reads (ours or the released script's) into model."""
+    source, source_teacher, _ = model_from_checkpoint(read_checkpoint(path), path)
+    if isinstance(model, ResNet) and isinstance(source, MixSKDNet):
+        source = source.backbone
+    target = model.backbone if isinstance(model, MixSKDNet) and isinstance(source, ResNet) else model
+    load_state(target, source.state_dict(), f"--init-from {path}")
+    if teacher is not None and source_teacher is not None:
+        load_state(teacher, source_teacher.state_dict(), f"--init-from {path} (self-teacher)")
+
+
+def resume(path, args, meta, model, teacher, discs, opt, scaler, device):
+    """Load last.pt into everything; returns (first epoch to run, best-so-far record)."""
+    ckpt = read_checkpoint(path, device)
+    if "meta" not in ckpt or "optimizer" not in ckpt:
+        raise UserError(f"{path} is not a training checkpoint of this project: --resume needs a last.pt")
+    for key in ("arch", "width", "num_classes", "method", "recipe", "stem_relu"):
+        if ckpt["meta"][key] != meta[key]:
+            raise UserError(f"{path} was trained with {key}={ckpt['meta'][key]!r}, this run has {meta[key]!r}: "
+                            f"pass the same arguments to resume, or another --out for a new run")
+    load_state(model, ckpt["model"], f"checkpoint {path}")
+    for module, key in ((teacher, "self_teacher"), (discs, "discriminators")):
+        if module is not None:
+            load_state(module, ckpt[key], f"checkpoint {path} ({key})")
+    opt.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], device)
+    return ckpt["epoch"] + 1, ckpt["best"]
+
+
+def read_metrics(path, before_epoch):
+    """metrics.jsonl lines of epochs < before_epoch: on resume, later lines belong to lost work."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [line for line in f if json.loads(line)["epoch"] < before_epoch]
+
+
+def check_finite(loss, epoch, last_path):
+    """Stop on a non-finite loss before it reaches a checkpoint, naming the term."""
+    bad = [name for name, value in loss.items() if not np.isfinite(value)]
+    if bad:
+        kept = f"{last_path} from the previous epoch is kept" if os.path.exists(last_path) else "nothing was saved"
+        terms = [t for t in bad if t != "total"] or bad
+        raise UserError(f"non-finite loss in epoch {epoch} (L_{', L_'.join(terms)}): stopped, {kept}; "
+                        f"lower --lr or try --amp off")
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = autocast_dtype(args.amp, device)
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+    last_path = os.path.join(args.out, "last.pt")
+    if os.path.exists(last_path) and not args.resume:
+        raise UserError(f"{args.out} already holds a run (last.pt): pass --resume to continue it, or another --out")
+    if args.resume and not os.path.exists(last_path):
+        raise UserError(f"--resume: no {last_path} to continue from")
+
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+    data = load_dataset(args.dataset, args.data, device)
+    check_writable(args.out)
+    model, teacher, discs, opt = build(args, data.num_classes, device, memory_format)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    weights = {t: getattr(args, f"w_{t}") for t in TERMS}
+    backbone = model.backbone if isinstance(model, MixSKDNet) else model
+    meta = {"arch": args.arch, "num_classes": data.num_classes, "width": args.width,
+            "stem_relu": backbone.stem_relu, "method": args.method, "recipe": args.recipe,
+            "dataset": args.dataset, "mean": list(data.mean), "std": list(data.std)}
+
+    start_epoch, best = 0, {"epoch": -1, "top1": -1.0, "released": -1.0, "released_head": None, "released_epoch": -1}
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    if args.resume:
+        start_epoch, best = resume(last_path, args, meta, model, teacher, discs, opt, scaler, device)
+    elif args.init_from:
+        init_from(args.init_from, model, teacher)
+    kept = read_metrics(metrics_path, start_epoch) if args.resume else []
+    with open(metrics_path, "w") as f:
+        f.writelines(kept)
+
+    steps = steps_per_epoch(data, args.batch_size)
+    if steps == 0:
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.x_train.shape[0]} training images")
+    logged = TERMS if args.method == "mixskd" else ("ce",) if args.method == "ce" else ("mix",)
+    n_train = count(model) + count(teacher) + count(discs)
+    print(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''} {args.arch} width {args.width} "
+          f"on {data.name} ({data.x_train.shape[0]} train, {data.x_test.shape[0]} test, {data.num_classes} classes) | "
+          f"{device.type} amp {dtype} channels_last {channels_last} | {n_train:,} trained params, "
+          f"{count(backbone):,} deployed | epochs {start_epoch}..{args.epochs - 1}, milestones {args.milestones}",
+          flush=True)
+    live = sys.stdout.isatty()
+    run_start = time.time()
+
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        sums = torch.zeros(len(TERMS) + 2, device=device)
+        generator = epoch_generator(args.seed, epoch, device)
+        epoch_start = time.time()
+        for i, (x, y) in enumerate(train_batches(data, args.batch_size, generator)):
+            lr = lr_at(epoch * steps + i, steps, args)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            sums += train_step(args, model, teacher, discs, opt, scaler, x.contiguous(memory_format=memory_format),
+                               y, autocast, weights)
+            if (i + 1) % args.log_every == 0:  # the only host sync inside an epoch
+                done, elapsed = i + 1, time.time() - epoch_start
+                check_finite({"total": sums[0].item()}, epoch, last_path)
+                if live:
+                    rate = done * args.batch_size / elapsed
+                    eta = elapsed / done * (steps - done) + (args.epochs - epoch - 1) * steps * elapsed / done
+                    print(f"\repoch {epoch}/{args.epochs} step {done}/{steps} loss {sums[0].item() / done:.4f} "
+                          f"lr {lr:.4f} {rate:.0f} img/s ETA {eta / 60:.1f} min", end="", flush=True)
+
+        means = (sums / steps).tolist()
+        epoch_time = time.time() - epoch_start
+        loss = {"total": means[0], **{t: means[1 + TERMS.index(t)] for t in logged}}
+        check_finite(loss, epoch, last_path)
+        test = evaluate(model, teacher, data, channels_last=channels_last)
+        record = {"epoch": epoch, "lr": lr, "loss": loss, "train_top1": 100.0 * means[-1] / args.batch_size,
+                  "test": test, "epoch_time": epoch_time, "img_per_s": steps * args.batch_size / epoch_time}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+        top1 = test["backbone"]["top1"]
+        improved = top1 > best["top1"]
+        if improved:
+            best.update(epoch=epoch, top1=top1)
+        head, value = max(((h, m["top1"]) for h, m in test.items() if h != "self_teacher"), key=lambda hv: hv[1])
+        if value > best["released"]:
+            best.update(released=value, released_head=head, released_epoch=epoch)
+        ckpt = {"meta": meta, "args": vars(args), "epoch": epoch, "best": best,
+                "model": model.state_dict(),
+                "self_teacher": teacher.state_dict() if teacher is not None else None,
+                "discriminators": discs.state_dict() if discs is not None else None,
+                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(device)}
+        save_atomic(ckpt, last_path)
+        if improved:
+            save_atomic(ckpt, os.path.join(args.out, "best.pt"))
+        heads = " ".join(f"{h} {m['top1']:.2f}" for h, m in test.items() if h != "backbone")
+        print(f"{chr(13) if live else ''}epoch {epoch}/{args.epochs} loss {loss['total']:.4f} "
+              f"train {record['train_top1']:.2f} | test backbone {top1:.2f} {heads} | "
+              f"{epoch_time:.1f}s {record['img_per_s']:.0f} img/s", flush=True)
+
+    final = json.loads(read_metrics(metrics_path, args.epochs)[-1])
+    save_atomic({"meta": meta, "backbone": backbone.state_dict()}, os.path.join(args.out, "deploy.pt"))
+    summary = {
+        "headline_final_backbone_top1": final["test"]["backbone"]["top1"],
+        "final_epoch": final["epoch"],
+        "final_test": final["test"],
+        "best_backbone_top1": best["top1"],
+        "best_backbone_epoch": best["epoch"],
+        "released_code_metric_max_over_heads_and_epochs": best["released"],
+        "released_code_metric_head": best["released_head"],
+        "released_code_metric_epoch": best["released_epoch"],
+        "trained_params": n_train,
+        "deployed_params": count(backbone),
+        "train_time_s": sum(json.loads(line)["epoch_time"] for line in read_metrics(metrics_path, args.epochs)),
+        "wall_time_s_this_process": time.time() - run_start,
+        "args": vars(args),
+    }
+    write_json_atomic(summary, os.path.join(args.out, "summary.json"))
+    print(f"final backbone top-1 {summary['headline_final_backbone_top1']:.2f} (headline) | best {best['top1']:.2f} "
+          f"at epoch {best['epoch']} | released code's metric {best['released']:.2f} ({best['released_head']}, "
+          f"epoch {best['released_epoch']}, max over heads and epochs on the test set) | {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
