@@ -3,6 +3,8 @@
     python eval.py runs/cifar100-resnet18-mixskd-paper-seed0/last.pt
     python eval.py deploy.pt --dataset cifar100 --json
     python eval.py released_ckpt.pth.tar --dataset cifar100     # the authors' released CIFAR script
+    python eval.py --table runs/*/                              # markdown table over seeds
+    python eval.py --plot runs/*/ --out results.png             # curves (needs matplotlib)
 
 Accepts this project's last.pt / best.pt (every head and the self-teacher), deploy.pt (the backbone
 alone) and checkpoints of the released CIFAR script (SPEC section 11, mapped by name). SPEC section 8:
@@ -10,9 +12,11 @@ the backbone is the deployed network, so its row comes first and is the headline
 """
 import argparse
 import json
+import os
 import re
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -167,6 +171,86 @@ def model_from_checkpoint(ckpt, path):
     return model, teacher, meta
 
 
+# ----------------------------------------------------------------------------- runs: table and figure
+
+
+def read_run(run_dir):
+    """(arguments, per-epoch records, summary or None) of a train.py run folder."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise UserError(f"{run_dir} is not a run folder of train.py (no metrics.jsonl)")
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    if not records:
+        raise UserError(f"{path} is empty: the run has not finished an epoch")
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = json.load(open(summary_path)) if os.path.exists(summary_path) else None
+    args = summary["args"] if summary else read_checkpoint(os.path.join(run_dir, "last.pt"))["args"]
+    return args, records, summary
+
+
+def method_label(args):
+    return f"{args['method']} {args['recipe']}" if args["method"] == "mixskd" else args["method"]
+
+
+def mean_std(values, digits=2):
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def results_table(run_dirs):
+    """Markdown table, one row per method over its seeds, each number labelled by what it is."""
+    groups = {}
+    for run_dir in run_dirs:
+        args, records, _ = read_run(run_dir)
+        groups.setdefault(method_label(args), []).append(records)
+    rows = ["| method | seeds | epochs | final backbone top-1 (headline) | best-epoch backbone top-1 | "
+            "max over heads and epochs (released code's way) | self-teacher top-1 | backbone ECE | "
+            "training time per run (min) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, runs in groups.items():
+        final = [r[-1]["test"] for r in runs]
+        best = [max(e["test"]["backbone"]["top1"] for e in r) for r in runs]
+        released = [max(m["top1"] for e in r for h, m in e["test"].items() if h != "self_teacher") for r in runs]
+        teacher = [f["self_teacher"]["top1"] for f in final if "self_teacher" in f]
+        rows.append(f"| {label} | {len(runs)} | {len(runs[0])} | {mean_std([f['backbone']['top1'] for f in final])} | "
+                    f"{mean_std(best)} | {mean_std(released)} | {mean_std(teacher) if teacher else '-'} | "
+                    f"{mean_std([f['backbone']['ece'] for f in final], 3)} | "
+                    f"{mean_std([sum(e['epoch_time'] for e in r) / 60 for r in runs], 1)} |")
+    return "\n".join(rows)
+
+
+def plot_runs(run_dirs, out):
+    """Test top-1 of the backbone per epoch for every run; the loss terms of the first MixSKD run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib, an optional dependency: pip install matplotlib") from None
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    mixskd = None
+    for run_dir in run_dirs:
+        args, records, _ = read_run(run_dir)
+        epochs = [r["epoch"] for r in records]
+        acc_ax.plot(epochs, [r["test"]["backbone"]["top1"] for r in records], lw=1,
+                    label=f"{method_label(args)} seed {args['seed']}")
+        if mixskd is None and args["method"] == "mixskd":
+            mixskd = (method_label(args), args["seed"], epochs, records)
+    acc_ax.set(xlabel="epoch", ylabel="test top-1 of the backbone (%)", title="deployed network")
+    acc_ax.legend(fontsize=7)
+    if mixskd:
+        label, seed, epochs, records = mixskd
+        for term in records[0]["loss"]:
+            loss_ax.plot(epochs, [r["loss"][term] for r in records], lw=1, label=f"L_{term}" if term != "total" else term)
+        loss_ax.set(xlabel="epoch", ylabel="mean over the epoch", yscale="log", title=f"loss terms, {label} seed {seed}")
+        loss_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    return out
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -180,7 +264,11 @@ def format_table(metrics):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a MixSKD checkpoint (last.pt, best.pt, deploy.pt or the "
                                             "released code's) on the test set: top-1, top-5, NLL, ECE per head.")
-    p.add_argument("checkpoint", help="path of the checkpoint")
+    p.add_argument("checkpoint", nargs="?", help="path of the checkpoint")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print a markdown table of finished runs instead")
+    p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
+                   help="draw test top-1 per epoch of these runs and a MixSKD run's loss terms (needs matplotlib)")
+    p.add_argument("--out", default="results.png", help="image file that --plot writes")
     p.add_argument("--dataset", default=None, help="cifar10, cifar100 or PATH.npz (default: the one it was trained on)")
     p.add_argument("--data", default="./data", help="torchvision dataset root (default ./data)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
@@ -191,6 +279,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.table:
+        print(results_table(args.table))
+        return
+    if args.plot:
+        print(plot_runs(args.plot, args.out))
+        return
+    if args.checkpoint is None:
+        raise UserError("name a checkpoint to evaluate, or pass --table / --plot with run folders")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = read_checkpoint(args.checkpoint)
     model, teacher, meta = model_from_checkpoint(ckpt, args.checkpoint)

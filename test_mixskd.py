@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 import data
 import eval as evaluation
 import train
@@ -746,3 +747,35 @@ def test_init_from_released_checkpoint(tiny_npz, tmp_path):
     for a, b in zip(model.state_dict().values(), net.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(own_teacher.conv.weight, teacher.conv.weight)
+
+
+# ------------------------------------------------ bench.py: the fast step keeps the math
+
+
+@pytest.mark.parametrize("method", ["mixskd", "mixup", "ce"])
+def test_fast_step_matches_plain_step(method):
+    """train.train_step (fp32, compile off, device lam, foreach SGD) and bench.plain_step (host lam,
+    .item() per term, default SGD) give the same loss and gradients from the same state and draws."""
+    args = train.parse_args(["--width", "4", "--method", method, "--amp", "off", "--channels-last", "off",
+                             "--compile", "off"])
+    x, y = batch(n=8)
+    results = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model, teacher, discs, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
+        np.random.seed(1)
+        torch.manual_seed(1)
+        if fast:
+            scaler = torch.amp.GradScaler("cpu", enabled=False)
+            autocast = torch.autocast("cpu", enabled=False)
+            stats = train.train_step(args, train.make_loss_fn(args, model, teacher, discs), opt, scaler, autocast,
+                                     torch.contiguous_format, x, y).tolist()
+        else:
+            stats = bench.plain_step(args, model, teacher, discs, opt, x, y)
+        grads = [p.grad for m in (model, teacher, discs) if m is not None for p in m.parameters() if p.requires_grad]
+        results.append((stats, grads))
+    (fast_stats, fast_grads), (plain_stats, plain_grads) = results
+    assert fast_stats == pytest.approx(plain_stats, rel=1e-5, abs=1e-5)
+    assert len(fast_grads) == len(plain_grads) > 0
+    for a, b in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,226 @@
+"""Benchmark the MixSKD training step: ms/step, clean images/s, peak memory, projected run time.
+
+    python bench.py                       # the project's step, best settings for this device
+    python bench.py --baseline            # ... and the plain way, same process, with the speed-up
+    python bench.py --amp off --channels-last off --compile off --json
+
+The timed step is train.py's own (`train.train_step` fed by `data.train_batches`), never a copy.
+`--baseline` also times the plain way to write it: a DataLoader with per-image PIL transforms on the
+host, eager fp32 in NCHW, default SGD, and `.item()` on every loss term each step. Data are synthetic
+CIFAR-100-shaped uint8 images (50,000 x 32 x 32 x 3, 100 classes): speed does not depend on pixels.
+"""
+import argparse
+import json
+import os
+import resource
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+import train
+from data import STATS, epoch_generator, pixel_stats, train_batches
+from losses import RECIPES, TERMS
+from model import ARCHS
+
+SPEC_STEPS = 50_000 // 64 * 205  # the SPEC's CIFAR-100 run: 781 steps per epoch, 205 epochs
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Time the MixSKD training step (and the plain way with --baseline).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--arch", default="resnet18", choices=list(ARCHS))
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="clean images per step")
+    p.add_argument("--method", default="mixskd", choices=train.METHODS)
+    p.add_argument("--recipe", default="paper", choices=RECIPES)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                   help="as train.py: auto = bf16 on CUDA and on CPUs with native bf16 kernels")
+    p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="auto: on for CUDA")
+    p.add_argument("--compile", default="auto", choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
+                   help="as train.py: auto = reduce-overhead (CUDA graphs) on CUDA, off on CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 on CUDA, 4 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 20 on CUDA, 2 on CPU)")
+    p.add_argument("--baseline", action="store_true", help="also time the plain way and print the ratio")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p.parse_args(argv)
+
+
+def train_args(args):
+    """train.py's arguments for this benchmark: the SPEC's defaults plus the speed flags."""
+    return train.parse_args(["--arch", args.arch, "--width", str(args.width), "--batch-size", str(args.batch_size),
+                             "--method", args.method, "--recipe", args.recipe, "--amp", args.amp,
+                             "--channels-last", args.channels_last, "--compile", args.compile])
+
+
+def synthetic_cifar(device, n=50_000, classes=100):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    mean, std = STATS["cifar100"]
+    return SimpleNamespace(images=images, labels=labels, num_classes=classes, mean=mean, std=std,
+                           x_train=images.permute(0, 3, 1, 2).contiguous().to(device), y_train=labels.to(device),
+                           stats=pixel_stats(mean, std, device))
+
+
+def peak_memory_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(step, warmup, steps, device):
+    """Seconds per step of step(), after warmup steps, with the device drained at both ends."""
+    for _ in range(warmup):
+        step()
+    peak_memory_reset(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps, peak_memory_mib(device)
+
+
+# ----------------------------------------------------------------------------- the project's step
+
+
+def fast_stepper(targs, data, device):
+    """train.py's loop body: device-side batches from data.train_batches, then train.train_step."""
+    torch.manual_seed(0)
+    dtype, memory_format = train.speed_settings(targs, device)
+    model, teacher, discs, opt = train.build(targs, data.num_classes, device, memory_format)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    loss_fn = train.make_loss_fn(targs, model, teacher, discs)
+    state = {"epoch": 0, "batches": iter(())}
+    settings = {"amp": str(dtype).removeprefix("torch.") if dtype else "off",
+                "channels_last": memory_format == torch.channels_last, "compile": targs.compile}
+
+    def step():
+        batch = next(state["batches"], None)
+        if batch is None:
+            state["epoch"] += 1
+            state["batches"] = train_batches(data, targs.batch_size, epoch_generator(0, state["epoch"], device))
+            batch = next(state["batches"])
+        for group in opt.param_groups:
+            group["lr"] = 0.01
+        train.train_step(targs, loss_fn, opt, scaler, autocast, memory_format, *batch)
+
+    return step, settings
+
+
+# ----------------------------------------------------------------------------- the plain way
+
+
+class PILCifar(torch.utils.data.Dataset):
+    """CIFAR as torchvision serves it: a PIL image per item, transformed on the host."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images.numpy(), labels.numpy(), transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def plain_step(targs, model, teacher, discs, opt, x, y):
+    """The step as it is usually written: eager fp32 NCHW, a host float lam, default SGD, and the
+    habit of reading every loss term with .item() each step (one host sync per term)."""
+    inputs, lam, perm = train.model_inputs(targs, x)
+    weights = {t: getattr(targs, f"w_{t}") for t in TERMS}
+    total, stats = train.compute_loss(targs, model, teacher, discs, weights, inputs, y, lam, perm)
+    opt.zero_grad()
+    total.backward()
+    opt.step()
+    return [v.item() for v in stats]
+
+
+def plain_stepper(targs, data, device, workers):
+    torch.manual_seed(0)
+    plain = argparse.Namespace(**{**vars(targs), "amp": "off", "channels_last": "off", "compile": "off"})
+    model, teacher, discs, _ = train.build(plain, data.num_classes, device, torch.contiguous_format)
+    params = [p for m in (model, teacher, discs) if m is not None for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(data.mean, data.std)])
+    loader = torch.utils.data.DataLoader(PILCifar(data.images, data.labels, transform), batch_size=targs.batch_size,
+                                         shuffle=True, num_workers=workers, drop_last=True,
+                                         persistent_workers=workers > 0)
+    state = {"batches": iter(loader)}
+
+    def step():
+        batch = next(state["batches"], None)
+        if batch is None:
+            state["batches"] = iter(loader)
+            batch = next(state["batches"])
+        x, y = batch
+        plain_step(plain, model, teacher, discs, opt, x.to(device), y.to(device))
+
+    return step, {"amp": "off", "channels_last": False, "compile": "off", "data": f"DataLoader+PIL, {workers} workers"}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (20 if cuda else 2)
+    steps = args.steps if args.steps is not None else (50 if cuda else 4)
+    targs = train_args(args)
+    data = synthetic_cifar(device)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+
+    results = {}
+    modes = [("fast", lambda: fast_stepper(targs, data, device))]
+    if args.baseline:
+        modes.insert(0, ("baseline", lambda: plain_stepper(targs, data, device, args.workers)))
+    for mode, make in modes:
+        step, settings = make()
+        seconds, memory = timed(step, warmup, steps, device)
+        results[mode] = {**settings, "ms_per_step": 1000 * seconds, "images_per_s": args.batch_size / seconds,
+                         "peak_memory_mib": memory, "projected_205_epochs_min": seconds * SPEC_STEPS / 60}
+        del step
+    report = {"device": name, "torch": torch.__version__, "arch": args.arch, "width": args.width,
+              "batch_size": args.batch_size, "method": args.method, "recipe": args.recipe,
+              "warmup": warmup, "steps": steps, **results}
+    if args.baseline:
+        report["speedup"] = results["baseline"]["ms_per_step"] / results["fast"]["ms_per_step"]
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(f"{name}, torch {torch.__version__}: {args.method} {args.recipe} {args.arch} width {args.width}, "
+          f"batch {args.batch_size}, {steps} timed steps after {warmup}")
+    for mode, r in results.items():
+        print(f"{mode:<9} {r['ms_per_step']:9.1f} ms/step {r['images_per_s']:8.0f} img/s  peak {r['peak_memory_mib']:7.0f} MiB"
+              f"  205 epochs ~ {r['projected_205_epochs_min']:.0f} min (training steps only) | amp {r['amp']}, "
+              f"channels_last {r['channels_last']}, compile {r['compile']}")
+    if args.baseline:
+        print(f"speed-up over the plain way: {report['speedup']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

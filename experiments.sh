@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Rerun README "Results on a CPU budget": CE, Mixup, CutMix and MixSKD (recipes paper and official)
+# on the real CIFAR-10 subset, ResNet-18 width 16, batch 64, 90 epochs (milestones 46 and 68, the
+# SPEC's 105/205 and 155/205), each seed; then the table (table.md) and the figure (results.png).
+#
+#   bash experiments.sh                     # one run at a time
+#   JOBS=5 bash experiments.sh              # five runs at once (the README's runs: one GPU, JOBS=5)
+#   SEEDS="0 1 2" RUNS=runs/three-seeds bash experiments.sh
+#
+# A finished run (summary.json) is skipped and an interrupted one resumed, so rerunning continues.
+set -euo pipefail
+cd "$(dirname "$0")"
+DATA=${DATA:-../shared/data/cifar10_q75_10k.npz}
+RUNS=${RUNS:-runs/cpu-budget}
+SEEDS=${SEEDS:-"0 1"}
+JOBS=${JOBS:-1}
+EPOCHS=${EPOCHS:-90}
+mkdir -p "$RUNS"
+
+for seed in $SEEDS; do
+  for method in "ce" "mixup" "cutmix" "mixskd --recipe paper" "mixskd --recipe official"; do
+    name="$(echo "$method" | sed 's/ --recipe /-/')-seed$seed"
+    dir="$RUNS/$name"
+    [ -f "$dir/summary.json" ] && continue
+    resume=""
+    [ -f "$dir/last.pt" ] && resume="--resume"
+    echo "python train.py --dataset $DATA --width 16 --batch-size 64 --epochs $EPOCHS --seed $seed \
+--method $method --out $dir $resume > $dir.log 2>&1 || echo 'failed: $dir (see $dir.log)'"
+  done
+done | xargs -P "$JOBS" -I{} sh -c {}
+
+python eval.py --table "$RUNS"/*/ | tee "$RUNS/table.md"
+python eval.py --plot "$RUNS"/*/ --out "$RUNS/results.png" || echo "(no figure: see the line above)"
