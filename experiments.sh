@@ -25,9 +25,9 @@ for seed in $SEEDS; do
     resume=""
     [ -f "$dir/last.pt" ] && resume="--resume"
     echo "python train.py --dataset $DATA --width 16 --batch-size 64 --epochs $EPOCHS --seed $seed \
---method $method --out $dir $resume > $dir.log 2>&1 || echo 'failed: $dir (see $dir.log)'"
+--method $method --out $dir $resume > $dir.log 2>&1 || echo failed: $dir, see $dir.log"
   done
-done | xargs -P "$JOBS" -I{} sh -c {}
+done | tr '\n' '\0' | xargs -0 -P "$JOBS" -I{} bash -c {}
 
 python eval.py --table "$RUNS"/*/ | tee "$RUNS/table.md"
 python eval.py --plot "$RUNS"/*/ --out "$RUNS/results.png" || echo "(no figure: see the line above)"
