@@ -22,8 +22,8 @@ import torchvision.transforms as T
 from PIL import Image
 
 import train
-from data import STATS, epoch_generator, pixel_stats, train_batches
-from losses import RECIPES, TERMS
+from data import STATS, pixel_stats, train_batches
+from losses import RECIPES
 from model import ARCHS
 
 SPEC_STEPS = 50_000 // 64 * 205  # the SPEC's CIFAR-100 run: 781 steps per epoch, 205 epochs
@@ -120,7 +120,7 @@ def fast_stepper(targs, data, device):
         batch = next(state["batches"], None)
         if batch is None:
             state["epoch"] += 1
-            state["batches"] = train_batches(data, targs.batch_size, epoch_generator(0, state["epoch"], device))
+            state["batches"] = train_batches(data, targs.batch_size, 0, state["epoch"])
             batch = next(state["batches"])
         for group in opt.param_groups:
             group["lr"] = 0.01
@@ -149,8 +149,7 @@ def plain_step(targs, model, teacher, discs, opt, x, y):
     """The step as it is usually written: eager fp32 NCHW, a host float lam, default SGD, and the
     habit of reading every loss term with .item() each step (one host sync per term)."""
     inputs, lam, perm = train.model_inputs(targs, x)
-    weights = {t: getattr(targs, f"w_{t}") for t in TERMS}
-    total, stats = train.compute_loss(targs, model, teacher, discs, weights, inputs, y, lam, perm)
+    total, stats = train.Objective(targs, model, teacher, discs)(inputs, y, lam, perm)
     opt.zero_grad()
     total.backward()
     opt.step()

@@ -129,24 +129,30 @@ def random_crop_flip(x, generator, pad=4):
     return padded[batch_idx, chan_idx, rows, cols]
 
 
-def epoch_generator(seed, epoch, device):
-    """The generator of one epoch's order and augmentation: a function of (seed, epoch) alone, so a
-    resumed run draws exactly what the uninterrupted run drew."""
-    return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+def epoch_generator(seed, epoch, device, stream=0):
+    """A generator that is a function of (seed, epoch, stream) alone, so a resumed run draws exactly
+    what the uninterrupted run drew. Stream 0 orders the epoch; stream 1 + rank augments."""
+    return torch.Generator(device=device).manual_seed((seed * 100_003 + epoch) * 1_009 + stream)
 
 
-def train_batches(data, batch_size, generator):
-    """Shuffled, augmented, normalised batches of one epoch. The last incomplete batch is dropped,
-    so every step has the same shape (steady memory, no recompilation)."""
+def train_batches(data, batch_size, seed, epoch, rank=0, world_size=1):
+    """Shuffled, augmented, normalised batches of one epoch for one rank.
+
+    Every rank draws the same permutation and takes every world_size-th index of it, so the shards
+    are disjoint and together cover the epoch (DistributedSampler's way, on the device). The last
+    incomplete batch is dropped, so every step has the same shape (steady memory, no recompiles).
+    """
     x, y = data.x_train, data.y_train
-    order = torch.randperm(x.shape[0], device=x.device, generator=generator)
-    for i in range(len(order) // batch_size):
+    order = torch.randperm(x.shape[0], device=x.device, generator=epoch_generator(seed, epoch, x.device))
+    order = order[rank::world_size]
+    augment = epoch_generator(seed, epoch, x.device, stream=1 + rank)
+    for i in range(steps_per_epoch(data, batch_size, world_size)):
         idx = order[i * batch_size:(i + 1) * batch_size]
-        yield normalize(random_crop_flip(x[idx], generator), data.stats), y[idx]
+        yield normalize(random_crop_flip(x[idx], augment), data.stats), y[idx]
 
 
-def steps_per_epoch(data, batch_size):
-    return data.x_train.shape[0] // batch_size
+def steps_per_epoch(data, batch_size, world_size=1):
+    return data.x_train.shape[0] // world_size // batch_size
 
 
 def eval_batches(data, batch_size):

@@ -6,6 +6,7 @@
 #   bash experiments.sh                     # one run at a time
 #   JOBS=5 bash experiments.sh              # five runs at once (the README's runs: one GPU, JOBS=5)
 #   SEEDS="0 1 2" RUNS=runs/three-seeds bash experiments.sh
+#   SEEDS=2 METHODS="ce mixskd-paper" bash experiments.sh     # a third seed for two methods
 #
 # A finished run (summary.json) is skipped and an interrupted one resumed, so rerunning continues.
 set -euo pipefail
@@ -15,11 +16,13 @@ RUNS=${RUNS:-runs/cpu-budget}
 SEEDS=${SEEDS:-"0 1"}
 JOBS=${JOBS:-1}
 EPOCHS=${EPOCHS:-90}
+METHODS=${METHODS:-"ce mixup cutmix mixskd-paper mixskd-official"}
 mkdir -p "$RUNS"
 
 for seed in $SEEDS; do
-  for method in "ce" "mixup" "cutmix" "mixskd --recipe paper" "mixskd --recipe official"; do
-    name="$(echo "$method" | sed 's/ --recipe /-/')-seed$seed"
+  for name in $METHODS; do
+    method=$(echo "$name" | sed 's/-/ --recipe /')  # mixskd-paper -> mixskd --recipe paper
+    name="$name-seed$seed"
     dir="$RUNS/$name"
     [ -f "$dir/summary.json" ] && continue
     resume=""

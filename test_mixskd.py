@@ -585,12 +585,21 @@ def test_augmentation_crops_with_zero_padding_and_flips():
 
 def test_epoch_data_depends_only_on_seed_and_epoch(tiny_npz):
     d = data.load_dataset(tiny_npz)
-    first = [x for x, _ in data.train_batches(d, 32, data.epoch_generator(0, 3, "cpu"))]
-    again = [x for x, _ in data.train_batches(d, 32, data.epoch_generator(0, 3, "cpu"))]
-    other = [x for x, _ in data.train_batches(d, 32, data.epoch_generator(0, 4, "cpu"))]
+    first = [x for x, _ in data.train_batches(d, 32, 0, 3)]
+    again = [x for x, _ in data.train_batches(d, 32, 0, 3)]
+    other = [x for x, _ in data.train_batches(d, 32, 0, 4)]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], other[0])
     assert len(first) == 256 // 32
+
+
+def test_ranks_get_disjoint_shards_covering_the_epoch(tiny_npz):
+    d = data.load_dataset(tiny_npz)
+    d.x_train = torch.arange(256).view(256, 1, 1, 1).expand(256, 3, 32, 32).to(torch.uint8)  # image i shows i % 256
+    d.y_train = torch.arange(256)
+    seen = [torch.cat([y for _, y in data.train_batches(d, 16, 0, 5, rank, 2)]) for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 128
+    assert sorted(torch.cat(seen).tolist()) == list(range(256))
 
 
 # ------------------------------------------------ errors: one line, non-zero exit, checkpoints kept
@@ -779,3 +788,53 @@ def test_fast_step_matches_plain_step(method):
     assert len(fast_grads) == len(plain_grads) > 0
     for a, b in zip(fast_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------ torchrun: DistributedDataParallel on CPU (gloo)
+
+
+def torchrun(npz, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "train.py"), "--dataset", npz, "--width", "4", "--batch-size", "16", "--warmup-epochs", "1",
+           "--milestones", "1", "--out", str(out), *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tiny_npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "two-epochs"
+    stdout = torchrun(tiny_npz, out, "--epochs", "2")
+    return out, stdout
+
+
+def test_torchrun_replicas_agree_and_eval_matches(ddp_run, capsys):
+    out, stdout = ddp_run
+    assert stdout.count("final backbone top-1") == 1  # only rank 0 prints
+    summary = json.loads((out / "summary.json").read_text())
+    digests = summary["parameter_sha256_per_rank"]
+    assert summary["processes"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    evaluation.main([str(out / "last.pt"), "--json"])
+    assert json.loads(capsys.readouterr().out)["heads"] == metric_lines(out)[-1]["test"]
+    assert metric_lines(out)[-1]["img_per_s"] > 0 and len(metric_lines(out)) == 2
+
+
+def test_torchrun_resume_continues_from_saved_epoch(ddp_run, tiny_npz, tmp_path):
+    torchrun(tiny_npz, tmp_path, "--epochs", "1")
+    stdout = torchrun(tiny_npz, tmp_path, "--epochs", "2", "--resume")
+    assert "epochs 1..1" in stdout
+    assert [r["epoch"] for r in metric_lines(tmp_path)] == [0, 1]
+    straight = torch.load(ddp_run[0] / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "last.pt", weights_only=True)
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), f"model.{k} differs after resume under torchrun"
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(data.UserError, match="more processes on this node than its 1 GPU"):
+        train.setup_distributed(train.parse_args(["--device", "cuda"]))

@@ -11,7 +11,7 @@ A run writes into --out: metrics.jsonl (one line per epoch), last.pt (every epoc
 best.pt (best backbone top-1), deploy.pt (the backbone alone) and summary.json.
 """
 import argparse
-import functools
+import hashlib
 import json
 import os
 import random
@@ -20,9 +20,12 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
-from data import DATASETS, UserError, dataset_name, epoch_generator, load_dataset, steps_per_epoch, train_batches
+from data import DATASETS, UserError, dataset_name, load_dataset, steps_per_epoch, train_batches
 from eval import HEADS, evaluate, load_state, model_from_checkpoint, read_checkpoint
 from losses import RECIPES, TERMS, discriminators, mixskd_loss, trained_parameters
 from mixup import MIX_MODES, mix_batch, mix_ce
@@ -79,6 +82,8 @@ def parse_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     g.add_argument("--init-from", default=None,
                    help="start from the weights of a checkpoint: ours (last/best/deploy.pt) or the released script's")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on CUDA: BatchNorm statistics over all GPUs (off, as in the released code)")
     g.add_argument("--log-every", type=int, default=100, help="steps between progress updates (each one syncs)")
     args = p.parse_args(argv)
 
@@ -113,8 +118,9 @@ def lr_at(step, steps_per_epoch, args):
 def speed_settings(args, device):
     """Resolve the `auto` speed flags for a device: (autocast dtype or None, memory format); sets
     args.compile. On an H100 these take the ResNet-18 MixSKD step from 38 ms to 7.7 ms (bench.py)."""
-    if args.compile == "auto":
-        args.compile = "reduce-overhead" if device.type == "cuda" else "off"
+    if args.compile == "auto":  # CUDA graphs are not combined with DDP's gradient hooks: plain compile there
+        distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+        args.compile = "off" if device.type != "cuda" else "default" if distributed else "reduce-overhead"
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
     return autocast_dtype(args.amp, device), torch.channels_last if channels_last else torch.contiguous_format
 
@@ -165,37 +171,52 @@ def build(args, num_classes, device, memory_format):
     return model, teacher, discs, opt
 
 
-def compute_loss(args, model, teacher, discs, weights, inputs, y, lam, perm):
-    """The method's loss on one batch: (total, stats), stats = [total, *TERMS, correct] on the device.
+class Objective(nn.Module):
+    """Model, self-teacher and discriminators under one module whose forward is the method's loss.
 
+    One module, so that one DistributedDataParallel wrapper synchronises every trained gradient (the
+    self-teacher's and the discriminators' too), and torch.compile sees forward and losses as one graph.
+    forward(inputs, y, lam, perm) -> (total, stats), stats = [total, *TERMS, correct] on the device;
     inputs: cat([x, x_mix]) for mixskd, x for ce, x_mix for mixup/cutmix; lam a 0-d device tensor.
-    This is the part torch.compile may take whole (--compile): no host values change between steps.
     """
-    batch = y.shape[0]
-    zero = torch.zeros((), device=y.device)
-    if args.method == "mixskd":
-        feats, logits = model(inputs)
-        total, terms = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, args.recipe, weights, args.temperature)
-        correct = (logits[-1][:batch].argmax(1) == y).sum()
-    elif args.method == "ce":
-        logits = model(inputs)
-        total = F.cross_entropy(logits, y)
-        terms = {"ce": total.detach()}
-        correct = (logits.argmax(1) == y).sum()
-    else:  # mixup / cutmix baseline: the backbone on mixed images only, mixed CE (Eq. 3)
-        logits = model(inputs)
-        total = mix_ce(logits, y, lam, perm)
-        terms = {"mix": total.detach()}
-        pred = logits.argmax(1)
-        correct = lam * (pred == y).sum() + (1 - lam) * (pred == y[perm]).sum()
-    stats = torch.stack([total.detach().float()] + [terms.get(t, zero).float() for t in TERMS] + [correct.float()])
-    return total, stats
+
+    def __init__(self, args, model, teacher=None, discs=None):
+        super().__init__()
+        self.method, self.recipe, self.temperature = args.method, args.recipe, args.temperature
+        self.weights = {t: getattr(args, f"w_{t}") for t in TERMS}
+        self.model, self.teacher, self.discs = model, teacher, discs
+
+    def forward(self, inputs, y, lam, perm):
+        batch = y.shape[0]
+        zero = torch.zeros((), device=y.device)
+        if self.method == "mixskd":
+            feats, logits = self.model(inputs)
+            total, terms = mixskd_loss(feats, logits, y, lam, perm, self.teacher, self.discs, self.recipe,
+                                       self.weights, self.temperature)
+            correct = (logits[-1][:batch].argmax(1) == y).sum()
+        elif self.method == "ce":
+            logits = self.model(inputs)
+            total = F.cross_entropy(logits, y)
+            terms = {"ce": total.detach()}
+            correct = (logits.argmax(1) == y).sum()
+        else:  # mixup / cutmix baseline: the backbone on mixed images only, mixed CE (Eq. 3)
+            logits = self.model(inputs)
+            total = mix_ce(logits, y, lam, perm)
+            terms = {"mix": total.detach()}
+            pred = logits.argmax(1)
+            correct = lam * (pred == y).sum() + (1 - lam) * (pred == y[perm]).sum()
+        stats = [total.detach().float()] + [terms.get(t, zero).float() for t in TERMS] + [correct.float()]
+        return total, torch.stack(stats)
 
 
-def make_loss_fn(args, model, teacher, discs):
-    """compute_loss bound to this run's modules and weights, compiled when --compile asks for it."""
-    weights = {t: getattr(args, f"w_{t}") for t in TERMS}
-    loss_fn = functools.partial(compute_loss, args, model, teacher, discs, weights)
+def make_loss_fn(args, model, teacher, discs, device=None, distributed=False):
+    """The Objective of this run, wrapped in DDP under torchrun and compiled when --compile asks."""
+    loss_fn = Objective(args, model, teacher, discs)
+    if distributed:
+        # a loss weight of 0 leaves parameters without gradient (the discriminators under --w-adv 0)
+        unused = any(getattr(args, f"w_{t}") == 0 for t in TERMS)
+        loss_fn = DistributedDataParallel(loss_fn, device_ids=[device] if device.type == "cuda" else None,
+                                          find_unused_parameters=unused)
     if args.compile == "off":
         return loss_fn
     # where a frame cannot be compiled (no Triton, no C++ compiler, an unsupported op), run it eager
@@ -268,10 +289,10 @@ def write_json_atomic(obj, path):
     os.replace(f"{path}.tmp", path)
 
 
-def check_writable(out):
+def check_writable(out, rank=0):
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
+        probe = os.path.join(out, f".write-test-{rank}")
         with open(probe, "w"):
             pass
         os.remove(probe)
@@ -290,7 +311,7 @@ def init_from(path, model, teacher):
         load_state(teacher, source_teacher.state_dict(), f"--init-from {path} (self-teacher)")
 
 
-def resume(path, args, meta, model, teacher, discs, opt, scaler, device):
+def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank):
     """Load last.pt into everything; returns (first epoch to run, best-so-far record)."""
     ckpt = read_checkpoint(path, device)
     if "meta" not in ckpt or "optimizer" not in ckpt:
@@ -305,7 +326,8 @@ def resume(path, args, meta, model, teacher, discs, opt, scaler, device):
             load_state(module, ckpt[key], f"checkpoint {path} ({key})")
     opt.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], device)
+    states = ckpt["rng"]  # one per rank; a run resumed on more ranks gives the extra ones rank 0's
+    set_rng_state(states[rank] if rank < len(states) else states[0], device)
     return ckpt["epoch"] + 1, ckpt["best"]
 
 
@@ -331,12 +353,62 @@ def count(module):
     return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
 
+def setup_distributed(args):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) join the process
+    group: NCCL on CUDA, one GPU per process; gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if world == 1:
+        return 0, 1, torch.device(args.device or ("cuda" if cuda else "cpu"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    device = torch.device("cpu")
+    if cuda:
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise UserError(f"torchrun started more processes on this node than its {gpus} GPU(s): "
+                            f"use --nproc_per_node={gpus} or fewer")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif args.sync_bn:
+        raise UserError("--sync-bn needs CUDA: SyncBatchNorm has no CPU kernels")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, world, device
+
+
+def all_ranks(value, world):
+    """[value of rank 0, value of rank 1, ...] on every rank."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def parameter_digest(*modules):
+    """sha256 of every parameter's bytes: equal on all ranks exactly when the replicas agree."""
+    h = hashlib.sha256()
+    for module in modules:
+        for p in module.parameters() if module is not None else ():
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = setup_distributed(args)
+    try:
+        run(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, rank, world, device):
+    main_process = rank == 0  # only rank 0 prints and writes files
+    log = print if main_process else lambda *a, **k: None
     dtype, memory_format = speed_settings(args, device)
     channels_last = memory_format == torch.channels_last
     if device.type == "cuda":
@@ -347,15 +419,20 @@ def main(argv=None):
     if args.resume and not os.path.exists(last_path):
         raise UserError(f"--resume: no {last_path} to continue from")
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initialisation on every rank (DDP also broadcasts rank 0's)
     np.random.seed(args.seed)
     random.seed(args.seed)
     data = load_dataset(args.dataset, args.data, device)
-    check_writable(args.out)
+    check_writable(args.out, rank)
     model, teacher, discs, opt = build(args, data.num_classes, device, memory_format)
+    if args.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # each rank draws its own lam and perm for its own batch
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-    loss_fn = make_loss_fn(args, model, teacher, discs)
     backbone = model.backbone if isinstance(model, MixSKDNet) else model
     meta = {"arch": args.arch, "num_classes": data.num_classes, "width": args.width,
             "stem_relu": backbone.stem_relu, "method": args.method, "recipe": args.recipe,
@@ -364,52 +441,66 @@ def main(argv=None):
     start_epoch, best = 0, {"epoch": -1, "top1": -1.0, "released": -1.0, "released_head": None, "released_epoch": -1}
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if args.resume:
-        start_epoch, best = resume(last_path, args, meta, model, teacher, discs, opt, scaler, device)
+        start_epoch, best = resume(last_path, args, meta, model, teacher, discs, opt, scaler, device, rank)
     elif args.init_from:
         init_from(args.init_from, model, teacher)
-    kept = read_metrics(metrics_path, start_epoch) if args.resume else []
-    with open(metrics_path, "w") as f:
-        f.writelines(kept)
+    loss_fn = make_loss_fn(args, model, teacher, discs, device, distributed=world > 1)
+    if main_process:
+        kept = read_metrics(metrics_path, start_epoch) if args.resume else []
+        with open(metrics_path, "w") as f:
+            f.writelines(kept)
 
-    steps = steps_per_epoch(data, args.batch_size)
+    steps = steps_per_epoch(data, args.batch_size, world)
     if steps == 0:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.x_train.shape[0]} training images")
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.x_train.shape[0] // world} training "
+                        f"images of each of the {world} process(es)")
+    images_per_step = args.batch_size * world
     logged = TERMS if args.method == "mixskd" else ("ce",) if args.method == "ce" else ("mix",)
     n_train = count(model) + count(teacher) + count(discs)
-    print(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''} {args.arch} width {args.width} "
-          f"on {data.name} ({data.x_train.shape[0]} train, {data.x_test.shape[0]} test, {data.num_classes} classes) | "
-          f"{device.type} amp {dtype} channels_last {channels_last} compile {args.compile} | {n_train:,} trained params, "
-          f"{count(backbone):,} deployed | epochs {start_epoch}..{args.epochs - 1}, milestones {args.milestones}",
-          flush=True)
-    live = sys.stdout.isatty()
+    log(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''} {args.arch} width {args.width} "
+        f"on {data.name} ({data.x_train.shape[0]} train, {data.x_test.shape[0]} test, {data.num_classes} classes) | "
+        f"{world} x {device.type} amp {dtype} channels_last {channels_last} compile {args.compile} | batch "
+        f"{args.batch_size} per process, {images_per_step} in all | {n_train:,} trained params, "
+        f"{count(backbone):,} deployed | epochs {start_epoch}..{args.epochs - 1}, milestones {args.milestones}",
+        flush=True)
+    live = main_process and sys.stdout.isatty()
     run_start = time.time()
 
     for epoch in range(start_epoch, args.epochs):
         model.train()
         sums = torch.zeros(len(TERMS) + 2, device=device)
-        generator = epoch_generator(args.seed, epoch, device)
         epoch_start = time.time()
-        for i, (x, y) in enumerate(train_batches(data, args.batch_size, generator)):
+        for i, (x, y) in enumerate(train_batches(data, args.batch_size, args.seed, epoch, rank, world)):
             lr = lr_at(epoch * steps + i, steps, args)
             for group in opt.param_groups:
                 group["lr"] = lr
             sums += train_step(args, loss_fn, opt, scaler, autocast, memory_format, x, y)
             if (i + 1) % args.log_every == 0:  # the only host sync inside an epoch
-                done, elapsed = i + 1, time.time() - epoch_start
-                check_finite({"total": sums[0].item()}, epoch, last_path)
+                total = sums[0].clone()
+                if world > 1:
+                    dist.all_reduce(total)  # every rank sees the same value, so all stop together
+                check_finite({"total": total.item()}, epoch, last_path)
                 if live:
-                    rate = done * args.batch_size / elapsed
+                    done, elapsed = i + 1, time.time() - epoch_start
                     eta = elapsed / done * (steps - done) + (args.epochs - epoch - 1) * steps * elapsed / done
-                    print(f"\repoch {epoch}/{args.epochs} step {done}/{steps} loss {sums[0].item() / done:.4f} "
-                          f"lr {lr:.4f} {rate:.0f} img/s ETA {eta / 60:.1f} min", end="", flush=True)
+                    print(f"\repoch {epoch}/{args.epochs} step {done}/{steps} loss {total.item() / done / world:.4f} "
+                          f"lr {lr:.4f} {done * images_per_step / elapsed:.0f} img/s ETA {eta / 60:.1f} min",
+                          end="", flush=True)
 
-        means = (sums / steps).tolist()
+        if world > 1:
+            dist.all_reduce(sums)  # training metrics over every rank's shard
+        means = (sums / (steps * world)).tolist()
         epoch_time = time.time() - epoch_start
         loss = {"total": means[0], **{t: means[1 + TERMS.index(t)] for t in logged}}
         check_finite(loss, epoch, last_path)
+        rng = all_ranks(rng_state(device), world)
+        if not main_process:
+            continue
+        # rank 0 evaluates the whole test set with its weights and BatchNorm statistics, the ones it
+        # saves, so eval.py on the checkpoint reproduces these numbers
         test = evaluate(model, teacher, data, channels_last=channels_last)
         record = {"epoch": epoch, "lr": lr, "loss": loss, "train_top1": 100.0 * means[-1] / args.batch_size,
-                  "test": test, "epoch_time": epoch_time, "img_per_s": steps * args.batch_size / epoch_time}
+                  "test": test, "epoch_time": epoch_time, "img_per_s": steps * images_per_step / epoch_time}
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -424,7 +515,7 @@ def main(argv=None):
                 "model": model.state_dict(),
                 "self_teacher": teacher.state_dict() if teacher is not None else None,
                 "discriminators": discs.state_dict() if discs is not None else None,
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(device)}
+                "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
         save_atomic(ckpt, last_path)
         if improved:
             save_atomic(ckpt, os.path.join(args.out, "best.pt"))
@@ -433,6 +524,9 @@ def main(argv=None):
               f"train {record['train_top1']:.2f} | test backbone {top1:.2f} {heads} | "
               f"{epoch_time:.1f}s {record['img_per_s']:.0f} img/s", flush=True)
 
+    digests = all_ranks(parameter_digest(model, teacher, discs), world)
+    if not main_process:
+        return
     final = json.loads(read_metrics(metrics_path, args.epochs)[-1])
     save_atomic({"meta": meta, "backbone": backbone.state_dict()}, os.path.join(args.out, "deploy.pt"))
     summary = {
@@ -448,6 +542,8 @@ def main(argv=None):
         "deployed_params": count(backbone),
         "train_time_s": sum(json.loads(line)["epoch_time"] for line in read_metrics(metrics_path, args.epochs)),
         "wall_time_s_this_process": time.time() - run_start,
+        "processes": world,
+        "parameter_sha256_per_rank": digests,
         "args": vars(args),
     }
     write_json_atomic(summary, os.path.join(args.out, "summary.json"))
