@@ -63,7 +63,7 @@ def synthetic_cifar(device, n=50_000, classes=100):
     images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, classes, (n,), generator=g)
     mean, std = STATS["cifar100"]
-    return SimpleNamespace(images=images, labels=labels, num_classes=classes, mean=mean, std=std,
+    return SimpleNamespace(images=images, labels=labels, num_classes=classes, mean=mean, std=std, n_train=n,
                            x_train=images.permute(0, 3, 1, 2).contiguous().to(device), y_train=labels.to(device),
                            stats=pixel_stats(mean, std, device))
 

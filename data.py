@@ -1,4 +1,4 @@
-"""CIFAR data on the training device as uint8, with batched augmentation there.
+"""CIFAR data on the training device as uint8, with batched augmentation there; ImageNet from folders.
 
 SPEC section 7: random crop 32 with 4-pixel zero padding of the raw pixels, horizontal flip with
 probability 0.5, then normalisation. As in airbench, the whole training set is one uint8 tensor on
@@ -7,6 +7,11 @@ no worker processes, no per-image Python.
 
 Sources: torchvision's CIFAR-10/100 (downloaded when missing and online), or an `.npz` file with
 x_train, y_train, x_test, y_test (uint8 NHWC images, integer labels; class_names optional).
+
+ImageNet (SPEC section 9) does not fit on the device: `DIR/train` and `DIR/val` in torchvision's
+ImageFolder layout are read by a DataLoader with workers, RandomResizedCrop + flip for training and
+Resize(256) + CenterCrop(224) for evaluation, as uint8 into pinned memory, copied without blocking,
+and normalised on the device.
 """
 import os
 from types import SimpleNamespace
@@ -14,10 +19,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-DATASETS = ("cifar10", "cifar100")
-STATS = {  # per-channel mean and std of the training set, SPEC section 7
+DATASETS = ("cifar10", "cifar100", "imagenet")
+STATS = {  # per-channel mean and std of the training set, SPEC sections 7 and 9
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -32,8 +38,11 @@ def dataset_name(dataset):
     return dataset if dataset in DATASETS else os.path.splitext(os.path.basename(dataset))[0]
 
 
-def load_dataset(dataset, root="./data", device="cpu"):
-    """Train and test sets as device tensors: x uint8 N x 3 x 32 x 32, y int64, plus num_classes, mean, std."""
+def load_dataset(dataset, root="./data", device="cpu", image_size=224, workers=8):
+    """Train and test sets as device tensors: x uint8 N x 3 x 32 x 32, y int64, plus num_classes, mean,
+    std; for imagenet, the two ImageFolder datasets that train_batches and eval_batches stream."""
+    if dataset == "imagenet":
+        return load_image_folder(root, device, image_size, workers)
     if dataset in DATASETS:
         arrays, stats_key = load_torchvision(dataset, root), dataset
     elif dataset.endswith(".npz"):
@@ -49,6 +58,8 @@ def load_dataset(dataset, root="./data", device="cpu"):
     to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
     return SimpleNamespace(
         name=dataset_name(dataset),
+        n_train=len(arrays["y_train"]),
+        n_test=len(arrays["y_test"]),
         x_train=to_device(arrays["x_train"].transpose(0, 3, 1, 2)),
         y_train=to_device(arrays["y_train"].astype(np.int64)),
         x_test=to_device(arrays["x_test"].transpose(0, 3, 1, 2)),
@@ -72,6 +83,28 @@ def load_torchvision(dataset, root):
                         f"download {cls.url} and extract it into {root}, or pass --dataset PATH.npz") from None
     return {"x_train": train.data, "y_train": np.array(train.targets),
             "x_test": test.data, "y_test": np.array(test.targets)}
+
+
+def load_image_folder(root, device, image_size, workers):
+    import torchvision
+    import torchvision.transforms as T
+
+    folders = [os.path.join(root, split) for split in ("train", "val")]
+    missing = [f for f in folders if not os.path.isdir(f)]
+    if missing:
+        raise UserError(f"imagenet: {missing[0]} does not exist; --data must hold train/ and val/ in "
+                        f"torchvision ImageFolder layout (one folder of images per class)")
+    resize = round(image_size * 256 / 224)  # Resize(256) + CenterCrop(224) at the SPEC's size
+    train = torchvision.datasets.ImageFolder(folders[0], T.Compose(
+        [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()]))
+    test = torchvision.datasets.ImageFolder(folders[1], T.Compose(
+        [T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()]))
+    if train.classes != test.classes:
+        raise UserError(f"imagenet: {folders[0]} and {folders[1]} hold different class folders")
+    mean, std = STATS["imagenet"]
+    return SimpleNamespace(name="imagenet", train_set=train, test_set=test, n_train=len(train), n_test=len(test),
+                           num_classes=len(train.classes), mean=mean, std=std, device=torch.device(device),
+                           workers=workers, stats=pixel_stats(mean, std, device))
 
 
 def load_npz(path):
@@ -142,6 +175,9 @@ def train_batches(data, batch_size, seed, epoch, rank=0, world_size=1):
     are disjoint and together cover the epoch (DistributedSampler's way, on the device). The last
     incomplete batch is dropped, so every step has the same shape (steady memory, no recompiles).
     """
+    if hasattr(data, "train_set"):
+        yield from folder_batches(data, data.train_set, batch_size, seed, epoch, rank, world_size, train=True)
+        return
     x, y = data.x_train, data.y_train
     order = torch.randperm(x.shape[0], device=x.device, generator=epoch_generator(seed, epoch, x.device))
     order = order[rank::world_size]
@@ -152,10 +188,28 @@ def train_batches(data, batch_size, seed, epoch, rank=0, world_size=1):
 
 
 def steps_per_epoch(data, batch_size, world_size=1):
-    return data.x_train.shape[0] // world_size // batch_size
+    return data.n_train // world_size // batch_size
 
 
 def eval_batches(data, batch_size):
     """The test set in order, normalised, in batches of batch_size (the last may be smaller)."""
+    if hasattr(data, "test_set"):
+        yield from folder_batches(data, data.test_set, batch_size, 0, 0, 0, 1, train=False)
+        return
     for i in range(0, data.x_test.shape[0], batch_size):
         yield normalize(data.x_test[i:i + batch_size], data.stats), data.y_test[i:i + batch_size]
+
+
+def folder_batches(data, dataset, batch_size, seed, epoch, rank, world_size, train):
+    """A DataLoader over an ImageFolder: this rank's shard (DistributedSampler, reshuffled by (seed,
+    epoch)), worker seeds drawn from (seed, epoch, rank), uint8 batches in pinned memory copied to the
+    device without blocking, then normalised there."""
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed, drop_last=train)
+    sampler.set_epoch(epoch)
+    cuda = data.device.type == "cuda"
+    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=data.workers,
+                                         pin_memory=cuda, drop_last=train,
+                                         generator=torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_009 + rank))
+    for x, y in loader:
+        x, y = x.to(data.device, non_blocking=cuda), y.to(data.device, non_blocking=cuda)
+        yield normalize(x, data.stats), y

@@ -59,8 +59,9 @@ def evaluate(model, self_teacher, data, batch_size=500, channels_last=False):
     """
     was_training = model.training
     model.eval()
-    outputs = {}
-    for x, _ in eval_batches(data, batch_size):
+    outputs, labels = {}, []
+    for x, y in eval_batches(data, batch_size):
+        labels.append(y.cpu())
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if isinstance(model, MixSKDNet):
@@ -73,7 +74,7 @@ def evaluate(model, self_teacher, data, batch_size=500, channels_last=False):
         for name, z in heads.items():
             outputs.setdefault(name, []).append(z.float().cpu())
     model.train(was_training)
-    y = data.y_test.cpu()
+    y = torch.cat(labels)
     return {name: head_metrics(torch.cat(outputs[name]), y) for name in HEADS if name in outputs}
 
 
@@ -157,7 +158,7 @@ def model_from_checkpoint(ckpt, path):
     if "meta" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project or of the released code (no 'meta' or 'net')")
     meta = ckpt["meta"]
-    config = (meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"])
+    config = (meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"], meta.get("stem", "cifar"))
     if "backbone" in ckpt:  # deploy.pt
         model = ResNet(*config)
         load_state(model, ckpt["backbone"], f"deploy checkpoint {path}")
@@ -189,8 +190,18 @@ def read_run(run_dir):
     return args, records, summary
 
 
+METHOD_ORDER = ("ce", "mixup", "cutmix", "mixskd paper", "mixskd official")
+
+
 def method_label(args):
     return f"{args['method']} {args['recipe']}" if args["method"] == "mixskd" else args["method"]
+
+
+def sorted_runs(run_dirs):
+    """[(args, records), ...] in a fixed method order, then by seed."""
+    runs = [read_run(d)[:2] for d in run_dirs]
+    rank = lambda label: METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER)
+    return sorted(runs, key=lambda run: (rank(method_label(run[0])), run[0]["seed"]))
 
 
 def mean_std(values, digits=2):
@@ -202,8 +213,7 @@ def mean_std(values, digits=2):
 def results_table(run_dirs):
     """Markdown table, one row per method over its seeds, each number labelled by what it is."""
     groups = {}
-    for run_dir in run_dirs:
-        args, records, _ = read_run(run_dir)
+    for args, records in sorted_runs(run_dirs):
         groups.setdefault(method_label(args), []).append(records)
     rows = ["| method | seeds | epochs | final backbone top-1 (headline) | best-epoch backbone top-1 | "
             "max over heads and epochs (released code's way) | self-teacher top-1 | backbone ECE | "
@@ -230,21 +240,24 @@ def plot_runs(run_dirs, out):
     except ImportError:
         raise UserError("--plot needs matplotlib, an optional dependency: pip install matplotlib") from None
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    mixskd = None
-    for run_dir in run_dirs:
-        args, records, _ = read_run(run_dir)
-        epochs = [r["epoch"] for r in records]
-        acc_ax.plot(epochs, [r["test"]["backbone"]["top1"] for r in records], lw=1,
-                    label=f"{method_label(args)} seed {args['seed']}")
-        if mixskd is None and args["method"] == "mixskd":
-            mixskd = (method_label(args), args["seed"], epochs, records)
-    acc_ax.set(xlabel="epoch", ylabel="test top-1 of the backbone (%)", title="deployed network")
-    acc_ax.legend(fontsize=7)
-    if mixskd:
-        label, seed, epochs, records = mixskd
+    runs = sorted_runs(run_dirs)
+    colours, seen = {}, {}
+    for args, records in runs:  # one colour per method, one line style per seed
+        label = method_label(args)
+        colour = colours.setdefault(label, f"C{len(colours)}")
+        seen[label] = seen.get(label, -1) + 1
+        acc_ax.plot([r["epoch"] for r in records], [r["test"]["backbone"]["top1"] for r in records], lw=1,
+                    color=colour, ls=("-", "--", ":", "-.")[seen[label] % 4], label=f"{label} seed {args['seed']}")
+    acc_ax.set(xlabel="epoch", ylabel="test top-1 of the backbone (%)", title="deployed network, every run")
+    acc_ax.legend(fontsize=7, ncol=2)
+    mixskd = [run for run in runs if run[0]["method"] == "mixskd"]
+    if mixskd:  # the paper recipe's run when there is one: its every term is optimised
+        args, records = next((run for run in mixskd if run[0]["recipe"] == "paper"), mixskd[0])
         for term in records[0]["loss"]:
-            loss_ax.plot(epochs, [r["loss"][term] for r in records], lw=1, label=f"L_{term}" if term != "total" else term)
-        loss_ax.set(xlabel="epoch", ylabel="mean over the epoch", yscale="log", title=f"loss terms, {label} seed {seed}")
+            loss_ax.plot([r["epoch"] for r in records], [r["loss"][term] for r in records], lw=1,
+                         label=term if term == "total" else f"L_{term}")
+        loss_ax.set(xlabel="epoch", ylabel="mean over the epoch", yscale="log",
+                    title=f"loss terms, {method_label(args)} seed {args['seed']}")
         loss_ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
@@ -272,6 +285,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default=None, help="cifar10, cifar100 or PATH.npz (default: the one it was trained on)")
     p.add_argument("--data", default="./data", help="torchvision dataset root (default ./data)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers for ImageNet (default 8)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p.parse_args(argv)
@@ -293,7 +307,7 @@ def main(argv=None):
     dataset = args.dataset or meta.get("dataset")
     if dataset is None:
         raise UserError(f"{args.checkpoint} does not record its dataset: pass --dataset cifar10, cifar100 or PATH.npz")
-    data = load_dataset(dataset, args.data, device)
+    data = load_dataset(dataset, args.data, device, meta.get("image_size", 224), args.workers)
     if data.num_classes > meta["num_classes"]:
         raise UserError(f"{args.checkpoint} has {meta['num_classes']} classes but {dataset} has {data.num_classes}")
     if "mean" in meta:  # normalise as in training, whatever the dataset argument
@@ -306,7 +320,7 @@ def main(argv=None):
     if args.json:
         print(json.dumps({"checkpoint": args.checkpoint, "dataset": dataset, "heads": metrics}))
     else:
-        print(f"{args.checkpoint} on {data.name} ({data.y_test.shape[0]} test images)")
+        print(f"{args.checkpoint} on {data.name} ({data.n_test} test images)")
         print(format_table(metrics))
 
 

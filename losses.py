@@ -1,6 +1,6 @@
 """MixSKD objectives: KD, the five loss terms, the discriminators, and each recipe's total.
 
-SPEC section 5, Eqs. (5)-(10'). Paper: Yang et al., "MixSKD: Self-Knowledge Distillation from Mixup
+SPEC section 5, Eqs. (5)-(10'), and section 9 (the released ImageNet script's objective). Paper: Yang et al., "MixSKD: Self-Knowledge Distillation from Mixup
 for Image Recognition", ECCV 2022, section 3.
 
 Notation (SPEC section 3): for every head k, the interpolation of its outputs on the clean batch
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from mixup import interp, mix_ce
 
-RECIPES = ("paper", "official")
+RECIPES = ("paper", "official", "official-imagenet")
 TERMS = ("ce", "mix", "kd", "feat", "adv")
 
 
@@ -104,10 +104,12 @@ def loss_adv(discs, feats_interp, feats_mixed, reverse):
 
 
 def trained_parameters(recipe, net, self_teacher, discs):
-    """The parameters a recipe optimises: all of them for `paper` (Eq. (10)), the network alone for
-    `official` (Eq. (10')), where the self-teacher and the discriminators stay at initialisation."""
+    """The parameters a recipe optimises: all of them for `paper` (Eq. (10)); the network alone for
+    `official` (Eq. (10')), where self-teacher and discriminators stay at initialisation; network and
+    self-teacher for `official-imagenet` (SPEC section 9), whose discriminators stay fixed."""
     check_recipe(recipe)
-    modules = [net, self_teacher, discs] if recipe == "paper" else [net]
+    modules = {"paper": [net, self_teacher, discs], "official": [net],
+               "official-imagenet": [net, self_teacher]}[recipe]
     return [p for m in modules for p in m.parameters()]
 
 
@@ -122,12 +124,15 @@ def mixskd_loss(feats, logits, y, lam, perm, self_teacher, discs, recipe="paper"
     Recipe `official` (SPEC section 6): L_mix is computed for the log but not optimised, so the
     self-teacher runs without a graph (its logits are detached targets in Eq. (7) anyway), and the
     network minimises L_adv through discriminators that the caller keeps out of the optimiser.
+    Recipe `official-imagenet` (SPEC section 9): Eq. (10) with L_mix optimised, but, as `official`,
+    fixed discriminators that the network minimises, without gradient reversal.
     """
     check_recipe(recipe)
     weights = {**dict.fromkeys(TERMS, 1.0), **(weights or {})}
     if set(weights) != set(TERMS):
         raise ValueError(f"unknown loss weights {sorted(set(weights) - set(TERMS))}; terms are {', '.join(TERMS)}")
-    paper = recipe == "paper"
+    optimise_mix = recipe != "official"  # the released CIFAR script alone leaves L_mix out
+    reverse = recipe == "paper"  # the min-max game; the released scripts minimise L_adv instead
     batch = y.shape[0]
     feats_mixed = [f[batch:] for f in feats]
     logits_mixed = [z[batch:] for z in logits]
@@ -135,15 +140,15 @@ def mixskd_loss(feats, logits, y, lam, perm, self_teacher, discs, recipe="paper"
     feats_interp = [interp(f[:batch], lam, perm) for f in feats]
     logits_interp = [interp(z[:batch], lam, perm) for z in logits]
 
-    with torch.set_grad_enabled(paper and torch.is_grad_enabled()):
+    with torch.set_grad_enabled(optimise_mix and torch.is_grad_enabled()):
         teacher_interp = self_teacher(feats_interp)
         teacher_mixed = self_teacher(feats_mixed)
         terms = {"mix": loss_mix(logits_mixed, teacher_interp, teacher_mixed, y, lam, perm)}
     terms["ce"] = loss_ce([z[:batch] for z in logits], y)
     terms["kd"] = loss_kd(logits_interp, logits_mixed, teacher_interp, teacher_mixed, temperature)
     terms["feat"] = loss_feat(feats_interp, feats_mixed)
-    terms["adv"] = loss_adv(discs, feats_interp, feats_mixed, reverse=paper)
+    terms["adv"] = loss_adv(discs, feats_interp, feats_mixed, reverse=reverse)
 
-    optimised = TERMS if paper else tuple(t for t in TERMS if t != "mix")
+    optimised = TERMS if optimise_mix else tuple(t for t in TERMS if t != "mix")
     total = sum(weights[t] * terms[t] for t in optimised if weights[t] != 0)
     return total, {t: terms[t].detach() for t in TERMS}

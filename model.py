@@ -1,11 +1,12 @@
-"""CIFAR ResNets and the MixSKD network: backbone plus three auxiliary branches.
+"""ResNets and the MixSKD network: backbone plus three auxiliary branches.
 
-SPEC section 2. Paper: Yang et al., "MixSKD: Self-Knowledge Distillation from Mixup for Image
+SPEC sections 2 (CIFAR) and 9 (ImageNet stem). Paper: Yang et al., "MixSKD: Self-Knowledge Distillation from Mixup for Image
 Recognition", ECCV 2022. ResNet: He et al. 2016, with the 3x3 stride-1 CIFAR stem.
 
 `ResNet` is the deployed network and stands on its own. `MixSKDNet` wraps it and adds branch k
 (k = 1, 2, 3): fresh copies of stages k+1..4 on top of stage k, with their own classifier. Every
-head returns its final feature map F_k (C x 4 x 4 on 32x32 input) and its logits z_k. The model
+head returns its final feature map F_k (C x 4 x 4 on 32x32 CIFAR input, C x 7 x 7 on 224x224
+ImageNet input) and its logits z_k. The model
 knows nothing about mixup: the training step mixes, the model only forwards.
 
 Module names follow torchvision (conv1, bn1, layer1..4, fc, downsample.0/1), so backbone weights
@@ -93,19 +94,31 @@ def classify(fc, feat):
     return fc(feat.mean((2, 3)))
 
 
+STEMS = ("cifar", "imagenet")
+
+
 class ResNet(nn.Module):
-    """CIFAR ResNet (SPEC section 2): the backbone, head 4, and the network deployed at test time.
+    """ResNet (SPEC sections 2 and 9): the backbone, head 4, and the network deployed at test time.
 
     width: channels of the first stage (64 in the SPEC; smaller for tests and CPU runs).
-    stem_relu: ReLU after the stem BN. The released MixSKD ResNet omits it (SPEC section 6, item 5),
-    so recipe `official` builds with stem_relu=False.
+    stem_relu: ReLU after the stem BN. The released MixSKD CIFAR ResNet omits it (SPEC section 6,
+    item 5), so recipe `official` on CIFAR builds with stem_relu=False.
+    stem: "cifar", a 3x3 stride-1 conv (F_k is C x 4 x 4 at 32x32), or "imagenet", torchvision's 7x7
+    stride-2 conv and 3x3 stride-2 max-pool (C x 7 x 7 at 224x224; the same parameters as torchvision).
     """
 
-    def __init__(self, arch="resnet18", num_classes=100, width=64, stem_relu=True):
+    def __init__(self, arch="resnet18", num_classes=100, width=64, stem_relu=True, stem="cifar"):
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
         block, plan = stage_plan(arch, width)
-        self.arch, self.num_classes, self.width, self.stem_relu = arch, num_classes, width, stem_relu
-        self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.arch, self.num_classes, self.width, self.stem_relu, self.stem_kind = arch, num_classes, width, stem_relu, stem
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.maxpool = None
         self.bn1 = nn.BatchNorm2d(width)
         self.layer1, self.layer2, self.layer3, self.layer4 = (make_stage(block, *p) for p in plan)
         self.feature_channels = plan[-1][1] * block.expansion
@@ -117,7 +130,8 @@ class ResNet(nn.Module):
 
     def stem(self, x):
         out = self.bn1(self.conv1(x))
-        return F.relu(out) if self.stem_relu else out
+        out = F.relu(out) if self.stem_relu else out
+        return self.maxpool(out) if self.maxpool is not None else out
 
     def forward(self, x):
         out = self.stem(x)
@@ -146,9 +160,9 @@ class MixSKDNet(nn.Module):
     feats[k] is F_{k+1}(x) and logits[k] is z_{k+1}(x); the backbone is last (head 4).
     """
 
-    def __init__(self, arch="resnet18", num_classes=100, width=64, stem_relu=True):
+    def __init__(self, arch="resnet18", num_classes=100, width=64, stem_relu=True, stem="cifar"):
         super().__init__()
-        self.backbone = ResNet(arch, num_classes, width, stem_relu)
+        self.backbone = ResNet(arch, num_classes, width, stem_relu, stem)
         self.branches = nn.ModuleList(Branch(arch, num_classes, width, k) for k in (1, 2, 3))
 
     def forward(self, x):

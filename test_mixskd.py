@@ -606,7 +606,7 @@ def test_ranks_get_disjoint_shards_covering_the_epoch(tiny_npz):
 
 
 @pytest.mark.parametrize("argv", [["--arch", "resnet20"], ["--method", "kd"], ["--recipe", "released"],
-                                  ["--dataset", "imagenet"], ["--alpha", "0"], ["--batch-size", "1"],
+                                  ["--dataset", "svhn"], ["--alpha", "0"], ["--batch-size", "1"],
                                   ["--w-kd", "nan"]])
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -838,3 +838,135 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(data.UserError, match="more processes on this node than its 1 GPU"):
         train.setup_distributed(train.parse_args(["--device", "cuda"]))
+
+
+# ------------------------------------------------ eval.py --table and --plot over run folders
+
+
+def seeded_copy(run_dir, dest, seed, backbone_top1):
+    """A copy of a run folder posing as another seed whose final backbone top-1 is backbone_top1."""
+    shutil.copytree(run_dir, dest)
+    summary = json.loads((dest / "summary.json").read_text())
+    summary["args"]["seed"] = seed
+    (dest / "summary.json").write_text(json.dumps(summary))
+    records = metric_lines(dest)
+    records[-1]["test"]["backbone"]["top1"] = backbone_top1
+    (dest / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return dest
+
+
+def test_table_gives_mean_and_std_over_seeds(run_dir, tmp_path):
+    runs = [seeded_copy(run_dir, tmp_path / f"s{k}", k, top1) for k, top1 in enumerate((80.0, 84.0))]
+    table = evaluation.results_table([str(r) for r in runs]).splitlines()
+    assert len(table) == 3 and table[2].startswith("| mixskd paper | 2 | 2 |")
+    assert f"| 82.00 ± {np.std([80.0, 84.0], ddof=1):.2f} |" in table[2]
+
+
+def test_plot_writes_a_small_png(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "curves.png"
+    evaluation.main(["--plot", str(run_dir), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size < 200 * 1024
+
+
+def test_plot_without_matplotlib_gives_a_one_line_hint(run_dir, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(data.UserError, match="pip install matplotlib"):
+        evaluation.main(["--plot", str(run_dir), "--out", str(tmp_path / "x.png")])
+
+
+# ------------------------------------------------ ImageNet (SPEC section 9)
+
+
+def test_imagenet_resnet50_is_torchvisions(tmp_path):
+    import torchvision
+
+    ours = ResNet("resnet50", 1000, 64, stem="imagenet")
+    theirs = torchvision.models.resnet50()
+    assert count(ours) == count(theirs) == 25_557_032
+    ours.load_state_dict(theirs.state_dict())  # same names and shapes: torchvision checkpoints load as they are
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
+def test_imagenet_heads_give_c_x_7_x_7_at_224():
+    net = MixSKDNet("resnet50", CLASSES, 4, stem="imagenet")
+    feats, _ = net(torch.randn(1, 3, 224, 224))
+    assert [tuple(f.shape) for f in feats] == [(1, 8 * 4 * 4, 7, 7)] * 4
+
+
+def test_imagenet_defaults_and_cosine_schedule():
+    args = train.parse_args(["--dataset", "imagenet", "--recipe", "official"])
+    assert (args.epochs, args.weight_decay, args.alpha, args.batch_size, args.nesterov) == (305, 1e-4, 0.2, 128, False)
+    assert args.loss_recipe == "official-imagenet" and args.stem == "imagenet"
+    steps = 100
+    assert train.lr_at(0, steps, args) == pytest.approx(0.1 / 500)
+    assert train.lr_at(5 * steps, steps, args) == pytest.approx(0.1)
+    assert train.lr_at(155 * steps, steps, args) == pytest.approx(0.05)  # halfway through the cosine
+    assert train.lr_at(304 * steps, steps, args) == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 299 / 300)))
+
+
+def test_imagenet_official_recipe_trains_self_teacher_but_not_discriminators():
+    args = train.parse_args(["--dataset", "imagenet", "--recipe", "official", "--width", "4"])
+    model, teacher, discs, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
+    optimised = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert all(id(p) in optimised for p in teacher.parameters())
+    assert not any(id(p) in optimised for p in discs.parameters())
+    assert model.backbone.stem_relu  # the ImageNet stem keeps its ReLU (SPEC section 9)
+    net, teacher, discs = model, teacher, discs
+    feats, logits, y, lam, perm = step_outputs_of(net, size=64)
+    total, terms = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "official-imagenet")
+    torch.testing.assert_close(total.detach(), sum(terms.values()), rtol=1e-6, atol=1e-5)  # L_mix optimised
+
+
+def step_outputs_of(net, size):
+    torch.manual_seed(0)
+    x, y = torch.randn(BATCH, 3, size, size), torch.randint(0, CLASSES, (BATCH,))
+    x_mix, perm, lam = mix_batch(x, 0.2)
+    feats, logits = net(torch.cat([x, x_mix]))
+    return feats, logits, y, lam, perm
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A tiny ImageFolder: 3 classes, 8 training and 4 validation images each, 40 x 40 PNGs."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagenet")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c in range(3):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) // (c + 1)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagenet_folder_trains_one_epoch_and_evaluates(image_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(["--dataset", "imagenet", "--data", str(image_folder), "--image-size", "32", "--width", "4",
+                "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--workers", "0", "--out", str(out)])
+    record = metric_lines(out)[-1]
+    assert record["epoch"] == 0 and list(record["test"]) == ["backbone", "branch1", "branch2", "branch3", "self_teacher"]
+    capsys.readouterr()
+    evaluation.main([str(out / "last.pt"), "--data", str(image_folder), "--workers", "0", "--json"])
+    assert json.loads(capsys.readouterr().out)["heads"] == record["test"]
+    assert torch.load(out / "deploy.pt", weights_only=True)["meta"]["stem"] == "imagenet"
+
+
+def test_imagenet_folder_missing_is_reported(tmp_path):
+    with pytest.raises(data.UserError, match="train/ and val/ in torchvision ImageFolder layout"):
+        data.load_dataset("imagenet", str(tmp_path))

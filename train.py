@@ -13,6 +13,7 @@ best.pt (best backbone top-1), deploy.pt (the backbone alone) and summary.json.
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -34,39 +35,55 @@ from self_teacher import SelfTeacher
 
 METHODS = ("mixskd", "ce", "mixup", "cutmix")
 SPEC_EPOCHS, SPEC_MILESTONES = 205, (105, 155)
+# the flags whose SPEC values differ between CIFAR (section 7) and ImageNet (section 9); ImageNet's
+# batch is 128 in total across processes
+CIFAR_DEFAULTS = {"epochs": SPEC_EPOCHS, "weight_decay": 5e-4, "alpha": 0.4, "batch_size": 64}
+IMAGENET_DEFAULTS = {"epochs": 305, "weight_decay": 1e-4, "alpha": 0.2, "batch_size": 128}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Train MixSKD (Yang et al., ECCV 2022) or a baseline on CIFAR. Defaults are the "
-                    "SPEC's CIFAR recipe: ResNet-18, batch 64, SGD 0.1 Nesterov, 205 epochs.",
+        description="Train MixSKD (Yang et al., ECCV 2022) or a baseline on CIFAR or ImageNet. Defaults "
+                    "are the SPEC's recipes: on CIFAR ResNet-18, batch 64, SGD 0.1 Nesterov, weight decay "
+                    "5e-4, alpha 0.4, 205 epochs with step decays; on ImageNet batch 128 in total, no "
+                    "Nesterov, weight decay 1e-4, alpha 0.2, 305 epochs with a cosine schedule.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to train")
-    g.add_argument("--arch", default="resnet18", choices=list(ARCHS), help="CIFAR ResNet")
+    g.add_argument("--arch", default="resnet18", choices=list(ARCHS),
+                   help="ResNet; the stem follows the dataset (3x3 on CIFAR, 7x7 + max-pool on ImageNet)")
     g.add_argument("--width", type=int, default=64, help="channels of the first stage (64 in the paper)")
     g.add_argument("--dataset", default="cifar100",
-                   help="cifar10, cifar100 (torchvision, downloaded into --data) or PATH.npz with "
-                        "x_train, y_train, x_test, y_test (uint8 NHWC images)")
-    g.add_argument("--data", default="./data", help="torchvision dataset root")
+                   help="cifar10, cifar100 (torchvision, downloaded into --data), PATH.npz with "
+                        "x_train, y_train, x_test, y_test (uint8 NHWC images), or imagenet (--data holds "
+                        "train/ and val/ in ImageFolder layout)")
+    g.add_argument("--data", default="./data", help="torchvision dataset root, or the ImageNet folder")
+    g.add_argument("--image-size", type=int, default=224,
+                   help="ImageNet crop size (Resize(size * 256 / 224) for evaluation)")
+    g.add_argument("--workers", type=int, default=8, help="ImageNet DataLoader workers per process")
     g.add_argument("--method", default="mixskd", choices=METHODS,
                    help="mixskd; or a baseline on the backbone alone: ce (clean images), mixup, cutmix")
-    g.add_argument("--recipe", default="paper", choices=RECIPES,
-                   help="mixskd objective: paper (Eq. 10, everything trained) or official (Eq. 10', the "
-                        "released CIFAR script: no L_mix, fixed self-teacher and discriminators)")
+    g.add_argument("--recipe", default="paper", choices=RECIPES[:2],
+                   help="mixskd objective: paper (Eq. 10, everything trained) or official (the released "
+                        "scripts: on CIFAR Eq. 10', no L_mix, fixed self-teacher and discriminators; on "
+                        "ImageNet Eq. 10 with fixed discriminators, SPEC section 9)")
     g.add_argument("--mix", default="mixup", choices=MIX_MODES, help="how mixskd mixes images")
-    g.add_argument("--alpha", type=float, default=0.4, help="lam ~ Beta(alpha, alpha)")
+    g.add_argument("--alpha", type=float, default=argparse.SUPPRESS,
+                   help="lam ~ Beta(alpha, alpha) (default 0.4 on CIFAR, 0.2 on ImageNet)")
     g.add_argument("--temperature", type=float, default=3.0, help="KD temperature T")
     for term in TERMS:
         g.add_argument(f"--w-{term}", type=float, default=1.0, help=f"weight of L_{term} (0 disables it)")
-    g = p.add_argument_group("optimisation (SPEC section 7)")
-    g.add_argument("--epochs", type=int, default=SPEC_EPOCHS, help="training epochs")
+    g = p.add_argument_group("optimisation (SPEC sections 7 and 9)")
+    g.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 205; 305 on ImageNet)")
     g.add_argument("--warmup-epochs", type=int, default=5, help="linear warmup, per iteration")
     g.add_argument("--milestones", type=int, nargs="*", default=None,
-                   help="absolute epochs where lr is multiplied by 0.1 (default: 105 155, scaled by "
-                        "--epochs/205 when --epochs differs)")
+                   help="CIFAR: absolute epochs where lr is multiplied by 0.1 (default: 105 155, scaled "
+                        "by --epochs/205 when --epochs differs); ImageNet decays by a cosine instead")
     g.add_argument("--lr", type=float, default=0.1, help="base learning rate")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="on every trained parameter")
-    g.add_argument("--batch-size", type=int, default=64, help="clean images per step (MixSKD forwards twice as many)")
+    g.add_argument("--weight-decay", type=float, default=argparse.SUPPRESS,
+                   help="on every trained parameter (default 5e-4; 1e-4 on ImageNet)")
+    g.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
+                   help="clean images per step and process; MixSKD forwards twice as many (default 64; on "
+                        "ImageNet 128 divided by the number of processes)")
     g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation, mixing")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -87,6 +104,16 @@ def parse_args(argv=None):
     g.add_argument("--log-every", type=int, default=100, help="steps between progress updates (each one syncs)")
     args = p.parse_args(argv)
 
+    imagenet = args.dataset == "imagenet"
+    for key, value in (IMAGENET_DEFAULTS if imagenet else CIFAR_DEFAULTS).items():
+        if not hasattr(args, key):
+            setattr(args, key, value // int(os.environ.get("WORLD_SIZE", 1)) if key == "batch_size" and imagenet
+                    else value)
+    args.stem = "imagenet" if imagenet else "cifar"
+    args.schedule = "cosine" if imagenet else "step"
+    args.nesterov = not imagenet
+    # the objective: the released ImageNet script optimises L_mix, its CIFAR script does not
+    args.loss_recipe = "official-imagenet" if imagenet and args.recipe == "official" else args.recipe
     if not args.alpha > 0:
         p.error(f"--alpha must be > 0, got {args.alpha}")
     if args.batch_size < 2:
@@ -96,7 +123,7 @@ def parse_args(argv=None):
     if not all(np.isfinite(getattr(args, f"w_{t}")) and getattr(args, f"w_{t}") >= 0 for t in TERMS):
         p.error("loss weights must be finite and non-negative")
     if args.dataset not in DATASETS and not args.dataset.endswith(".npz"):
-        p.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100 or the path of an .npz file")
+        p.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet or the path of an .npz file")
     if args.milestones is None:
         args.milestones = [round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES]
     if args.out is None:
@@ -107,11 +134,14 @@ def parse_args(argv=None):
 
 def lr_at(step, steps_per_epoch, args):
     """SPEC section 7: lr_i = lr (i + 1) / (warmup iterations) during warmup, then lr times 0.1 for
-    every milestone epoch reached."""
+    every milestone epoch reached. SPEC section 9 (ImageNet): after the warmup, per epoch,
+    lr 0.5 (1 + cos(pi (epoch - warmup) / (epochs - warmup)))."""
     warmup = args.warmup_epochs * steps_per_epoch
     if step < warmup:
         return args.lr * (step + 1) / warmup
     epoch = step // steps_per_epoch
+    if args.schedule == "cosine":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
     return args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)
 
 
@@ -145,12 +175,12 @@ def autocast_dtype(choice, device):
 
 def build(args, num_classes, device, memory_format):
     """The model, self-teacher and discriminators (MixSKD only), and one SGD over what the recipe trains."""
-    stem_relu = not (args.method == "mixskd" and args.recipe == "official")  # SPEC section 6, item 5
+    stem_relu = not (args.method == "mixskd" and args.loss_recipe == "official")  # SPEC section 6, item 5
     if args.method == "mixskd":
-        model = MixSKDNet(args.arch, num_classes, args.width, stem_relu)
+        model = MixSKDNet(args.arch, num_classes, args.width, stem_relu, args.stem)
         channels = model.backbone.feature_channels
         teacher, discs = SelfTeacher(channels, num_classes), discriminators(channels)
-        params = trained_parameters(args.recipe, model, teacher, discs)
+        params = trained_parameters(args.loss_recipe, model, teacher, discs)
         # what the recipe does not train needs no .grad (official's would pile up, never zeroed)
         trained = {id(p) for p in params}
         for module in (teacher, discs):
@@ -159,14 +189,14 @@ def build(args, num_classes, device, memory_format):
         teacher.to(device, memory_format=memory_format)
         discs.to(device)
     else:
-        model = ResNet(args.arch, num_classes, args.width, stem_relu)
+        model = ResNet(args.arch, num_classes, args.width, stem_relu, args.stem)
         teacher = discs = None
         params = list(model.parameters())
     model.to(device, memory_format=memory_format)
     # fused on CUDA: 0.5 ms per step for the 42M parameters of ResNet-18 MixSKD on an H100, against
     # 1.5 ms for foreach; foreach on CPU, one multi-tensor kernel instead of a loop over tensors
     cuda = device.type == "cuda"
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay,
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, nesterov=args.nesterov, weight_decay=args.weight_decay,
                           fused=cuda or None, foreach=not cuda or None)
     return model, teacher, discs, opt
 
@@ -182,7 +212,7 @@ class Objective(nn.Module):
 
     def __init__(self, args, model, teacher=None, discs=None):
         super().__init__()
-        self.method, self.recipe, self.temperature = args.method, args.recipe, args.temperature
+        self.method, self.recipe, self.temperature = args.method, args.loss_recipe, args.temperature
         self.weights = {t: getattr(args, f"w_{t}") for t in TERMS}
         self.model, self.teacher, self.discs = model, teacher, discs
 
@@ -316,7 +346,7 @@ def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank):
     ckpt = read_checkpoint(path, device)
     if "meta" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a training checkpoint of this project: --resume needs a last.pt")
-    for key in ("arch", "width", "num_classes", "method", "recipe", "stem_relu"):
+    for key in ("arch", "width", "num_classes", "method", "recipe", "stem_relu", "stem"):
         if ckpt["meta"][key] != meta[key]:
             raise UserError(f"{path} was trained with {key}={ckpt['meta'][key]!r}, this run has {meta[key]!r}: "
                             f"pass the same arguments to resume, or another --out for a new run")
@@ -422,7 +452,7 @@ def run(args, rank, world, device):
     torch.manual_seed(args.seed)  # the same initialisation on every rank (DDP also broadcasts rank 0's)
     np.random.seed(args.seed)
     random.seed(args.seed)
-    data = load_dataset(args.dataset, args.data, device)
+    data = load_dataset(args.dataset, args.data, device, args.image_size, args.workers)
     check_writable(args.out, rank)
     model, teacher, discs, opt = build(args, data.num_classes, device, memory_format)
     if args.sync_bn and world > 1:
@@ -435,8 +465,8 @@ def run(args, rank, world, device):
     autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     backbone = model.backbone if isinstance(model, MixSKDNet) else model
     meta = {"arch": args.arch, "num_classes": data.num_classes, "width": args.width,
-            "stem_relu": backbone.stem_relu, "method": args.method, "recipe": args.recipe,
-            "dataset": args.dataset, "mean": list(data.mean), "std": list(data.std)}
+            "stem_relu": backbone.stem_relu, "stem": args.stem, "method": args.method, "recipe": args.recipe,
+            "dataset": args.dataset, "image_size": args.image_size, "mean": list(data.mean), "std": list(data.std)}
 
     start_epoch, best = 0, {"epoch": -1, "top1": -1.0, "released": -1.0, "released_head": None, "released_epoch": -1}
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -452,13 +482,13 @@ def run(args, rank, world, device):
 
     steps = steps_per_epoch(data, args.batch_size, world)
     if steps == 0:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.x_train.shape[0] // world} training "
+        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.n_train // world} training "
                         f"images of each of the {world} process(es)")
     images_per_step = args.batch_size * world
     logged = TERMS if args.method == "mixskd" else ("ce",) if args.method == "ce" else ("mix",)
     n_train = count(model) + count(teacher) + count(discs)
     log(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''} {args.arch} width {args.width} "
-        f"on {data.name} ({data.x_train.shape[0]} train, {data.x_test.shape[0]} test, {data.num_classes} classes) | "
+        f"on {data.name} ({data.n_train} train, {data.n_test} test, {data.num_classes} classes) | "
         f"{world} x {device.type} amp {dtype} channels_last {channels_last} compile {args.compile} | batch "
         f"{args.batch_size} per process, {images_per_step} in all | {n_train:,} trained params, "
         f"{count(backbone):,} deployed | epochs {start_epoch}..{args.epochs - 1}, milestones {args.milestones}",
