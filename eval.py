@@ -126,29 +126,41 @@ def released_to_ours(state):
             teacher_state[m[1]] = value
         else:
             raise UserError(f"released checkpoint key {key!r} does not map onto this implementation (SPEC section 11)")
-    try:
-        depths = tuple(1 + max(int(m[1]) for k in net_state if (m := re.match(rf"backbone\.layer{s}\.(\d+)\.", k)))
-                       for s in (1, 2, 3, 4))
-        bottleneck = "backbone.layer1.0.conv3.weight" in net_state
-        arch = next(a for a, (block, d) in ARCHS.items() if d == depths and (block is Bottleneck) == bottleneck)
-        meta = {"arch": arch, "num_classes": net_state["backbone.fc.weight"].shape[0],
-                "width": net_state["backbone.conv1.weight"].shape[0], "stem_relu": False}
-    except (ValueError, StopIteration, KeyError):
-        raise UserError("released checkpoint: cannot recognise a ResNet-18/34/50/101 backbone in its keys") from None
+    meta = {**backbone_config(net_state, "backbone.", "released checkpoint"), "stem_relu": False}
     return meta, net_state, teacher_state
+
+
+def backbone_config(state, prefix, what):
+    """arch, num_classes, width and stem of the ResNet whose weights `state` holds under `prefix`."""
+    try:
+        depths = tuple(1 + max(int(m[1]) for k in state if (m := re.match(rf"{prefix}layer{s}\.(\d+)\.", k)))
+                       for s in (1, 2, 3, 4))
+        bottleneck = f"{prefix}layer1.0.conv3.weight" in state
+        arch = next(a for a, (block, d) in ARCHS.items() if d == depths and (block is Bottleneck) == bottleneck)
+        conv1 = state[f"{prefix}conv1.weight"]
+        return {"arch": arch, "num_classes": state[f"{prefix}fc.weight"].shape[0], "width": conv1.shape[0],
+                "stem": "imagenet" if conv1.shape[-1] == 7 else "cifar"}
+    except (ValueError, StopIteration, KeyError):
+        raise UserError(f"{what}: cannot recognise a ResNet-18/34/50/101 in its keys") from None
 
 
 def model_from_checkpoint(ckpt, path):
     """Build the network a checkpoint holds: (model, self_teacher or None, meta).
 
     Our last.pt/best.pt: the trained model (MixSKDNet, or ResNet for the baselines) and the
-    self-teacher; deploy.pt: the backbone alone; the released script's {'net': ...}: mapped by name.
+    self-teacher; deploy.pt: the backbone alone; the released script's {'net': ...}: mapped by name;
+    a plain torchvision ResNet state dict (conv1.weight, ..., fc.weight): the backbone alone.
     """
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a checkpoint of this project or of the released code")
+    if "conv1.weight" in ckpt and "fc.weight" in ckpt:  # torchvision's layout, which ResNet shares
+        meta = {**backbone_config(ckpt, "", f"torchvision checkpoint {path}"), "stem_relu": True}
+        model = ResNet(meta["arch"], meta["num_classes"], meta["width"], True, meta["stem"])
+        load_state(model, ckpt, f"torchvision checkpoint {path}")
+        return model, None, meta
     if "net" in ckpt and "meta" not in ckpt:
         meta, net_state, teacher_state = released_to_ours(ckpt["net"])
-        model = MixSKDNet(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"])
+        model = MixSKDNet(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"], meta["stem"])
         load_state(model, net_state, f"released checkpoint {path}")
         teacher = None
         if teacher_state:

@@ -726,7 +726,7 @@ def test_released_checkpoint_maps_by_name(tmp_path):
     path = tmp_path / "released.pth.tar"
     torch.save(to_released_layout(net, teacher), path)
     model, loaded_teacher, meta = evaluation.model_from_checkpoint(evaluation.read_checkpoint(path), path)
-    assert meta == {"arch": "resnet50", "num_classes": CLASSES, "width": WIDTH, "stem_relu": False}
+    assert meta == {"arch": "resnet50", "num_classes": CLASSES, "width": WIDTH, "stem": "cifar", "stem_relu": False}
     model.eval()
     x, _ = batch()
     feats, logits = net(x)
@@ -898,6 +898,25 @@ def test_imagenet_resnet50_is_torchvisions(tmp_path):
     theirs.eval()
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
+def test_torchvision_checkpoint_is_read_as_a_backbone(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18(num_classes=CLASSES).eval()
+    path = tmp_path / "resnet18.pth"
+    torch.save(theirs.state_dict(), path)
+    model, teacher, meta = evaluation.model_from_checkpoint(evaluation.read_checkpoint(path), path)
+    assert isinstance(model, ResNet) and teacher is None
+    assert (meta["arch"], meta["stem"], meta["num_classes"]) == ("resnet18", "imagenet", CLASSES)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model.eval()(x), theirs(x), rtol=0, atol=0)
+    # and --init-from puts those weights into a MixSKD network's backbone
+    args = train.parse_args(["--dataset", "imagenet", "--width", "64"])
+    net, own_teacher, _, _ = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
+    train.init_from(str(path), net, own_teacher)
+    assert torch.equal(net.backbone.layer4[1].conv2.weight, theirs.layer4[1].conv2.weight)
 
 
 def test_imagenet_heads_give_c_x_7_x_7_at_224():
