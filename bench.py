@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64, help="clean images per step")
     p.add_argument("--method", default="mixskd", choices=train.METHODS)
-    p.add_argument("--recipe", default="paper", choices=RECIPES)
+    p.add_argument("--recipe", default="paper", choices=RECIPES[:2])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="as train.py: auto = bf16 on CUDA and on CPUs with native bf16 kernels")

@@ -325,10 +325,12 @@ def main(argv=None):
     if "mean" in meta:  # normalise as in training, whatever the dataset argument
         data.mean, data.std = meta["mean"], meta["std"]
         data.stats = pixel_stats(meta["mean"], meta["std"], device)
-    model.to(device)
+    # as train.py evaluates: channels_last on CUDA (cuDNN may still choose other kernels than it did)
+    channels_last = device.type == "cuda"
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if teacher is not None:
         teacher.to(device)
-    metrics = evaluate(model, teacher, data, args.batch_size)
+    metrics = evaluate(model, teacher, data, args.batch_size, channels_last)
     if args.json:
         print(json.dumps({"checkpoint": args.checkpoint, "dataset": dataset, "heads": metrics}))
     else:

@@ -114,7 +114,8 @@ def trained_parameters(recipe, net, self_teacher, discs):
 
 
 def mixskd_loss(feats, logits, y, lam, perm, self_teacher, discs, recipe="paper", weights=None, temperature=3.0):
-    """The MixSKD objective of one step: SPEC Eq. (10) (`paper`) or (10') (`official`).
+    """The MixSKD objective of one step: SPEC Eq. (10) (`paper`), (10') (`official`) or the released
+    ImageNet script's (`official-imagenet`, SPEC section 9).
 
     feats, logits: lists over heads (backbone last) of the network's outputs on cat([x, x_mix]).
     y: labels of the clean batch x; lam, perm: the step's pairing (mixup.mix_batch).

@@ -660,6 +660,11 @@ def test_resume_with_another_width_is_refused(kept_run, tiny_npz):
         train.main(["--dataset", tiny_npz, "--width", "8", "--out", str(kept_run), "--resume"])
 
 
+def test_resume_with_another_seed_is_refused(kept_run, tiny_npz):
+    with pytest.raises(data.UserError, match="seed=0, this run has 1"):
+        tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--seed", "1")
+
+
 def test_non_finite_loss_stops_naming_the_term_and_keeps_last_checkpoint(kept_run, tiny_npz):
     with pytest.raises(data.UserError, match=r"non-finite loss in epoch 2 \(L_.*last.pt from the previous epoch is kept"):
         tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--lr", "1e30", "--log-every", "2")

@@ -1,12 +1,13 @@
-"""Train MixSKD, or a CE / Mixup / CutMix baseline, on CIFAR.
+"""Train MixSKD, or a CE / Mixup / CutMix baseline, on CIFAR or ImageNet, on one device or under torchrun.
 
     python train.py --arch resnet18 --dataset cifar100                     # MixSKD, recipe `paper`
     python train.py --arch resnet18 --dataset cifar100 --recipe official   # the released objective
     python train.py --dataset ../shared/data/cifar10_q75_10k.npz --width 16 --epochs 90   # offline
     python train.py --arch resnet18 --dataset cifar100 --resume            # continue OUT/last.pt
+    torchrun --standalone --nproc_per_node=8 train.py --arch resnet50 --dataset imagenet --data DIR
 
-SPEC sections 5-8: one optimiser over everything the recipe trains, SGD with Nesterov momentum,
-per-iteration warmup, step decays; the headline is the backbone's top-1 at the final epoch.
+SPEC sections 5-9: one optimiser over everything the recipe trains, SGD with momentum, per-iteration
+warmup, step decays (cosine on ImageNet); the headline is the backbone's top-1 at the final epoch.
 A run writes into --out: metrics.jsonl (one line per epoch), last.pt (every epoch, atomically),
 best.pt (best backbone top-1), deploy.pt (the backbone alone) and summary.json.
 """
@@ -343,12 +344,15 @@ def init_from(path, model, teacher):
 
 def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank):
     """Load last.pt into everything; returns (first epoch to run, best-so-far record)."""
-    ckpt = read_checkpoint(path, device)
+    ckpt = read_checkpoint(path)  # on the CPU: RNG states must stay there; weights are copied over
     if "meta" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a training checkpoint of this project: --resume needs a last.pt")
-    for key in ("arch", "width", "num_classes", "method", "recipe", "stem_relu", "stem"):
-        if ckpt["meta"][key] != meta[key]:
-            raise UserError(f"{path} was trained with {key}={ckpt['meta'][key]!r}, this run has {meta[key]!r}: "
+    # the dataset by name: an .npz may have moved since
+    saved = {**ckpt["meta"], "dataset": dataset_name(ckpt["meta"]["dataset"])}
+    current = {**meta, "dataset": dataset_name(meta["dataset"])}
+    for key in ("arch", "width", "num_classes", "method", "recipe", "stem_relu", "stem", "seed", "dataset"):
+        if saved.get(key) != current[key]:
+            raise UserError(f"{path} was trained with {key}={saved.get(key)!r}, this run has {current[key]!r}: "
                             f"pass the same arguments to resume, or another --out for a new run")
     load_state(model, ckpt["model"], f"checkpoint {path}")
     for module, key in ((teacher, "self_teacher"), (discs, "discriminators")):
@@ -380,7 +384,8 @@ def check_finite(loss, epoch, last_path):
 
 
 def count(module):
-    return sum(p.numel() for p in module.parameters()) if module is not None else 0
+    """Parameters that are trained (official recipes freeze the self-teacher and/or discriminators)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad) if module is not None else 0
 
 
 def setup_distributed(args):
@@ -466,7 +471,8 @@ def run(args, rank, world, device):
     backbone = model.backbone if isinstance(model, MixSKDNet) else model
     meta = {"arch": args.arch, "num_classes": data.num_classes, "width": args.width,
             "stem_relu": backbone.stem_relu, "stem": args.stem, "method": args.method, "recipe": args.recipe,
-            "dataset": args.dataset, "image_size": args.image_size, "mean": list(data.mean), "std": list(data.std)}
+            "dataset": args.dataset, "image_size": args.image_size, "seed": args.seed,
+            "mean": list(data.mean), "std": list(data.std)}
 
     start_epoch, best = 0, {"epoch": -1, "top1": -1.0, "released": -1.0, "released_head": None, "released_epoch": -1}
     metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -485,6 +491,8 @@ def run(args, rank, world, device):
         raise UserError(f"--batch-size {args.batch_size} exceeds the {data.n_train // world} training "
                         f"images of each of the {world} process(es)")
     images_per_step = args.batch_size * world
+    if args.dataset == "imagenet" and images_per_step != 128:
+        log(f"note: the global batch is {images_per_step}, the SPEC's ImageNet recipe uses 128 in total")
     logged = TERMS if args.method == "mixskd" else ("ce",) if args.method == "ce" else ("mix",)
     n_train = count(model) + count(teacher) + count(discs)
     log(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''} {args.arch} width {args.width} "
