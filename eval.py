@@ -32,6 +32,7 @@ HEADS = ("backbone", "branch1", "branch2", "branch3", "self_teacher")
 def expected_calibration_error(probs, y, bins=15):
     """ECE: |accuracy - confidence| per equal-width confidence bin, weighted by the bin's share."""
     confidence, prediction = probs.max(1)
+    confidence = confidence.nan_to_num(0.0)  # a diverged model's NaN outputs count as confidence 0
     correct = (prediction == y).float()
     bin_index = (confidence * bins).ceil().clamp(1, bins).long() - 1  # bins (0, 1/15], ..., (14/15, 1]
     counts = torch.zeros(bins).index_add_(0, bin_index, torch.ones_like(confidence))

@@ -512,6 +512,18 @@ def test_eval_reproduces_logged_test_metrics_exactly(run_dir, capsys):
     assert printed["heads"] == metric_lines(run_dir)[-1]["test"]
 
 
+def test_metrics_of_a_diverged_head_do_not_crash():
+    logits = torch.full((4, CLASSES), float("nan"))
+    metrics = evaluation.head_metrics(logits, torch.arange(4))
+    assert np.isnan(metrics["nll"]) and 0 <= metrics["ece"] <= 1
+
+
+def test_ece_of_a_known_case():
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    y = torch.tensor([0, 1, 0, 0])  # bin (0.867, 0.933]: accuracy 0.5 at confidence 0.9; bin (0.6]: 1.0 at 0.6
+    assert evaluation.expected_calibration_error(probs, y) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+
+
 def test_eval_prints_backbone_row_first(run_dir, capsys):
     evaluation.main([str(run_dir / "last.pt")])
     rows = capsys.readouterr().out.splitlines()
