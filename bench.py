@@ -11,12 +11,10 @@ CIFAR-100-shaped uint8 images (50,000 x 32 x 32 x 3, 100 classes): speed does no
 """
 import argparse
 import json
-import os
 import resource
 import time
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from data import DATASETS, UserError, dataset_name, load_dataset, steps_per_epoch, train_batches
-from eval import HEADS, evaluate, load_state, model_from_checkpoint, read_checkpoint
+from eval import evaluate, load_state, model_from_checkpoint, read_checkpoint
 from losses import RECIPES, TERMS, discriminators, mixskd_loss, trained_parameters
 from mixup import MIX_MODES, mix_batch, mix_ce
 from model import ARCHS, MixSKDNet, ResNet
@@ -76,7 +76,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation (SPEC sections 7 and 9)")
     g.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 205; 305 on ImageNet)")
     g.add_argument("--warmup-epochs", type=int, default=5, help="linear warmup, per iteration")
-    g.add_argument("--milestones", type=int, nargs="*", default=None,
+    g.add_argument("--milestones", type=int, nargs="*", default=argparse.SUPPRESS,
                    help="CIFAR: absolute epochs where lr is multiplied by 0.1 (default: 105 155, scaled "
                         "by --epochs/205 when --epochs differs); ImageNet decays by a cosine instead")
     g.add_argument("--lr", type=float, default=0.1, help="base learning rate")
@@ -125,7 +125,7 @@ def parse_args(argv=None):
         p.error("loss weights must be finite and non-negative")
     if args.dataset not in DATASETS and not args.dataset.endswith(".npz"):
         p.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet or the path of an .npz file")
-    if args.milestones is None:
+    if not hasattr(args, "milestones"):
         args.milestones = [round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES]
     if args.out is None:
         recipe = f"-{args.recipe}" if args.method == "mixskd" else ""
