@@ -814,7 +814,12 @@ def torchrun(npz, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "train.py"), "--dataset", npz, "--width", "4", "--batch-size", "16", "--warmup-epochs", "1",
            "--milestones", "1", "--out", str(out), *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # loopback: no dependence on how the host name resolves
+    for attempt in range(2):
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300, env=env)
+        # one retry, only when the launcher lost a race for a free port; any other failure fails
+        if result.returncode == 0 or "EADDRINUSE" not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
