@@ -499,10 +499,11 @@ def run(args, rank, world, device):
         f"on {data.name} ({data.n_train} train, {data.n_test} test, {data.num_classes} classes) | "
         f"{world} x {device.type} amp {dtype} channels_last {channels_last} compile {args.compile} | batch "
         f"{args.batch_size} per process, {images_per_step} in all | {n_train:,} trained params, "
-        f"{count(backbone):,} deployed | epochs {start_epoch}..{args.epochs - 1}, milestones {args.milestones}",
-        flush=True)
+        f"{count(backbone):,} deployed | epochs {start_epoch}..{args.epochs - 1}, "
+        f"{'milestones ' + str(args.milestones) if args.schedule == 'step' else 'cosine schedule'}", flush=True)
+    # a terminal gets one live line per epoch; a log file a progress line at most once a minute
     live = main_process and sys.stdout.isatty()
-    run_start = time.time()
+    run_start = last_progress = time.time()
 
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -518,12 +519,12 @@ def run(args, rank, world, device):
                 if world > 1:
                     dist.all_reduce(total)  # every rank sees the same value, so all stop together
                 check_finite({"total": total.item()}, epoch, last_path)
-                if live:
-                    done, elapsed = i + 1, time.time() - epoch_start
+                if live or (main_process and time.time() - last_progress > 60):
+                    done, elapsed, last_progress = i + 1, time.time() - epoch_start, time.time()
                     eta = elapsed / done * (steps - done) + (args.epochs - epoch - 1) * steps * elapsed / done
-                    print(f"\repoch {epoch}/{args.epochs} step {done}/{steps} loss {total.item() / done / world:.4f} "
-                          f"lr {lr:.4f} {done * images_per_step / elapsed:.0f} img/s ETA {eta / 60:.1f} min",
-                          end="", flush=True)
+                    print(f"{chr(13) if live else ''}epoch {epoch}/{args.epochs} step {done}/{steps} "
+                          f"loss {total.item() / done / world:.4f} lr {lr:.4f} {done * images_per_step / elapsed:.0f} "
+                          f"img/s ETA {eta / 60:.1f} min", end="" if live else "\n", flush=True)
 
         if world > 1:
             dist.all_reduce(sums)  # training metrics over every rank's shard
@@ -558,7 +559,7 @@ def run(args, rank, world, device):
         if improved:
             save_atomic(ckpt, os.path.join(args.out, "best.pt"))
         heads = " ".join(f"{h} {m['top1']:.2f}" for h, m in test.items() if h != "backbone")
-        print(f"{chr(13) if live else ''}epoch {epoch}/{args.epochs} loss {loss['total']:.4f} "
+        print(f"{chr(13) + chr(27) + '[K' if live else ''}epoch {epoch}/{args.epochs} loss {loss['total']:.4f} "
               f"train {record['train_top1']:.2f} | test backbone {top1:.2f} {heads} | "
               f"{epoch_time:.1f}s {record['img_per_s']:.0f} img/s", flush=True)
 
