@@ -35,6 +35,7 @@ from model import ARCHS, MixSKDNet, ResNet
 from self_teacher import SelfTeacher
 
 METHODS = ("mixskd", "ce", "mixup", "cutmix")
+CLEAR_LINE = "\r\033[K"  # back to the start of the terminal line and erase it
 SPEC_EPOCHS, SPEC_MILESTONES = 205, (105, 155)
 # the flags whose SPEC values differ between CIFAR (section 7) and ImageNet (section 9); ImageNet's
 # batch is 128 in total across processes
@@ -522,7 +523,7 @@ def run(args, rank, world, device):
                 if live or (main_process and time.time() - last_progress > 60):
                     done, elapsed, last_progress = i + 1, time.time() - epoch_start, time.time()
                     eta = elapsed / done * (steps - done) + (args.epochs - epoch - 1) * steps * elapsed / done
-                    print(f"{chr(13) if live else ''}epoch {epoch}/{args.epochs} step {done}/{steps} "
+                    print(f"{CLEAR_LINE if live else ''}epoch {epoch}/{args.epochs} step {done}/{steps} "
                           f"loss {total.item() / done / world:.4f} lr {lr:.4f} {done * images_per_step / elapsed:.0f} "
                           f"img/s ETA {eta / 60:.1f} min", end="" if live else "\n", flush=True)
 
@@ -559,7 +560,7 @@ def run(args, rank, world, device):
         if improved:
             save_atomic(ckpt, os.path.join(args.out, "best.pt"))
         heads = " ".join(f"{h} {m['top1']:.2f}" for h, m in test.items() if h != "backbone")
-        print(f"{chr(13) + chr(27) + '[K' if live else ''}epoch {epoch}/{args.epochs} loss {loss['total']:.4f} "
+        print(f"{CLEAR_LINE if live else ''}epoch {epoch}/{args.epochs} loss {loss['total']:.4f} "
               f"train {record['train_top1']:.2f} | test backbone {top1:.2f} {heads} | "
               f"{epoch_time:.1f}s {record['img_per_s']:.0f} img/s", flush=True)
 
