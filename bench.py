@@ -107,8 +107,7 @@ def fast_stepper(targs, data, device):
     torch.manual_seed(0)
     dtype, memory_format = train.speed_settings(targs, device)
     model, teacher, discs, opt = train.build(targs, data.num_classes, device, memory_format)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    scaler, autocast = train.mixed_precision(dtype, device)
     loss_fn = train.make_loss_fn(targs, model, teacher, discs)
     state = {"epoch": 0, "batches": iter(())}
     settings = {"amp": str(dtype).removeprefix("torch.") if dtype else "off",

@@ -1,7 +1,8 @@
 """MixSKD objectives: KD, the five loss terms, the discriminators, and each recipe's total.
 
-SPEC section 5, Eqs. (5)-(10'), and section 9 (the released ImageNet script's objective). Paper: Yang et al., "MixSKD: Self-Knowledge Distillation from Mixup
-for Image Recognition", ECCV 2022, section 3.
+SPEC section 5, Eqs. (5)-(10'), and section 9 (the released ImageNet script's objective). Paper:
+Yang et al., "MixSKD: Self-Knowledge Distillation from Mixup for Image Recognition", ECCV 2022,
+section 3.
 
 Notation (SPEC section 3): for every head k, the interpolation of its outputs on the clean batch
 (`feats_interp`, `logits_interp`) and its outputs on the mixed batch (`feats_mixed`,

@@ -1,13 +1,14 @@
 """ResNets and the MixSKD network: backbone plus three auxiliary branches.
 
-SPEC sections 2 (CIFAR) and 9 (ImageNet stem). Paper: Yang et al., "MixSKD: Self-Knowledge Distillation from Mixup for Image
-Recognition", ECCV 2022. ResNet: He et al. 2016, with the 3x3 stride-1 CIFAR stem.
+SPEC sections 2 (CIFAR) and 9 (ImageNet stem). Paper: Yang et al., "MixSKD: Self-Knowledge
+Distillation from Mixup for Image Recognition", ECCV 2022. ResNet: He et al. 2016, with the 3x3
+stride-1 CIFAR stem or torchvision's ImageNet stem.
 
 `ResNet` is the deployed network and stands on its own. `MixSKDNet` wraps it and adds branch k
 (k = 1, 2, 3): fresh copies of stages k+1..4 on top of stage k, with their own classifier. Every
 head returns its final feature map F_k (C x 4 x 4 on 32x32 CIFAR input, C x 7 x 7 on 224x224
-ImageNet input) and its logits z_k. The model
-knows nothing about mixup: the training step mixes, the model only forwards.
+ImageNet input) and its logits z_k. The model knows nothing about mixup: the training step mixes,
+the model only forwards.
 
 Module names follow torchvision (conv1, bn1, layer1..4, fc, downsample.0/1), so backbone weights
 move between this file and torchvision-style code by name.
@@ -112,7 +113,7 @@ class ResNet(nn.Module):
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
         block, plan = stage_plan(arch, width)
-        self.arch, self.num_classes, self.width, self.stem_relu, self.stem_kind = arch, num_classes, width, stem_relu, stem
+        self.stem_relu = stem_relu
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)

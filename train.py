@@ -157,6 +157,12 @@ def speed_settings(args, device):
     return autocast_dtype(args.amp, device), torch.channels_last if channels_last else torch.contiguous_format
 
 
+def mixed_precision(dtype, device):
+    """(GradScaler, autocast context) for an autocast dtype; the scaler works only for fp16."""
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return scaler, torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def autocast_dtype(choice, device):
     """auto: bf16 on CUDA (fp16 where the GPU lacks bf16); on a CPU, bf16 only where oneDNN reports
     native bf16 kernels (AVX512-BF16 or AMX: 2.0x the fp32 step on a 2-core EPYC, see bench.py),
@@ -467,8 +473,7 @@ def run(args, rank, world, device):
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    scaler, autocast = mixed_precision(dtype, device)
     backbone = model.backbone if isinstance(model, MixSKDNet) else model
     meta = {"arch": args.arch, "num_classes": data.num_classes, "width": args.width,
             "stem_relu": backbone.stem_relu, "stem": args.stem, "method": args.method, "recipe": args.recipe,
