@@ -198,7 +198,10 @@ def read_run(run_dir):
     if not records:
         raise UserError(f"{path} is empty: the run has not finished an epoch")
     summary_path = os.path.join(run_dir, "summary.json")
-    summary = json.load(open(summary_path)) if os.path.exists(summary_path) else None
+    summary = None
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
     args = summary["args"] if summary else read_checkpoint(os.path.join(run_dir, "last.pt"))["args"]
     return args, records, summary
 

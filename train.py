@@ -572,7 +572,8 @@ def run(args, rank, world, device):
     digests = all_ranks(parameter_digest(model, teacher, discs), world)
     if not main_process:
         return
-    final = json.loads(read_metrics(metrics_path, args.epochs)[-1])
+    records = [json.loads(line) for line in read_metrics(metrics_path, args.epochs)]
+    final = records[-1]
     save_atomic({"meta": meta, "backbone": backbone.state_dict()}, os.path.join(args.out, "deploy.pt"))
     summary = {
         "headline_final_backbone_top1": final["test"]["backbone"]["top1"],
@@ -585,7 +586,7 @@ def run(args, rank, world, device):
         "released_code_metric_epoch": best["released_epoch"],
         "trained_params": n_train,
         "deployed_params": count(backbone),
-        "train_time_s": sum(json.loads(line)["epoch_time"] for line in read_metrics(metrics_path, args.epochs)),
+        "train_time_s": sum(r["epoch_time"] for r in records),
         "wall_time_s_this_process": time.time() - run_start,
         "processes": world,
         "parameter_sha256_per_rank": digests,
