@@ -209,7 +209,7 @@ def folder_batches(data, dataset, batch_size, seed, epoch, rank, world_size, tra
     cuda = data.device.type == "cuda"
     loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=data.workers,
                                          pin_memory=cuda, drop_last=train,
-                                         generator=torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_009 + rank))
+                                         generator=epoch_generator(seed, epoch, "cpu", stream=1 + rank))
     for x, y in loader:
         x, y = x.to(data.device, non_blocking=cuda), y.to(data.device, non_blocking=cuda)
         yield normalize(x, data.stats), y

@@ -82,10 +82,11 @@ def evaluate(model, self_teacher, data, batch_size=500, channels_last=False):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def read_checkpoint(path, device="cpu"):
-    """torch.load(weights_only=True) with one-line errors for missing, truncated or foreign files."""
+def read_checkpoint(path):
+    """torch.load(weights_only=True) onto the CPU, with one-line errors for missing, truncated or
+    foreign files. (On the CPU because RNG states must stay there; weights are copied to the model.)"""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as e:

@@ -351,7 +351,7 @@ def init_from(path, model, teacher):
 
 def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank):
     """Load last.pt into everything; returns (first epoch to run, best-so-far record)."""
-    ckpt = read_checkpoint(path)  # on the CPU: RNG states must stay there; weights are copied over
+    ckpt = read_checkpoint(path)
     if "meta" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a training checkpoint of this project: --resume needs a last.pt")
     # the dataset by name: an .npz may have moved since
