@@ -19,9 +19,11 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+import runtime
 import train
 from data import STATS, pixel_stats, train_batches
 from losses import RECIPES
+from mixup import mix_batch
 from model import ARCHS
 
 SPEC_STEPS = 50_000 // 64 * 205  # the SPEC's CIFAR-100 run: 781 steps per epoch, 205 epochs
@@ -105,13 +107,12 @@ def timed(step, warmup, steps, device):
 def fast_stepper(targs, data, device):
     """train.py's loop body: device-side batches from data.train_batches, then train.train_step."""
     torch.manual_seed(0)
-    dtype, memory_format = train.speed_settings(targs, device)
-    model, teacher, discs, opt = train.build(targs, data.num_classes, device, memory_format)
-    scaler, autocast = train.mixed_precision(dtype, device)
-    loss_fn = train.make_loss_fn(targs, model, teacher, discs)
+    speed = runtime.speed_settings(targs, device)
+    objective, opt = train.build(targs, data.num_classes, device, speed.memory_format)
+    step_fn = runtime.wrap(objective, targs, device, world=1)
     state = {"epoch": 0, "batches": iter(())}
-    settings = {"amp": str(dtype).removeprefix("torch.") if dtype else "off",
-                "channels_last": memory_format == torch.channels_last, "compile": targs.compile}
+    settings = {"amp": str(speed.dtype).removeprefix("torch.") if speed.dtype else "off",
+                "channels_last": speed.memory_format == torch.channels_last, "compile": targs.compile}
 
     def step():
         batch = next(state["batches"], None)
@@ -121,7 +122,7 @@ def fast_stepper(targs, data, device):
             batch = next(state["batches"])
         for group in opt.param_groups:
             group["lr"] = 0.01
-        train.train_step(targs, loss_fn, opt, scaler, autocast, memory_format, *batch)
+        train.train_step(step_fn, opt, speed, *batch, targs)
 
     return step, settings
 
@@ -142,22 +143,25 @@ class PILCifar(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def plain_step(targs, model, teacher, discs, opt, x, y):
+def plain_step(targs, objective, opt, x, y):
     """The step as it is usually written: eager fp32 NCHW, a host float lam, default SGD, and the
     habit of reading every loss term with .item() each step (one host sync per term)."""
-    inputs, lam, perm = train.model_inputs(targs, x)
-    total, stats = train.Objective(targs, model, teacher, discs)(inputs, y, lam, perm)
+    inputs, lam, perm = x, None, None
+    if targs.method != "ce":
+        x_mix, perm, lam = mix_batch(x, targs.alpha, targs.mix if targs.method == "mixskd" else targs.method)
+        inputs = torch.cat([x, x_mix]) if targs.method == "mixskd" else x_mix
+    total, terms, _ = objective(inputs, y, lam, perm)
     opt.zero_grad()
     total.backward()
     opt.step()
-    return [v.item() for v in stats]
+    return [total.item()] + [v.item() for v in terms.values()]
 
 
 def plain_stepper(targs, data, device, workers):
     torch.manual_seed(0)
     plain = argparse.Namespace(**{**vars(targs), "amp": "off", "channels_last": "off", "compile": "off"})
-    model, teacher, discs, _ = train.build(plain, data.num_classes, device, torch.contiguous_format)
-    params = [p for m in (model, teacher, discs) if m is not None for p in m.parameters() if p.requires_grad]
+    objective, _ = train.build(plain, data.num_classes, device, torch.contiguous_format)
+    params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(data.mean, data.std)])
@@ -172,7 +176,7 @@ def plain_stepper(targs, data, device, workers):
             state["batches"] = iter(loader)
             batch = next(state["batches"])
         x, y = batch
-        plain_step(plain, model, teacher, discs, opt, x.to(device), y.to(device))
+        plain_step(plain, objective, opt, x.to(device), y.to(device))
 
     return step, {"amp": "off", "channels_last": False, "compile": "off", "data": f"DataLoader+PIL, {workers} workers"}
 

@@ -7,22 +7,21 @@
     python eval.py --plot runs/*/ --out results.png             # curves (needs matplotlib)
 
 Accepts this project's last.pt / best.pt (every head and the self-teacher), deploy.pt (the backbone
-alone) and checkpoints of the released CIFAR script (SPEC section 11, mapped by name). SPEC section 8:
-the backbone is the deployed network, so its row comes first and is the headline.
+alone), checkpoints of the released scripts (SPEC section 11) and torchvision ResNet state dicts, as
+checkpoints.py reads them. SPEC section 8: the backbone is the deployed network, so its row comes
+first and is the headline. `--table` and `--plot` hand run folders to report.py.
 """
 import argparse
 import json
-import os
-import re
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+import report
+from checkpoints import model_from_checkpoint, read_checkpoint
 from data import UserError, eval_batches, load_dataset, pixel_stats
-from model import ARCHS, Bottleneck, MixSKDNet, ResNet
-from self_teacher import SelfTeacher
+from model import MixSKDNet
 
 HEADS = ("backbone", "branch1", "branch2", "branch3", "self_teacher")
 
@@ -79,208 +78,6 @@ def evaluate(model, self_teacher, data, batch_size=500, channels_last=False):
     return {name: head_metrics(torch.cat(outputs[name]), y) for name in HEADS if name in outputs}
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def read_checkpoint(path):
-    """torch.load(weights_only=True) onto the CPU, with one-line errors for missing, truncated or
-    foreign files. (On the CPU because RNG states must stay there; weights are copied to the model.)"""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint ({reason})") from None
-
-
-def load_state(module, state, what):
-    """load_state_dict(strict) with a one-line error naming the first missing, unexpected or
-    mis-shaped key, the sign of a checkpoint made for another arch, width or class count."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
-                  f"{shapes[0]} is {tuple(state[shapes[0]].shape)}, expected {tuple(own[shapes[0]].shape)}")
-        raise UserError(f"{what} does not fit the model ({len(missing)} missing, {len(unexpected)} unexpected, "
-                        f"{len(shapes)} mis-shaped keys; {detail}): another arch, width or class count?")
-    module.load_state_dict(state)
-
-
-def released_to_ours(state):
-    """Map a state dict of the released MixSKD CIFAR network (SPEC section 11) onto ours.
-
-    Returns (meta, net_state, teacher_state); meta holds arch, num_classes, width, stem_relu (False:
-    the released network has no stem ReLU, SPEC section 6, item 5). Any key that does not map raises.
-    """
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    net_state, teacher_state = {}, {}
-    for key, value in state.items():
-        if key.startswith("backbone."):
-            net_state[key] = value
-        elif m := re.fullmatch(r"auxiliary_classifier\.block_extractor([123])\.(.+)", key):
-            net_state[f"branches.{int(m[1]) - 1}.layers.{m[2]}"] = value
-        elif m := re.fullmatch(r"auxiliary_classifier\.fc([123])\.(weight|bias)", key):
-            net_state[f"branches.{int(m[1]) - 1}.fc.{m[2]}"] = value
-        elif m := re.fullmatch(r"final_aux_classifier\.(conv\.weight|fc\.weight|fc\.bias)", key):
-            teacher_state[m[1]] = value
-        else:
-            raise UserError(f"released checkpoint key {key!r} does not map onto this implementation (SPEC section 11)")
-    meta = {**backbone_config(net_state, "backbone.", "released checkpoint"), "stem_relu": False}
-    return meta, net_state, teacher_state
-
-
-def backbone_config(state, prefix, what):
-    """arch, num_classes, width and stem of the ResNet whose weights `state` holds under `prefix`."""
-    try:
-        depths = tuple(1 + max(int(m[1]) for k in state if (m := re.match(rf"{prefix}layer{s}\.(\d+)\.", k)))
-                       for s in (1, 2, 3, 4))
-        bottleneck = f"{prefix}layer1.0.conv3.weight" in state
-        arch = next(a for a, (block, d) in ARCHS.items() if d == depths and (block is Bottleneck) == bottleneck)
-        conv1 = state[f"{prefix}conv1.weight"]
-        return {"arch": arch, "num_classes": state[f"{prefix}fc.weight"].shape[0], "width": conv1.shape[0],
-                "stem": "imagenet" if conv1.shape[-1] == 7 else "cifar"}
-    except (ValueError, StopIteration, KeyError):
-        raise UserError(f"{what}: cannot recognise a ResNet-18/34/50/101 in its keys") from None
-
-
-def model_from_checkpoint(ckpt, path):
-    """Build the network a checkpoint holds: (model, self_teacher or None, meta).
-
-    Our last.pt/best.pt: the trained model (MixSKDNet, or ResNet for the baselines) and the
-    self-teacher; deploy.pt: the backbone alone; the released script's {'net': ...}: mapped by name;
-    a plain torchvision ResNet state dict (conv1.weight, ..., fc.weight): the backbone alone.
-    """
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{path} is not a checkpoint of this project or of the released code")
-    if "conv1.weight" in ckpt and "fc.weight" in ckpt:  # torchvision's layout, which ResNet shares
-        meta = {**backbone_config(ckpt, "", f"torchvision checkpoint {path}"), "stem_relu": True}
-        model = ResNet(meta["arch"], meta["num_classes"], meta["width"], True, meta["stem"])
-        load_state(model, ckpt, f"torchvision checkpoint {path}")
-        return model, None, meta
-    if "net" in ckpt and "meta" not in ckpt:
-        meta, net_state, teacher_state = released_to_ours(ckpt["net"])
-        model = MixSKDNet(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"], meta["stem"])
-        load_state(model, net_state, f"released checkpoint {path}")
-        teacher = None
-        if teacher_state:
-            teacher = SelfTeacher(model.backbone.feature_channels, meta["num_classes"])
-            load_state(teacher, teacher_state, f"released checkpoint {path} (self-teacher)")
-        return model, teacher, meta
-    if "meta" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this project or of the released code (no 'meta' or 'net')")
-    meta = ckpt["meta"]
-    config = (meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"], meta.get("stem", "cifar"))
-    if "backbone" in ckpt:  # deploy.pt
-        model = ResNet(*config)
-        load_state(model, ckpt["backbone"], f"deploy checkpoint {path}")
-        return model, None, meta
-    model = MixSKDNet(*config) if meta["method"] == "mixskd" else ResNet(*config)
-    load_state(model, ckpt["model"], f"checkpoint {path}")
-    teacher = None
-    if ckpt.get("self_teacher") is not None:
-        teacher = SelfTeacher(model.backbone.feature_channels, meta["num_classes"])
-        load_state(teacher, ckpt["self_teacher"], f"checkpoint {path} (self-teacher)")
-    return model, teacher, meta
-
-
-# ----------------------------------------------------------------------------- runs: table and figure
-
-
-def read_run(run_dir):
-    """(arguments, per-epoch records, summary or None) of a train.py run folder."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise UserError(f"{run_dir} is not a run folder of train.py (no metrics.jsonl)")
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
-    if not records:
-        raise UserError(f"{path} is empty: the run has not finished an epoch")
-    summary_path = os.path.join(run_dir, "summary.json")
-    summary = None
-    if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            summary = json.load(f)
-    args = summary["args"] if summary else read_checkpoint(os.path.join(run_dir, "last.pt"))["args"]
-    return args, records, summary
-
-
-METHOD_ORDER = ("ce", "mixup", "cutmix", "mixskd paper", "mixskd official")
-
-
-def method_label(args):
-    return f"{args['method']} {args['recipe']}" if args["method"] == "mixskd" else args["method"]
-
-
-def sorted_runs(run_dirs):
-    """[(args, records), ...] in a fixed method order, then by seed."""
-    runs = [read_run(d)[:2] for d in run_dirs]
-    rank = lambda label: METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER)
-    return sorted(runs, key=lambda run: (rank(method_label(run[0])), run[0]["seed"]))
-
-
-def mean_std(values, digits=2):
-    if len(values) < 2:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
-
-
-def results_table(run_dirs):
-    """Markdown table, one row per method over its seeds, each number labelled by what it is."""
-    groups = {}
-    for args, records in sorted_runs(run_dirs):
-        groups.setdefault(method_label(args), []).append(records)
-    rows = ["| method | seeds | epochs | final backbone top-1 (headline) | best-epoch backbone top-1 | "
-            "max over heads and epochs (released code's way) | self-teacher top-1 | backbone ECE | "
-            "training time per run (min) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for label, runs in groups.items():
-        final = [r[-1]["test"] for r in runs]
-        best = [max(e["test"]["backbone"]["top1"] for e in r) for r in runs]
-        released = [max(m["top1"] for e in r for h, m in e["test"].items() if h != "self_teacher") for r in runs]
-        teacher = [f["self_teacher"]["top1"] for f in final if "self_teacher" in f]
-        rows.append(f"| {label} | {len(runs)} | {len(runs[0])} | {mean_std([f['backbone']['top1'] for f in final])} | "
-                    f"{mean_std(best)} | {mean_std(released)} | {mean_std(teacher) if teacher else '-'} | "
-                    f"{mean_std([f['backbone']['ece'] for f in final], 3)} | "
-                    f"{mean_std([sum(e['epoch_time'] for e in r) / 60 for r in runs], 1)} |")
-    return "\n".join(rows)
-
-
-def plot_runs(run_dirs, out):
-    """Test top-1 of the backbone per epoch for every run; the loss terms of the first MixSKD run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib, an optional dependency: pip install matplotlib") from None
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    runs = sorted_runs(run_dirs)
-    colours, seen = {}, {}
-    for args, records in runs:  # one colour per method, one line style per seed
-        label = method_label(args)
-        colour = colours.setdefault(label, f"C{len(colours)}")
-        seen[label] = seen.get(label, -1) + 1
-        acc_ax.plot([r["epoch"] for r in records], [r["test"]["backbone"]["top1"] for r in records], lw=1,
-                    color=colour, ls=("-", "--", ":", "-.")[seen[label] % 4], label=f"{label} seed {args['seed']}")
-    acc_ax.set(xlabel="epoch", ylabel="test top-1 of the backbone (%)", title="deployed network, every run")
-    acc_ax.legend(fontsize=7, ncol=2)
-    mixskd = [run for run in runs if run[0]["method"] == "mixskd"]
-    if mixskd:  # the paper recipe's run when there is one: its every term is optimised
-        args, records = next((run for run in mixskd if run[0]["recipe"] == "paper"), mixskd[0])
-        for term in records[0]["loss"]:
-            loss_ax.plot([r["epoch"] for r in records], [r["loss"][term] for r in records], lw=1,
-                         label=term if term == "total" else f"L_{term}")
-        loss_ax.set(xlabel="epoch", ylabel="mean over the epoch", yscale="log",
-                    title=f"loss terms, {method_label(args)} seed {args['seed']}")
-        loss_ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    return out
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -311,10 +108,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.table:
-        print(results_table(args.table))
+        print(report.results_table(args.table))
         return
     if args.plot:
-        print(plot_runs(args.plot, args.out))
+        print(report.plot_runs(args.plot, args.out))
         return
     if args.checkpoint is None:
         raise UserError("name a checkpoint to evaluate, or pass --table / --plot with run folders")

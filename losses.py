@@ -1,4 +1,4 @@
-"""MixSKD objectives: KD, the five loss terms, the discriminators, and each recipe's total.
+"""MixSKD objectives: KD, the five loss terms, the discriminators, each recipe's total, the baselines'.
 
 SPEC section 5, Eqs. (5)-(10'), and section 9 (the released ImageNet script's objective). Paper:
 Yang et al., "MixSKD: Self-Knowledge Distillation from Mixup for Image Recognition", ECCV 2022,
@@ -154,3 +154,42 @@ def mixskd_loss(feats, logits, y, lam, perm, self_teacher, discs, recipe="paper"
     optimised = TERMS if optimise_mix else tuple(t for t in TERMS if t != "mix")
     total = sum(weights[t] * terms[t] for t in optimised if weights[t] != 0)
     return total, {t: terms[t].detach() for t in TERMS}
+
+
+class MixSKDObjective(nn.Module):
+    """The MixSKD objective of one step as a module: the network's forward on cat([x, x_mix]), then
+    `mixskd_loss`, SPEC Eqs. (5)-(10) for `paper`, (10') for `official`.
+
+    It holds the network, the self-teacher and the discriminators, so that one DistributedDataParallel
+    wrapper averages every trained gradient and torch.compile sees forward and losses as one graph.
+    forward(inputs, y, lam, perm) -> (total, terms, backbone logits on all of `inputs`).
+    """
+
+    def __init__(self, net, self_teacher, discs, recipe="paper", weights=None, temperature=3.0):
+        super().__init__()
+        check_recipe(recipe)
+        self.net, self.self_teacher, self.discs = net, self_teacher, discs
+        self.recipe, self.weights, self.temperature = recipe, weights, temperature
+
+    def forward(self, inputs, y, lam, perm):
+        feats, logits = self.net(inputs)
+        total, terms = mixskd_loss(feats, logits, y, lam, perm, self.self_teacher, self.discs, self.recipe,
+                                   self.weights, self.temperature)
+        return total, terms, logits[-1]
+
+
+class BaselineObjective(nn.Module):
+    """The baselines of SPEC section 7, shaped like MixSKDObjective: the network alone, with CE on
+    clean images (lam None) or the mixed CE of Eq. (3) on Mixup or CutMix images."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, inputs, y, lam, perm):
+        logits = self.net(inputs)
+        if lam is None:
+            loss = F.cross_entropy(logits, y)
+            return loss, {"ce": loss.detach()}, logits
+        loss = mix_ce(logits, y, lam, perm)
+        return loss, {"mix": loss.detach()}, logits

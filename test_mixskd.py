@@ -1,4 +1,8 @@
-"""MixSKD checklist: one test per property of ../shared/SPEC.md, smallest case that shows it."""
+"""MixSKD checklist: one test per property of ../shared/SPEC.md, smallest case that shows it.
+
+Sections follow the SPEC (1-11). Fast unit tests come first; whole runs of the command line and
+multi-process runs come last and are marked slow, so `pytest -m "not slow"` is the SPEC checklist alone.
+"""
 import copy
 import json
 import os
@@ -13,8 +17,11 @@ import torch
 import torch.nn.functional as F
 
 import bench
+import checkpoints
 import data
 import eval as evaluation
+import report
+import runtime
 import train
 
 from losses import (TERMS, discriminator, discriminators, kd, loss_adv, loss_ce, loss_feat, loss_kd, loss_mix,
@@ -24,6 +31,7 @@ from model import ARCHS, MixSKDNet, ResNet
 from self_teacher import SelfTeacher
 
 WIDTH, CLASSES, BATCH = 4, 10, 4
+slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
 
 
 def count(module):
@@ -52,68 +60,7 @@ def step_outputs(net, seed=0, mode="mixup"):
     return feats, logits, y, lam, perm
 
 
-# ---------------------------------------------------------------- SPEC section 2: the network
-
-
-@pytest.mark.parametrize("arch, backbone, branches, teacher, discs", [
-    ("resnet18", 11_220_132, 30_060_076, 1_099_876, 263_688),
-    ("resnet50", 23_705_252, 60_925_228, 16_982_116, None),
-])
-def test_parameter_counts_match_spec(arch, backbone, branches, teacher, discs):
-    net = MixSKDNet(arch, 100)
-    channels = net.backbone.feature_channels
-    assert count(net.backbone) == backbone
-    assert count(net.branches) == branches
-    assert count(SelfTeacher(channels, 100)) == teacher
-    if arch == "resnet18":
-        assert count(net) + count(SelfTeacher(channels, 100)) == 42_380_084
-        assert count(discriminators(channels)) == discs
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_every_head_gives_c_x_4_x_4_feature_map(arch):
-    net = MixSKDNet(arch, CLASSES, WIDTH)
-    feats, logits = net(torch.randn(2, 3, 32, 32))
-    channels = 8 * WIDTH * ARCHS[arch][0].expansion
-    assert net.backbone.feature_channels == channels
-    assert [tuple(f.shape) for f in feats] == [(2, channels, 4, 4)] * 4
-    assert [tuple(z.shape) for z in logits] == [(2, CLASSES)] * 4
-
-
-def test_bare_backbone_equals_head_4():
-    net, _, _ = tiny()
-    net.eval()
-    deployed = ResNet("resnet18", CLASSES, WIDTH)
-    deployed.load_state_dict(net.backbone.state_dict())
-    deployed.eval()
-    x, _ = batch()
-    torch.testing.assert_close(deployed(x), net(x)[1][-1], rtol=0, atol=0)
-
-
-def test_branches_have_their_own_weights():
-    net, _, _ = tiny()
-    backbone_ptrs = {p.data_ptr() for p in net.backbone.parameters()}
-    assert not backbone_ptrs & {p.data_ptr() for p in net.branches.parameters()}
-    # fresh initialisation, not a copy of the backbone's stage 4
-    assert not torch.equal(net.branches[2].layers[0][0].conv1.weight, net.backbone.layer4[0].conv1.weight)
-
-
-def test_stem_relu_switch():
-    x, _ = batch()
-    with_relu = ResNet("resnet18", CLASSES, WIDTH, stem_relu=True)
-    without = ResNet("resnet18", CLASSES, WIDTH, stem_relu=False)
-    without.load_state_dict(with_relu.state_dict())
-    assert with_relu.stem(x).min() >= 0
-    assert without.stem(x).min() < 0
-    torch.testing.assert_close(F.relu(without.stem(x)), with_relu.stem(x))
-
-
-def test_unknown_arch_raises_naming_choices():
-    with pytest.raises(ValueError, match="resnet18, resnet34, resnet50, resnet101"):
-        ResNet("resnet20")
-
-
-# ---------------------------------------------------------------- SPEC section 1: mixing
+# ---------------------------------------------------------------------------- SPEC section 1: mixing
 
 
 def test_lam_is_beta_distributed_in_open_interval():
@@ -180,7 +127,87 @@ def test_eq3_mix_ce_endpoints():
     torch.testing.assert_close(mix_ce(logits, y, 0.25, perm), expected)
 
 
-# ---------------------------------------------------------------- SPEC section 4: self-teacher
+# ----------------------------------------------------------------------- SPEC section 2: the network
+
+
+@pytest.mark.parametrize("arch, backbone, branches, teacher, discs", [
+    ("resnet18", 11_220_132, 30_060_076, 1_099_876, 263_688),
+    ("resnet50", 23_705_252, 60_925_228, 16_982_116, None),
+])
+def test_parameter_counts_match_spec(arch, backbone, branches, teacher, discs):
+    with torch.device("meta"):  # shapes without memory or initialisation: counting needs no values
+        net = MixSKDNet(arch, 100)
+    channels = net.backbone.feature_channels
+    assert count(net.backbone) == backbone
+    assert count(net.branches) == branches
+    assert count(SelfTeacher(channels, 100)) == teacher
+    if arch == "resnet18":
+        assert count(net) + count(SelfTeacher(channels, 100)) == 42_380_084
+        assert count(discriminators(channels)) == discs
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_head_gives_c_x_4_x_4_feature_map(arch):
+    net = MixSKDNet(arch, CLASSES, WIDTH)
+    feats, logits = net(torch.randn(2, 3, 32, 32))
+    channels = 8 * WIDTH * ARCHS[arch][0].expansion
+    assert net.backbone.feature_channels == channels
+    assert [tuple(f.shape) for f in feats] == [(2, channels, 4, 4)] * 4
+    assert [tuple(z.shape) for z in logits] == [(2, CLASSES)] * 4
+
+
+def test_bare_backbone_equals_head_4():
+    net, _, _ = tiny()
+    net.eval()
+    deployed = ResNet("resnet18", CLASSES, WIDTH)
+    deployed.load_state_dict(net.backbone.state_dict())
+    deployed.eval()
+    x, _ = batch()
+    torch.testing.assert_close(deployed(x), net(x)[1][-1], rtol=0, atol=0)
+
+
+def test_branches_have_their_own_weights():
+    net, _, _ = tiny()
+    backbone_ptrs = {p.data_ptr() for p in net.backbone.parameters()}
+    assert not backbone_ptrs & {p.data_ptr() for p in net.branches.parameters()}
+    # fresh initialisation, not a copy of the backbone's stage 4
+    assert not torch.equal(net.branches[2].layers[0][0].conv1.weight, net.backbone.layer4[0].conv1.weight)
+
+
+def test_stem_relu_switch():
+    x, _ = batch()
+    with_relu = ResNet("resnet18", CLASSES, WIDTH, stem_relu=True)
+    without = ResNet("resnet18", CLASSES, WIDTH, stem_relu=False)
+    without.load_state_dict(with_relu.state_dict())
+    assert with_relu.stem(x).min() >= 0
+    assert without.stem(x).min() < 0
+    torch.testing.assert_close(F.relu(without.stem(x)), with_relu.stem(x))
+
+
+def test_unknown_arch_raises_naming_choices():
+    with pytest.raises(ValueError, match="resnet18, resnet34, resnet50, resnet101"):
+        ResNet("resnet20")
+
+
+# ------------------------------------------------- SPEC section 3: interpolated and mixed quantities
+
+
+def test_lam_one_with_identity_pairing_has_no_mixup_signal():
+    """At lam = 1 and perm = identity the mixed batch is the clean batch: interpolated and mixed
+    outputs coincide (eval mode, so BatchNorm does not couple them), so L_feat vanishes and the
+    branches' mutual KD vanishes."""
+    net, teacher, discs = tiny()
+    net.eval()
+    x, y = batch()
+    perm = torch.arange(BATCH)
+    x_mix = mixup(x, 1.0, perm)
+    feats, logits = net(torch.cat([x, x_mix]))
+    _, terms = mixskd_loss(feats, logits, y, 1.0, perm, teacher, discs)
+    assert terms["feat"] < 1e-10
+    torch.testing.assert_close(terms["ce"], loss_ce([z[BATCH:] for z in logits], y))
+
+
+# ------------------------------------------------------------------ SPEC section 4: the self-teacher
 
 
 def test_eq4_self_teacher_is_linear_of_gap_of_conv1x1_of_concat():
@@ -191,7 +218,7 @@ def test_eq4_self_teacher_is_linear_of_gap_of_conv1x1_of_concat():
     assert teacher.conv.weight.shape == (6, 24, 1, 1) and teacher.conv.bias is None
 
 
-# ---------------------------------------------------------------- SPEC section 5: losses
+# ------------------------------------------------------------------------ SPEC section 5: the losses
 
 
 def test_kd_is_zero_when_student_equals_teacher():
@@ -320,6 +347,63 @@ def test_self_teacher_learns_from_mix_loss_only_in_paper():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+@pytest.mark.parametrize("term", TERMS)
+def test_zero_weight_removes_its_term(term):
+    net, teacher, discs = tiny("paper")
+    feats, logits, y, lam, perm = step_outputs(net)
+    total, terms = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "paper")
+    without, _ = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "paper", weights={term: 0.0})
+    torch.testing.assert_close(without, total - terms[term])
+    doubled, _ = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "paper", weights={term: 2.0})
+    torch.testing.assert_close(doubled, total + terms[term])
+
+
+def test_unknown_recipe_and_weight_raise():
+    net, teacher, discs = tiny()
+    feats, logits, y, lam, perm = step_outputs(net)
+    with pytest.raises(ValueError, match="paper, official"):
+        mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "released")
+    with pytest.raises(ValueError, match="paper, official"):
+        trained_parameters("released", net, teacher, discs)
+    with pytest.raises(ValueError, match="unknown loss weights"):
+        mixskd_loss(feats, logits, y, lam, perm, teacher, discs, weights={"kl": 1.0})
+
+
+@slow  # thirty training steps: about 2 s each
+@pytest.mark.parametrize("recipe", ["paper", "official"])
+def test_overfits_one_small_batch(recipe):
+    """Thirty steps on one fixed batch of 8 drive the loss and the backbone's CE clearly down:
+    this fails when gradients are wired wrong (detached heads, reversed signs, frozen backbone)."""
+    torch.manual_seed(0)
+    net = MixSKDNet("resnet18", CLASSES, 8, stem_relu=recipe == "paper")
+    teacher, discs = SelfTeacher(64, CLASSES), discriminators(64)
+    opt = torch.optim.SGD(trained_parameters(recipe, net, teacher, discs), lr=0.02, momentum=0.9, nesterov=True)
+    x, y = batch(n=8)
+    np.random.seed(0)
+
+    def backbone_ce():
+        net.eval()
+        with torch.no_grad():
+            ce = F.cross_entropy(net.backbone(x), y).item()
+        net.train()
+        return ce
+
+    ce_before, totals = backbone_ce(), []
+    for _ in range(30):
+        x_mix, perm, lam = mix_batch(x, 0.4)
+        feats, logits = net(torch.cat([x, x_mix]))
+        total, _ = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, recipe)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        totals.append(total.item())
+    assert np.mean(totals[-5:]) < 0.5 * np.mean(totals[:5])
+    assert backbone_ce() < 0.4 * ce_before
+
+
+# -------------------------------------- SPEC section 6: recipe `official`, the released CIFAR script
+
+
 def test_official_recipe_never_updates_self_teacher_or_discriminators():
     net, teacher, discs = tiny("official")
     assert not net.backbone.stem_relu
@@ -367,200 +451,7 @@ def test_official_adv_gradient_is_opposite_of_paper():
         assert g_paper.abs().sum() > 0
 
 
-@pytest.mark.parametrize("term", TERMS)
-def test_zero_weight_removes_its_term(term):
-    net, teacher, discs = tiny("paper")
-    feats, logits, y, lam, perm = step_outputs(net)
-    total, terms = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "paper")
-    without, _ = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "paper", weights={term: 0.0})
-    torch.testing.assert_close(without, total - terms[term])
-    doubled, _ = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "paper", weights={term: 2.0})
-    torch.testing.assert_close(doubled, total + terms[term])
-
-
-def test_unknown_recipe_and_weight_raise():
-    net, teacher, discs = tiny()
-    feats, logits, y, lam, perm = step_outputs(net)
-    with pytest.raises(ValueError, match="paper, official"):
-        mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "released")
-    with pytest.raises(ValueError, match="paper, official"):
-        trained_parameters("released", net, teacher, discs)
-    with pytest.raises(ValueError, match="unknown loss weights"):
-        mixskd_loss(feats, logits, y, lam, perm, teacher, discs, weights={"kl": 1.0})
-
-
-def test_lam_one_with_identity_pairing_has_no_mixup_signal():
-    """At lam = 1 and perm = identity the mixed batch is the clean batch: interpolated and mixed
-    outputs coincide (eval mode, so BatchNorm does not couple them), so L_feat vanishes and the
-    branches' mutual KD vanishes."""
-    net, teacher, discs = tiny()
-    net.eval()
-    x, y = batch()
-    perm = torch.arange(BATCH)
-    x_mix = mixup(x, 1.0, perm)
-    feats, logits = net(torch.cat([x, x_mix]))
-    _, terms = mixskd_loss(feats, logits, y, 1.0, perm, teacher, discs)
-    assert terms["feat"] < 1e-10
-    torch.testing.assert_close(terms["ce"], loss_ce([z[BATCH:] for z in logits], y))
-
-
-@pytest.mark.parametrize("recipe", ["paper", "official"])
-def test_overfits_one_small_batch(recipe):
-    """Thirty steps on one fixed batch of 8 drive the loss and the backbone's CE clearly down:
-    this fails when gradients are wired wrong (detached heads, reversed signs, frozen backbone)."""
-    torch.manual_seed(0)
-    net = MixSKDNet("resnet18", CLASSES, 8, stem_relu=recipe == "paper")
-    teacher, discs = SelfTeacher(64, CLASSES), discriminators(64)
-    opt = torch.optim.SGD(trained_parameters(recipe, net, teacher, discs), lr=0.02, momentum=0.9, nesterov=True)
-    x, y = batch(n=8)
-    np.random.seed(0)
-
-    def backbone_ce():
-        net.eval()
-        with torch.no_grad():
-            ce = F.cross_entropy(net.backbone(x), y).item()
-        net.train()
-        return ce
-
-    ce_before, totals = backbone_ce(), []
-    for _ in range(30):
-        x_mix, perm, lam = mix_batch(x, 0.4)
-        feats, logits = net(torch.cat([x, x_mix]))
-        total, _ = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, recipe)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        totals.append(total.item())
-    assert np.mean(totals[-5:]) < 0.5 * np.mean(totals[:5])
-    assert backbone_ce() < 0.4 * ce_before
-
-
-# ---------------------------------------------------------------- train.py, data.py, eval.py
-
-HERE = Path(__file__).resolve().parent
-SHARED_NPZ = HERE.parent / "shared" / "data" / "cifar10_q75_10k.npz"
-
-
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-    """256 train and 128 test images: real CIFAR-10 from ../shared when present, else synthetic."""
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    if SHARED_NPZ.exists():
-        with np.load(SHARED_NPZ) as f:
-            arrays = {"x_train": f["x_train"][:256], "y_train": f["y_train"][:256],
-                      "x_test": f["x_test"][:128], "y_test": f["y_test"][:128]}
-    else:
-        rng = np.random.default_rng(0)
-        arrays = {"x_train": rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8),
-                  "y_train": rng.integers(0, 10, 256), "x_test": rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8),
-                  "y_test": np.arange(128) % 10}
-    np.savez(path, **arrays)
-    return str(path)
-
-
-def tiny_run(npz, out, *extra):
-    train.main(["--dataset", npz, "--width", "4", "--batch-size", "32", "--warmup-epochs", "1",
-                "--milestones", "1", "--out", str(out), *extra])
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_npz, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "two-epochs"
-    tiny_run(tiny_npz, out, "--epochs", "2")
-    return out
-
-
-def metric_lines(run):
-    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timing(record):
-    return {k: v for k, v in record.items() if k not in ("epoch_time", "img_per_s")}
-
-
-def test_two_epoch_run_writes_every_output(run_dir):
-    assert {"metrics.jsonl", "last.pt", "best.pt", "deploy.pt", "summary.json"} <= set(os.listdir(run_dir))
-    lines = metric_lines(run_dir)
-    assert [r["epoch"] for r in lines] == [0, 1]
-    assert set(lines[-1]["loss"]) == {"total", *TERMS}
-    assert list(lines[-1]["test"]) == ["backbone", "branch1", "branch2", "branch3", "self_teacher"]
-    assert {"top1", "top5", "nll", "ece"} == set(lines[-1]["test"]["backbone"])
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["headline_final_backbone_top1"] == lines[-1]["test"]["backbone"]["top1"]
-    assert summary["best_backbone_top1"] == max(r["test"]["backbone"]["top1"] for r in lines)
-    assert summary["released_code_metric_max_over_heads_and_epochs"] == max(
-        m["top1"] for r in lines for h, m in r["test"].items() if h != "self_teacher")
-    assert summary["deployed_params"] < summary["trained_params"]
-    for name in ("last.pt", "best.pt", "deploy.pt"):
-        torch.load(run_dir / name, weights_only=True)
-
-
-def test_deploy_checkpoint_loads_with_backbone_class_alone(run_dir, tiny_npz):
-    ckpt = torch.load(run_dir / "deploy.pt", weights_only=True)
-    meta = ckpt["meta"]
-    net = ResNet(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"])
-    net.load_state_dict(ckpt["backbone"])
-    d = data.load_dataset(tiny_npz)
-    d.stats = data.pixel_stats(meta["mean"], meta["std"], "cpu")
-    metrics = evaluation.evaluate(net, None, d)
-    assert metrics["backbone"]["top1"] == metric_lines(run_dir)[-1]["test"]["backbone"]["top1"]
-
-
-def test_eval_reproduces_logged_test_metrics_exactly(run_dir, capsys):
-    evaluation.main([str(run_dir / "last.pt"), "--json"])
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["heads"] == metric_lines(run_dir)[-1]["test"]
-
-
-def test_metrics_of_a_diverged_head_do_not_crash():
-    logits = torch.full((4, CLASSES), float("nan"))
-    metrics = evaluation.head_metrics(logits, torch.arange(4))
-    assert np.isnan(metrics["nll"]) and 0 <= metrics["ece"] <= 1
-
-
-def test_ece_of_a_known_case():
-    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
-    y = torch.tensor([0, 1, 0, 0])  # bin (0.867, 0.933]: accuracy 0.5 at confidence 0.9; bin (0.6]: 1.0 at 0.6
-    assert evaluation.expected_calibration_error(probs, y) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
-
-
-def test_eval_prints_backbone_row_first(run_dir, capsys):
-    evaluation.main([str(run_dir / "last.pt")])
-    rows = capsys.readouterr().out.splitlines()
-    assert rows[1].split() == ["head", "top-1", "top-5", "NLL", "ECE"]
-    assert rows[2].startswith("backbone")
-
-
-def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path):
-    tiny_run(tiny_npz, tmp_path, "--epochs", "1")
-    tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--resume")
-    straight = torch.load(run_dir / "last.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "last.pt", weights_only=True)
-    for part in ("model", "self_teacher", "discriminators"):
-        for k, v in straight[part].items():
-            assert torch.equal(v, resumed[part][k]), f"{part}.{k} differs after resume"
-    assert [without_timing(r) for r in metric_lines(run_dir)] == [without_timing(r) for r in metric_lines(tmp_path)]
-
-
-@pytest.mark.parametrize("method", ["ce", "mixup", "cutmix"])
-def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path):
-    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--method", method)
-    record = metric_lines(tmp_path)[-1]
-    assert list(record["test"]) == ["backbone"]
-    assert set(record["loss"]) == {"total", "ce" if method == "ce" else "mix"}
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert ckpt["self_teacher"] is None and "fc.weight" in ckpt["model"]
-
-
-def test_official_recipe_run_has_no_stem_relu_and_frozen_teacher(tiny_npz, tmp_path):
-    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--recipe", "official")
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert ckpt["meta"]["stem_relu"] is False
-    torch.manual_seed(0)  # train.main seeds 0 before building: the self-teacher must still be that init
-    net = MixSKDNet("resnet18", 10, 4, stem_relu=False)
-    fresh = SelfTeacher(net.backbone.feature_channels, 10)
-    for k, v in fresh.state_dict().items():
-        assert torch.equal(v, ckpt["self_teacher"][k])
+# ------------------------------------------------------------- SPEC section 7: optimisation and data
 
 
 def test_lr_follows_spec_schedule():
@@ -614,7 +505,314 @@ def test_ranks_get_disjoint_shards_covering_the_epoch(tiny_npz):
     assert sorted(torch.cat(seen).tolist()) == list(range(256))
 
 
-# ------------------------------------------------ errors: one line, non-zero exit, checkpoints kept
+@pytest.mark.parametrize("method", ["mixskd", "mixup", "ce"])
+def test_fast_step_matches_plain_step(method):
+    """train.train_step (fp32, compile off, device lam, foreach SGD) and bench.plain_step (host lam,
+    .item() per term, default SGD) give the same loss and gradients from the same state and draws."""
+    args = train.parse_args(["--width", "4", "--method", method, "--amp", "off", "--channels-last", "off",
+                             "--compile", "off"])
+    x, y = batch(n=8)
+    results = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        objective, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
+        np.random.seed(1)
+        torch.manual_seed(1)
+        if fast:
+            speed = runtime.speed_settings(args, torch.device("cpu"))
+            total, terms, _ = train.train_step(objective, opt, speed, x, y, args)
+            stats = [total.item()] + [v.item() for v in terms.values()]
+        else:
+            stats = bench.plain_step(args, objective, opt, x, y)
+        grads = [p.grad for p in objective.parameters() if p.requires_grad]
+        results.append((stats, grads))
+    (fast_stats, fast_grads), (plain_stats, plain_grads) = results
+    assert fast_stats == pytest.approx(plain_stats, rel=1e-5, abs=1e-5)
+    assert len(fast_grads) == len(plain_grads) > 0
+    for a, b in zip(fast_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------- SPEC section 8: the evaluation protocol
+
+
+def test_ece_of_a_known_case():
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    y = torch.tensor([0, 1, 0, 0])  # bin (0.867, 0.933]: accuracy 0.5 at confidence 0.9; bin (0.6]: 1.0 at 0.6
+    assert evaluation.expected_calibration_error(probs, y) == pytest.approx(0.5 * 0.4 + 0.5 * 0.4)
+
+
+def test_metrics_of_a_diverged_head_do_not_crash():
+    logits = torch.full((4, CLASSES), float("nan"))
+    metrics = evaluation.head_metrics(logits, torch.arange(4))
+    assert np.isnan(metrics["nll"]) and 0 <= metrics["ece"] <= 1
+
+
+# -------------------------------------------------------------------------- SPEC section 9: ImageNet
+
+
+def test_imagenet_resnet50_is_torchvisions(tmp_path):
+    import torchvision
+
+    ours = ResNet("resnet50", 1000, 64, stem="imagenet")
+    theirs = torchvision.models.resnet50()
+    assert count(ours) == count(theirs) == 25_557_032
+    ours.load_state_dict(theirs.state_dict())  # same names and shapes: torchvision checkpoints load as they are
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
+def test_torchvision_checkpoint_is_read_as_a_backbone(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18(num_classes=CLASSES).eval()
+    path = tmp_path / "resnet18.pth"
+    torch.save(theirs.state_dict(), path)
+    model, teacher, meta = checkpoints.model_from_checkpoint(checkpoints.read_checkpoint(path), path)
+    assert isinstance(model, ResNet) and teacher is None
+    assert (meta["arch"], meta["stem"], meta["num_classes"]) == ("resnet18", "imagenet", CLASSES)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model.eval()(x), theirs(x), rtol=0, atol=0)
+    # and --init-from puts those weights into a MixSKD network's backbone
+    args = train.parse_args(["--dataset", "imagenet", "--width", "64"])
+    objective, _ = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
+    net = objective.net
+    checkpoints.init_from(str(path), net, objective.self_teacher)
+    assert torch.equal(net.backbone.layer4[1].conv2.weight, theirs.layer4[1].conv2.weight)
+
+
+def test_imagenet_heads_give_c_x_7_x_7_at_224():
+    net = MixSKDNet("resnet50", CLASSES, 4, stem="imagenet")
+    feats, _ = net(torch.randn(1, 3, 224, 224))
+    assert [tuple(f.shape) for f in feats] == [(1, 8 * 4 * 4, 7, 7)] * 4
+
+
+def test_imagenet_defaults_and_cosine_schedule():
+    args = train.parse_args(["--dataset", "imagenet", "--recipe", "official"])
+    assert (args.epochs, args.weight_decay, args.alpha, args.batch_size, args.nesterov) == (305, 1e-4, 0.2, 128, False)
+    assert args.stem == "imagenet"
+    steps = 100
+    assert train.lr_at(0, steps, args) == pytest.approx(0.1 / 500)
+    assert train.lr_at(5 * steps, steps, args) == pytest.approx(0.1)
+    assert train.lr_at(155 * steps, steps, args) == pytest.approx(0.05)  # halfway through the cosine
+    assert train.lr_at(304 * steps, steps, args) == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 299 / 300)))
+
+
+def step_outputs_of(net, size):
+    torch.manual_seed(0)
+    x, y = torch.randn(BATCH, 3, size, size), torch.randint(0, CLASSES, (BATCH,))
+    x_mix, perm, lam = mix_batch(x, 0.2)
+    feats, logits = net(torch.cat([x, x_mix]))
+    return feats, logits, y, lam, perm
+
+
+def test_imagenet_official_recipe_trains_self_teacher_but_not_discriminators():
+    args = train.parse_args(["--dataset", "imagenet", "--recipe", "official", "--width", "4"])
+    objective, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
+    model, teacher, discs = objective.net, objective.self_teacher, objective.discs
+    optimised = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert all(id(p) in optimised for p in teacher.parameters())
+    assert not any(id(p) in optimised for p in discs.parameters())
+    assert model.backbone.stem_relu  # the ImageNet stem keeps its ReLU (SPEC section 9)
+    assert objective.recipe == "official-imagenet"
+    net, teacher, discs = model, teacher, discs
+    feats, logits, y, lam, perm = step_outputs_of(net, size=64)
+    total, terms = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "official-imagenet")
+    torch.testing.assert_close(total.detach(), sum(terms.values()), rtol=1e-6, atol=1e-5)  # L_mix optimised
+
+
+# ------------------------------------------------- SPEC section 11: the released checkpoints' layout
+
+
+def to_released_layout(net, teacher):
+    """Our state dicts renamed as the released CIFAR script names them, written independently of
+    eval.released_to_ours so the test checks the mapping rather than restating it."""
+    state = {}
+    for key, value in net.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "branches":
+            k = int(parts[1]) + 1
+            if parts[2] == "fc":
+                state[f"module.auxiliary_classifier.fc{k}.{parts[3]}"] = value
+            else:
+                state[f"module.auxiliary_classifier.block_extractor{k}." + ".".join(parts[3:])] = value
+        else:
+            state[f"module.{key}"] = value
+    for key, value in teacher.state_dict().items():
+        state[f"module.final_aux_classifier.{key}"] = value
+    return {"net": state, "acc": 80.32, "epoch": 204, "optimizer": {}}
+
+
+def test_released_checkpoint_maps_by_name(tmp_path):
+    net, teacher, _ = tiny("official", arch="resnet50")
+    net.eval()
+    path = tmp_path / "released.pth.tar"
+    torch.save(to_released_layout(net, teacher), path)
+    model, loaded_teacher, meta = checkpoints.model_from_checkpoint(checkpoints.read_checkpoint(path), path)
+    assert meta == {"arch": "resnet50", "num_classes": CLASSES, "width": WIDTH, "stem": "cifar", "stem_relu": False}
+    model.eval()
+    x, _ = batch()
+    feats, logits = net(x)
+    feats2, logits2 = model(x)
+    for a, b in zip(logits + [teacher(feats)], logits2 + [loaded_teacher(feats2)]):
+        assert torch.equal(a, b)
+
+
+def test_released_checkpoint_with_unknown_key_is_refused(tmp_path):
+    net, teacher, _ = tiny("official")
+    ckpt = to_released_layout(net, teacher)
+    ckpt["net"]["module.auxiliary_classifier.fc4.weight"] = torch.zeros(1)
+    path = tmp_path / "released.pth.tar"
+    torch.save(ckpt, path)
+    with pytest.raises(data.UserError, match="fc4.weight.*does not map"):
+        checkpoints.model_from_checkpoint(checkpoints.read_checkpoint(path), path)
+
+
+def test_init_from_released_checkpoint(tiny_npz, tmp_path):
+    torch.manual_seed(1)
+    net, teacher = MixSKDNet("resnet18", 10, 4, stem_relu=False), SelfTeacher(32, 10)
+    path = tmp_path / "released.pth.tar"
+    torch.save(to_released_layout(net, teacher), path)
+    args = train.parse_args(["--dataset", tiny_npz, "--width", "4", "--recipe", "official"])
+    objective, _ = train.build(args, 10, torch.device("cpu"), torch.contiguous_format)
+    model, own_teacher = objective.net, objective.self_teacher
+    checkpoints.init_from(str(path), model, own_teacher)
+    for a, b in zip(model.state_dict().values(), net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(own_teacher.conv.weight, teacher.conv.weight)
+
+
+# ------------------------- Command line and whole runs, marked slow: pytest -m 'not slow' skips them
+
+
+HERE = Path(__file__).resolve().parent
+SHARED_NPZ = HERE.parent / "shared" / "data" / "cifar10_q75_10k.npz"
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    """256 train and 128 test images: real CIFAR-10 from ../shared when present, else synthetic."""
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    if SHARED_NPZ.exists():
+        with np.load(SHARED_NPZ) as f:
+            arrays = {"x_train": f["x_train"][:256], "y_train": f["y_train"][:256],
+                      "x_test": f["x_test"][:128], "y_test": f["y_test"][:128]}
+    else:
+        rng = np.random.default_rng(0)
+        arrays = {"x_train": rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8),
+                  "y_train": rng.integers(0, 10, 256), "x_test": rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8),
+                  "y_test": np.arange(128) % 10}
+    np.savez(path, **arrays)
+    return str(path)
+
+
+# --------------------------- Whole runs (slow): train.py writes, eval.py reproduces, resume is exact
+
+
+def tiny_run(npz, out, *extra):
+    train.main(["--dataset", npz, "--width", "4", "--batch-size", "32", "--warmup-epochs", "1",
+                "--milestones", "1", "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "two-epochs"
+    tiny_run(tiny_npz, out, "--epochs", "2")
+    return out
+
+
+def metric_lines(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(record):
+    return {k: v for k, v in record.items() if k not in ("epoch_time", "img_per_s")}
+
+
+@slow
+def test_two_epoch_run_writes_every_output(run_dir):
+    assert {"metrics.jsonl", "last.pt", "best.pt", "deploy.pt", "summary.json"} <= set(os.listdir(run_dir))
+    lines = metric_lines(run_dir)
+    assert [r["epoch"] for r in lines] == [0, 1]
+    assert set(lines[-1]["loss"]) == {"total", *TERMS}
+    assert list(lines[-1]["test"]) == ["backbone", "branch1", "branch2", "branch3", "self_teacher"]
+    assert {"top1", "top5", "nll", "ece"} == set(lines[-1]["test"]["backbone"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["headline_final_backbone_top1"] == lines[-1]["test"]["backbone"]["top1"]
+    assert summary["best_backbone_top1"] == max(r["test"]["backbone"]["top1"] for r in lines)
+    assert summary["released_code_metric_max_over_heads_and_epochs"] == max(
+        m["top1"] for r in lines for h, m in r["test"].items() if h != "self_teacher")
+    assert summary["deployed_params"] < summary["trained_params"]
+    for name in ("last.pt", "best.pt", "deploy.pt"):
+        torch.load(run_dir / name, weights_only=True)
+
+
+@slow
+def test_deploy_checkpoint_loads_with_backbone_class_alone(run_dir, tiny_npz):
+    ckpt = torch.load(run_dir / "deploy.pt", weights_only=True)
+    meta = ckpt["meta"]
+    net = ResNet(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"])
+    net.load_state_dict(ckpt["backbone"])
+    d = data.load_dataset(tiny_npz)
+    d.stats = data.pixel_stats(meta["mean"], meta["std"], "cpu")
+    metrics = evaluation.evaluate(net, None, d)
+    assert metrics["backbone"]["top1"] == metric_lines(run_dir)[-1]["test"]["backbone"]["top1"]
+
+
+@slow
+def test_eval_reproduces_logged_test_metrics_exactly(run_dir, capsys):
+    evaluation.main([str(run_dir / "last.pt"), "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["heads"] == metric_lines(run_dir)[-1]["test"]
+
+
+@slow
+def test_eval_prints_backbone_row_first(run_dir, capsys):
+    evaluation.main([str(run_dir / "last.pt")])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split() == ["head", "top-1", "top-5", "NLL", "ECE"]
+    assert rows[2].startswith("backbone")
+
+
+@slow
+def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path):
+    tiny_run(tiny_npz, tmp_path, "--epochs", "1")
+    tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--resume")
+    straight = torch.load(run_dir / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "last.pt", weights_only=True)
+    for part in ("model", "self_teacher", "discriminators"):
+        for k, v in straight[part].items():
+            assert torch.equal(v, resumed[part][k]), f"{part}.{k} differs after resume"
+    assert [without_timing(r) for r in metric_lines(run_dir)] == [without_timing(r) for r in metric_lines(tmp_path)]
+
+
+@slow
+@pytest.mark.parametrize("method", ["ce", "mixup", "cutmix"])
+def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path):
+    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--method", method)
+    record = metric_lines(tmp_path)[-1]
+    assert list(record["test"]) == ["backbone"]
+    assert set(record["loss"]) == {"total", "ce" if method == "ce" else "mix"}
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["self_teacher"] is None and "fc.weight" in ckpt["model"]
+
+
+@slow
+def test_official_recipe_run_has_no_stem_relu_and_frozen_teacher(tiny_npz, tmp_path):
+    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--recipe", "official")
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["meta"]["stem_relu"] is False
+    torch.manual_seed(0)  # train.main seeds 0 before building: the self-teacher must still be that init
+    net = MixSKDNet("resnet18", 10, 4, stem_relu=False)
+    fresh = SelfTeacher(net.backbone.feature_channels, 10)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, ckpt["self_teacher"][k])
+
+
+# ---------------------------------------- Mistakes (slow): one line, non-zero exit, checkpoints kept
 
 
 @pytest.mark.parametrize("argv", [["--arch", "resnet20"], ["--method", "kd"], ["--recipe", "released"],
@@ -662,26 +860,31 @@ def kept_run(run_dir, tmp_path):
     assert (out / "last.pt").read_bytes() == before, "an error damaged last.pt"
 
 
+@slow
 def test_existing_run_without_resume_is_refused(kept_run, tiny_npz):
     with pytest.raises(data.UserError, match="already holds a run"):
         tiny_run(tiny_npz, kept_run, "--epochs", "3")
 
 
+@slow
 def test_resume_with_another_width_is_refused(kept_run, tiny_npz):
     with pytest.raises(data.UserError, match="width=4.*8"):
         train.main(["--dataset", tiny_npz, "--width", "8", "--out", str(kept_run), "--resume"])
 
 
+@slow
 def test_resume_with_another_seed_is_refused(kept_run, tiny_npz):
     with pytest.raises(data.UserError, match="seed=0, this run has 1"):
         tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--seed", "1")
 
 
+@slow
 def test_non_finite_loss_stops_naming_the_term_and_keeps_last_checkpoint(kept_run, tiny_npz):
     with pytest.raises(data.UserError, match=r"non-finite loss in epoch 2 \(L_.*last.pt from the previous epoch is kept"):
         tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--lr", "1e30", "--log-every", "2")
 
 
+@slow
 def test_truncated_checkpoint_is_reported(kept_run, tiny_npz):
     broken = kept_run / "broken.pt"
     broken.write_bytes((kept_run / "last.pt").read_bytes()[:5000])
@@ -691,18 +894,21 @@ def test_truncated_checkpoint_is_reported(kept_run, tiny_npz):
         tiny_run(tiny_npz, kept_run.parent / "fresh", "--epochs", "1", "--init-from", str(broken))
 
 
+@slow
 def test_init_from_checkpoint_of_another_width_is_refused(kept_run, tiny_npz, tmp_path):
     with pytest.raises(data.UserError, match="does not fit the model.*another arch, width or class count"):
         train.main(["--dataset", tiny_npz, "--width", "8", "--epochs", "1", "--out", str(tmp_path / "w8"),
                     "--init-from", str(kept_run / "last.pt")])
 
 
+@slow
 def test_unwritable_output_folder_is_reported(tiny_npz, tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(data.UserError, match="cannot write to output folder"):
         tiny_run(tiny_npz, tmp_path / "a-file" / "run", "--epochs", "1")
 
 
+@slow
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
     missing = subprocess.run([sys.executable, str(HERE / "train.py"), "--dataset", str(tmp_path / "none.npz")],
                              capture_output=True, text=True, cwd=tmp_path)
@@ -715,99 +921,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert "Traceback" not in junk.stderr and "cannot read checkpoint" in junk.stderr
 
 
-# ------------------------------------------------ the released script's checkpoints (SPEC section 11)
-
-
-def to_released_layout(net, teacher):
-    """Our state dicts renamed as the released CIFAR script names them, written independently of
-    eval.released_to_ours so the test checks the mapping rather than restating it."""
-    state = {}
-    for key, value in net.state_dict().items():
-        parts = key.split(".")
-        if parts[0] == "branches":
-            k = int(parts[1]) + 1
-            if parts[2] == "fc":
-                state[f"module.auxiliary_classifier.fc{k}.{parts[3]}"] = value
-            else:
-                state[f"module.auxiliary_classifier.block_extractor{k}." + ".".join(parts[3:])] = value
-        else:
-            state[f"module.{key}"] = value
-    for key, value in teacher.state_dict().items():
-        state[f"module.final_aux_classifier.{key}"] = value
-    return {"net": state, "acc": 80.32, "epoch": 204, "optimizer": {}}
-
-
-def test_released_checkpoint_maps_by_name(tmp_path):
-    net, teacher, _ = tiny("official", arch="resnet50")
-    net.eval()
-    path = tmp_path / "released.pth.tar"
-    torch.save(to_released_layout(net, teacher), path)
-    model, loaded_teacher, meta = evaluation.model_from_checkpoint(evaluation.read_checkpoint(path), path)
-    assert meta == {"arch": "resnet50", "num_classes": CLASSES, "width": WIDTH, "stem": "cifar", "stem_relu": False}
-    model.eval()
-    x, _ = batch()
-    feats, logits = net(x)
-    feats2, logits2 = model(x)
-    for a, b in zip(logits + [teacher(feats)], logits2 + [loaded_teacher(feats2)]):
-        assert torch.equal(a, b)
-
-
-def test_released_checkpoint_with_unknown_key_is_refused(tmp_path):
-    net, teacher, _ = tiny("official")
-    ckpt = to_released_layout(net, teacher)
-    ckpt["net"]["module.auxiliary_classifier.fc4.weight"] = torch.zeros(1)
-    path = tmp_path / "released.pth.tar"
-    torch.save(ckpt, path)
-    with pytest.raises(data.UserError, match="fc4.weight.*does not map"):
-        evaluation.model_from_checkpoint(evaluation.read_checkpoint(path), path)
-
-
-def test_init_from_released_checkpoint(tiny_npz, tmp_path):
-    torch.manual_seed(1)
-    net, teacher = MixSKDNet("resnet18", 10, 4, stem_relu=False), SelfTeacher(32, 10)
-    path = tmp_path / "released.pth.tar"
-    torch.save(to_released_layout(net, teacher), path)
-    args = train.parse_args(["--dataset", tiny_npz, "--width", "4", "--recipe", "official"])
-    model, own_teacher, _, _ = train.build(args, 10, torch.device("cpu"), torch.contiguous_format)
-    train.init_from(str(path), model, own_teacher)
-    for a, b in zip(model.state_dict().values(), net.state_dict().values()):
-        assert torch.equal(a, b)
-    assert torch.equal(own_teacher.conv.weight, teacher.conv.weight)
-
-
-# ------------------------------------------------ bench.py: the fast step keeps the math
-
-
-@pytest.mark.parametrize("method", ["mixskd", "mixup", "ce"])
-def test_fast_step_matches_plain_step(method):
-    """train.train_step (fp32, compile off, device lam, foreach SGD) and bench.plain_step (host lam,
-    .item() per term, default SGD) give the same loss and gradients from the same state and draws."""
-    args = train.parse_args(["--width", "4", "--method", method, "--amp", "off", "--channels-last", "off",
-                             "--compile", "off"])
-    x, y = batch(n=8)
-    results = []
-    for fast in (True, False):
-        torch.manual_seed(0)
-        model, teacher, discs, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
-        np.random.seed(1)
-        torch.manual_seed(1)
-        if fast:
-            scaler = torch.amp.GradScaler("cpu", enabled=False)
-            autocast = torch.autocast("cpu", enabled=False)
-            stats = train.train_step(args, train.make_loss_fn(args, model, teacher, discs), opt, scaler, autocast,
-                                     torch.contiguous_format, x, y).tolist()
-        else:
-            stats = bench.plain_step(args, model, teacher, discs, opt, x, y)
-        grads = [p.grad for m in (model, teacher, discs) if m is not None for p in m.parameters() if p.requires_grad]
-        results.append((stats, grads))
-    (fast_stats, fast_grads), (plain_stats, plain_grads) = results
-    assert fast_stats == pytest.approx(plain_stats, rel=1e-5, abs=1e-5)
-    assert len(fast_grads) == len(plain_grads) > 0
-    for a, b in zip(fast_grads, plain_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-# ------------------------------------------------ torchrun: DistributedDataParallel on CPU (gloo)
+# ----------------------------------------- torchrun (slow): DistributedDataParallel on CPU with gloo
 
 
 def torchrun(npz, out, *extra):
@@ -831,6 +945,7 @@ def ddp_run(tiny_npz, tmp_path_factory):
     return out, stdout
 
 
+@slow
 def test_torchrun_replicas_agree_and_eval_matches(ddp_run, capsys):
     out, stdout = ddp_run
     assert stdout.count("final backbone top-1") == 1  # only rank 0 prints
@@ -842,6 +957,7 @@ def test_torchrun_replicas_agree_and_eval_matches(ddp_run, capsys):
     assert metric_lines(out)[-1]["img_per_s"] > 0 and len(metric_lines(out)) == 2
 
 
+@slow
 def test_torchrun_resume_continues_from_saved_epoch(ddp_run, tiny_npz, tmp_path):
     torchrun(tiny_npz, tmp_path, "--epochs", "1")
     stdout = torchrun(tiny_npz, tmp_path, "--epochs", "2", "--resume")
@@ -859,10 +975,10 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(data.UserError, match="more processes on this node than its 1 GPU"):
-        train.setup_distributed(train.parse_args(["--device", "cuda"]))
+        runtime.setup_distributed(train.parse_args(["--device", "cuda"]))
 
 
-# ------------------------------------------------ eval.py --table and --plot over run folders
+# --------------------------------------- Reports (slow): eval.py --table and --plot over run folders
 
 
 def seeded_copy(run_dir, dest, seed, backbone_top1):
@@ -877,13 +993,15 @@ def seeded_copy(run_dir, dest, seed, backbone_top1):
     return dest
 
 
+@slow
 def test_table_gives_mean_and_std_over_seeds(run_dir, tmp_path):
     runs = [seeded_copy(run_dir, tmp_path / f"s{k}", k, top1) for k, top1 in enumerate((80.0, 84.0))]
-    table = evaluation.results_table([str(r) for r in runs]).splitlines()
+    table = report.results_table([str(r) for r in runs]).splitlines()
     assert len(table) == 3 and table[2].startswith("| mixskd paper | 2 | 2 |")
     assert f"| 82.00 ± {np.std([80.0, 84.0], ddof=1):.2f} |" in table[2]
 
 
+@slow
 def test_plot_writes_a_small_png(run_dir, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "curves.png"
@@ -891,6 +1009,7 @@ def test_plot_writes_a_small_png(run_dir, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size < 200 * 1024
 
 
+@slow
 def test_plot_without_matplotlib_gives_a_one_line_hint(run_dir, tmp_path, monkeypatch):
     import builtins
 
@@ -906,77 +1025,7 @@ def test_plot_without_matplotlib_gives_a_one_line_hint(run_dir, tmp_path, monkey
         evaluation.main(["--plot", str(run_dir), "--out", str(tmp_path / "x.png")])
 
 
-# ------------------------------------------------ ImageNet (SPEC section 9)
-
-
-def test_imagenet_resnet50_is_torchvisions(tmp_path):
-    import torchvision
-
-    ours = ResNet("resnet50", 1000, 64, stem="imagenet")
-    theirs = torchvision.models.resnet50()
-    assert count(ours) == count(theirs) == 25_557_032
-    ours.load_state_dict(theirs.state_dict())  # same names and shapes: torchvision checkpoints load as they are
-    ours.eval()
-    theirs.eval()
-    x = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
-
-
-def test_torchvision_checkpoint_is_read_as_a_backbone(tmp_path):
-    import torchvision
-
-    torch.manual_seed(0)
-    theirs = torchvision.models.resnet18(num_classes=CLASSES).eval()
-    path = tmp_path / "resnet18.pth"
-    torch.save(theirs.state_dict(), path)
-    model, teacher, meta = evaluation.model_from_checkpoint(evaluation.read_checkpoint(path), path)
-    assert isinstance(model, ResNet) and teacher is None
-    assert (meta["arch"], meta["stem"], meta["num_classes"]) == ("resnet18", "imagenet", CLASSES)
-    x = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(model.eval()(x), theirs(x), rtol=0, atol=0)
-    # and --init-from puts those weights into a MixSKD network's backbone
-    args = train.parse_args(["--dataset", "imagenet", "--width", "64"])
-    net, own_teacher, _, _ = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
-    train.init_from(str(path), net, own_teacher)
-    assert torch.equal(net.backbone.layer4[1].conv2.weight, theirs.layer4[1].conv2.weight)
-
-
-def test_imagenet_heads_give_c_x_7_x_7_at_224():
-    net = MixSKDNet("resnet50", CLASSES, 4, stem="imagenet")
-    feats, _ = net(torch.randn(1, 3, 224, 224))
-    assert [tuple(f.shape) for f in feats] == [(1, 8 * 4 * 4, 7, 7)] * 4
-
-
-def test_imagenet_defaults_and_cosine_schedule():
-    args = train.parse_args(["--dataset", "imagenet", "--recipe", "official"])
-    assert (args.epochs, args.weight_decay, args.alpha, args.batch_size, args.nesterov) == (305, 1e-4, 0.2, 128, False)
-    assert args.loss_recipe == "official-imagenet" and args.stem == "imagenet"
-    steps = 100
-    assert train.lr_at(0, steps, args) == pytest.approx(0.1 / 500)
-    assert train.lr_at(5 * steps, steps, args) == pytest.approx(0.1)
-    assert train.lr_at(155 * steps, steps, args) == pytest.approx(0.05)  # halfway through the cosine
-    assert train.lr_at(304 * steps, steps, args) == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 299 / 300)))
-
-
-def test_imagenet_official_recipe_trains_self_teacher_but_not_discriminators():
-    args = train.parse_args(["--dataset", "imagenet", "--recipe", "official", "--width", "4"])
-    model, teacher, discs, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
-    optimised = {id(p) for group in opt.param_groups for p in group["params"]}
-    assert all(id(p) in optimised for p in teacher.parameters())
-    assert not any(id(p) in optimised for p in discs.parameters())
-    assert model.backbone.stem_relu  # the ImageNet stem keeps its ReLU (SPEC section 9)
-    net, teacher, discs = model, teacher, discs
-    feats, logits, y, lam, perm = step_outputs_of(net, size=64)
-    total, terms = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "official-imagenet")
-    torch.testing.assert_close(total.detach(), sum(terms.values()), rtol=1e-6, atol=1e-5)  # L_mix optimised
-
-
-def step_outputs_of(net, size):
-    torch.manual_seed(0)
-    x, y = torch.randn(BATCH, 3, size, size), torch.randint(0, CLASSES, (BATCH,))
-    x_mix, perm, lam = mix_batch(x, 0.2)
-    feats, logits = net(torch.cat([x, x_mix]))
-    return feats, logits, y, lam, perm
+# ------------------------------------- ImageNet folders (slow): one epoch on a generated ImageFolder
 
 
 @pytest.fixture(scope="module")
@@ -996,6 +1045,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
+@slow
 def test_imagenet_folder_trains_one_epoch_and_evaluates(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(["--dataset", "imagenet", "--data", str(image_folder), "--image-size", "32", "--width", "4",
@@ -1011,3 +1061,4 @@ def test_imagenet_folder_trains_one_epoch_and_evaluates(image_folder, tmp_path, 
 def test_imagenet_folder_missing_is_reported(tmp_path):
     with pytest.raises(data.UserError, match="train/ and val/ in torchvision ImageFolder layout"):
         data.load_dataset("imagenet", str(tmp_path))
+

@@ -1,0 +1,214 @@
+"""Checkpoints: written atomically, read safely, mapped from other layouts, resumed exactly.
+
+Plumbing for train.py and eval.py, not the method. Every file is read with
+`torch.load(..., weights_only=True)` onto the CPU and every mistake becomes a one-line UserError.
+Three layouts are understood: this project's (last.pt, best.pt, deploy.pt, with a `meta` record),
+the released MixSKD scripts' `{'net': state_dict, ...}` (SPEC section 11, mapped by name), and a
+plain torchvision ResNet state dict (the backbone alone). A resumed run gets back every weight, the
+optimiser, the GradScaler and every random generator (runtime.rng_state), so it continues bit for bit.
+"""
+import json
+import os
+import re
+
+import torch
+
+import runtime
+from data import UserError, dataset_name
+from model import ARCHS, Bottleneck, MixSKDNet, ResNet
+from self_teacher import SelfTeacher
+
+# ----------------------------------------------------------------------------- writing
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, flush it to disk, then rename: a crash never leaves a torn file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path):
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
+def check_run_folder(out, resume):
+    """A new run needs a folder without last.pt; --resume needs one with it."""
+    last = os.path.join(out, "last.pt")
+    if os.path.exists(last) and not resume:
+        raise UserError(f"{out} already holds a run (last.pt): pass --resume to continue it, or another --out")
+    if resume and not os.path.exists(last):
+        raise UserError(f"--resume: no {last} to continue from")
+
+
+def check_writable(out, rank=0):
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{rank}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") from None
+
+
+def save_training(paths, meta, args, epoch, best, objective, opt, scaler, rng):
+    """last.pt (and best.pt): everything a run needs to continue exactly where it stopped."""
+    parts = {name: getattr(objective, attr, None) for name, attr in
+             (("model", "net"), ("self_teacher", "self_teacher"), ("discriminators", "discs"))}
+    ckpt = {"meta": meta, "args": vars(args), "epoch": epoch, "best": best,
+            **{name: module.state_dict() if module is not None else None for name, module in parts.items()},
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+    for path in paths:
+        save_atomic(ckpt, path)
+
+
+# ----------------------------------------------------------------------------- reading and mapping
+
+
+def read_checkpoint(path):
+    """torch.load(weights_only=True) onto the CPU, with one-line errors for missing, truncated or
+    foreign files. (On the CPU because RNG states must stay there; weights are copied to the model.)"""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint "
+                        f"({reason})") from None
+
+
+def load_state(module, state, what):
+    """load_state_dict(strict) with a one-line error naming the first missing, unexpected or
+    mis-shaped key, the sign of a checkpoint made for another arch, width or class count."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
+                  f"{shapes[0]} is {tuple(state[shapes[0]].shape)}, expected {tuple(own[shapes[0]].shape)}")
+        raise UserError(f"{what} does not fit the model ({len(missing)} missing, {len(unexpected)} unexpected, "
+                        f"{len(shapes)} mis-shaped keys; {detail}): another arch, width or class count?")
+    module.load_state_dict(state)
+
+
+def released_to_ours(state):
+    """Map a state dict of the released MixSKD CIFAR network (SPEC section 11) onto ours.
+
+    Returns (meta, net_state, teacher_state); meta holds arch, num_classes, width, stem_relu (False:
+    the released network has no stem ReLU, SPEC section 6, item 5). Any key that does not map raises.
+    """
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    net_state, teacher_state = {}, {}
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            net_state[key] = value
+        elif m := re.fullmatch(r"auxiliary_classifier\.block_extractor([123])\.(.+)", key):
+            net_state[f"branches.{int(m[1]) - 1}.layers.{m[2]}"] = value
+        elif m := re.fullmatch(r"auxiliary_classifier\.fc([123])\.(weight|bias)", key):
+            net_state[f"branches.{int(m[1]) - 1}.fc.{m[2]}"] = value
+        elif m := re.fullmatch(r"final_aux_classifier\.(conv\.weight|fc\.weight|fc\.bias)", key):
+            teacher_state[m[1]] = value
+        else:
+            raise UserError(f"released checkpoint key {key!r} does not map onto this implementation "
+                            f"(SPEC section 11)")
+    meta = {**backbone_config(net_state, "backbone.", "released checkpoint"), "stem_relu": False}
+    return meta, net_state, teacher_state
+
+
+def backbone_config(state, prefix, what):
+    """arch, num_classes, width and stem of the ResNet whose weights `state` holds under `prefix`."""
+    try:
+        depths = tuple(1 + max(int(m[1]) for k in state if (m := re.match(rf"{prefix}layer{s}\.(\d+)\.", k)))
+                       for s in (1, 2, 3, 4))
+        bottleneck = f"{prefix}layer1.0.conv3.weight" in state
+        arch = next(a for a, (block, d) in ARCHS.items() if d == depths and (block is Bottleneck) == bottleneck)
+        conv1 = state[f"{prefix}conv1.weight"]
+        return {"arch": arch, "num_classes": state[f"{prefix}fc.weight"].shape[0], "width": conv1.shape[0],
+                "stem": "imagenet" if conv1.shape[-1] == 7 else "cifar"}
+    except (ValueError, StopIteration, KeyError):
+        raise UserError(f"{what}: cannot recognise a ResNet-18/34/50/101 in its keys") from None
+
+
+def model_from_checkpoint(ckpt, path):
+    """Build the network a checkpoint holds: (model, self_teacher or None, meta).
+
+    Our last.pt/best.pt: the trained model (MixSKDNet, or ResNet for the baselines) and the
+    self-teacher; deploy.pt: the backbone alone; the released script's {'net': ...}: mapped by name;
+    a plain torchvision ResNet state dict (conv1.weight, ..., fc.weight): the backbone alone.
+    """
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a checkpoint of this project or of the released code")
+    if "conv1.weight" in ckpt and "fc.weight" in ckpt:  # torchvision's layout, which ResNet shares
+        meta = {**backbone_config(ckpt, "", f"torchvision checkpoint {path}"), "stem_relu": True}
+        model = ResNet(meta["arch"], meta["num_classes"], meta["width"], True, meta["stem"])
+        load_state(model, ckpt, f"torchvision checkpoint {path}")
+        return model, None, meta
+    if "net" in ckpt and "meta" not in ckpt:
+        meta, net_state, teacher_state = released_to_ours(ckpt["net"])
+        model = MixSKDNet(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"], meta["stem"])
+        load_state(model, net_state, f"released checkpoint {path}")
+        teacher = None
+        if teacher_state:
+            teacher = SelfTeacher(model.backbone.feature_channels, meta["num_classes"])
+            load_state(teacher, teacher_state, f"released checkpoint {path} (self-teacher)")
+        return model, teacher, meta
+    if "meta" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project or of the released code (no 'meta' or 'net')")
+    meta = ckpt["meta"]
+    config = (meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"], meta.get("stem", "cifar"))
+    if "backbone" in ckpt:  # deploy.pt
+        model = ResNet(*config)
+        load_state(model, ckpt["backbone"], f"deploy checkpoint {path}")
+        return model, None, meta
+    model = MixSKDNet(*config) if meta["method"] == "mixskd" else ResNet(*config)
+    load_state(model, ckpt["model"], f"checkpoint {path}")
+    teacher = None
+    if ckpt.get("self_teacher") is not None:
+        teacher = SelfTeacher(model.backbone.feature_channels, meta["num_classes"])
+        load_state(teacher, ckpt["self_teacher"], f"checkpoint {path} (self-teacher)")
+    return model, teacher, meta
+
+
+# ----------------------------------------------------------------------------- starting from a checkpoint
+
+
+def init_from(path, model, teacher):
+    """Copy the weights of any checkpoint eval.py reads (ours or the released script's) into model."""
+    source, source_teacher, _ = model_from_checkpoint(read_checkpoint(path), path)
+    if isinstance(model, ResNet) and isinstance(source, MixSKDNet):
+        source = source.backbone
+    target = model.backbone if isinstance(model, MixSKDNet) and isinstance(source, ResNet) else model
+    load_state(target, source.state_dict(), f"--init-from {path}")
+    if teacher is not None and source_teacher is not None:
+        load_state(teacher, source_teacher.state_dict(), f"--init-from {path} (self-teacher)")
+
+
+def resume(path, meta, model, teacher, discs, opt, scaler, device, rank):
+    """Load last.pt into everything; returns (first epoch to run, best-so-far record)."""
+    ckpt = read_checkpoint(path)
+    if "meta" not in ckpt or "optimizer" not in ckpt:
+        raise UserError(f"{path} is not a training checkpoint of this project: --resume needs a last.pt")
+    # the dataset by name: an .npz may have moved since
+    saved = {**ckpt["meta"], "dataset": dataset_name(ckpt["meta"]["dataset"])}
+    current = {**meta, "dataset": dataset_name(meta["dataset"])}
+    for key in ("arch", "width", "num_classes", "method", "recipe", "stem_relu", "stem", "seed", "dataset"):
+        if saved.get(key) != current[key]:
+            raise UserError(f"{path} was trained with {key}={saved.get(key)!r}, this run has {current[key]!r}: "
+                            f"pass the same arguments to resume, or another --out for a new run")
+    load_state(model, ckpt["model"], f"checkpoint {path}")
+    for module, key in ((teacher, "self_teacher"), (discs, "discriminators")):
+        if module is not None:
+            load_state(module, ckpt[key], f"checkpoint {path} ({key})")
+    opt.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    states = ckpt["rng"]  # one per rank; a run resumed on more ranks gives the extra ones rank 0's
+    runtime.set_rng_state(states[rank] if rank < len(states) else states[0], device)
+    return ckpt["epoch"] + 1, ckpt["best"]

@@ -1,0 +1,131 @@
+"""Reports over finished runs: the results table (markdown) and the figure of their curves.
+
+    python eval.py --table runs/*/                  # one row per method, mean +- std over seeds
+    python eval.py --plot runs/*/ --out fig.png     # backbone test top-1 per epoch, MixSKD loss terms
+
+SPEC section 8: every number is labelled by what it is: the headline (final backbone top-1), the
+best epoch, and the released code's way (max over heads and epochs, chosen on the test set).
+Reads only run folders (metrics.jsonl, summary.json); matplotlib is needed for the figure alone.
+"""
+import json
+import os
+
+import numpy as np
+
+from checkpoints import read_checkpoint
+from data import UserError
+
+
+def read_metrics(path, before_epoch=None):
+    """The per-epoch records of a metrics.jsonl, those of epochs < before_epoch when given."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if before_epoch is None or r["epoch"] < before_epoch]
+
+
+def summarise(records):
+    """The labelled numbers of a run (SPEC section 8): the headline is the final backbone top-1; the
+    best epoch and the released code's metric (max over heads and epochs) are chosen on the test set."""
+    final = records[-1]
+    best = max(records, key=lambda r: r["test"]["backbone"]["top1"])
+    released = max(((m["top1"], h, r["epoch"]) for r in records for h, m in r["test"].items() if h != "self_teacher"),
+                   key=lambda t: t[0])
+    return {"headline_final_backbone_top1": final["test"]["backbone"]["top1"], "final_epoch": final["epoch"],
+            "final_test": final["test"], "best_backbone_top1": best["test"]["backbone"]["top1"],
+            "best_backbone_epoch": best["epoch"], "released_code_metric_max_over_heads_and_epochs": released[0],
+            "released_code_metric_head": released[1], "released_code_metric_epoch": released[2],
+            "train_time_s": sum(r["epoch_time"] for r in records)}
+
+
+def read_run(run_dir):
+    """(arguments, per-epoch records, summary or None) of a train.py run folder."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise UserError(f"{run_dir} is not a run folder of train.py (no metrics.jsonl)")
+    records = read_metrics(path)
+    if not records:
+        raise UserError(f"{path} is empty: the run has not finished an epoch")
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = None
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            summary = json.load(f)
+    args = summary["args"] if summary else read_checkpoint(os.path.join(run_dir, "last.pt"))["args"]
+    return args, records, summary
+
+
+METHOD_ORDER = ("ce", "mixup", "cutmix", "mixskd paper", "mixskd official")
+
+
+def method_label(args):
+    return f"{args['method']} {args['recipe']}" if args["method"] == "mixskd" else args["method"]
+
+
+def sorted_runs(run_dirs):
+    """[(args, records), ...] in a fixed method order, then by seed."""
+    runs = [read_run(d)[:2] for d in run_dirs]
+    rank = lambda label: METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER)
+    return sorted(runs, key=lambda run: (rank(method_label(run[0])), run[0]["seed"]))
+
+
+def mean_std(values, digits=2):
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def results_table(run_dirs):
+    """Markdown table, one row per method over its seeds, each number labelled by what it is."""
+    groups = {}
+    for args, records in sorted_runs(run_dirs):
+        groups.setdefault(method_label(args), []).append(records)
+    rows = ["| method | seeds | epochs | final backbone top-1 (headline) | best-epoch backbone top-1 | "
+            "max over heads and epochs (released code's way) | self-teacher top-1 | backbone ECE | "
+            "training time per run (min) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, runs in groups.items():
+        final = [r[-1]["test"] for r in runs]
+        summaries = [summarise(r) for r in runs]
+        best = [s["best_backbone_top1"] for s in summaries]
+        released = [s["released_code_metric_max_over_heads_and_epochs"] for s in summaries]
+        teacher = [f["self_teacher"]["top1"] for f in final if "self_teacher" in f]
+        rows.append(f"| {label} | {len(runs)} | {len(runs[0])} | {mean_std([f['backbone']['top1'] for f in final])} | "
+                    f"{mean_std(best)} | {mean_std(released)} | {mean_std(teacher) if teacher else '-'} | "
+                    f"{mean_std([f['backbone']['ece'] for f in final], 3)} | "
+                    f"{mean_std([s['train_time_s'] / 60 for s in summaries], 1)} |")
+    return "\n".join(rows)
+
+
+def plot_runs(run_dirs, out):
+    """Test top-1 of the backbone per epoch for every run; the loss terms of the first MixSKD run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib, an optional dependency: pip install matplotlib") from None
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    runs = sorted_runs(run_dirs)
+    colours, seen = {}, {}
+    for args, records in runs:  # one colour per method, one line style per seed
+        label = method_label(args)
+        colour = colours.setdefault(label, f"C{len(colours)}")
+        seen[label] = seen.get(label, -1) + 1
+        acc_ax.plot([r["epoch"] for r in records], [r["test"]["backbone"]["top1"] for r in records], lw=1,
+                    color=colour, ls=("-", "--", ":", "-.")[seen[label] % 4], label=f"{label} seed {args['seed']}")
+    acc_ax.set(xlabel="epoch", ylabel="test top-1 of the backbone (%)", title="deployed network, every run")
+    acc_ax.legend(fontsize=7, ncol=2)
+    mixskd = [run for run in runs if run[0]["method"] == "mixskd"]
+    if mixskd:  # the paper recipe's run when there is one: its every term is optimised
+        args, records = next((run for run in mixskd if run[0]["recipe"] == "paper"), mixskd[0])
+        for term in records[0]["loss"]:
+            loss_ax.plot([r["epoch"] for r in records], [r["loss"][term] for r in records], lw=1,
+                         label=term if term == "total" else f"L_{term}")
+        loss_ax.set(xlabel="epoch", ylabel="mean over the epoch", yscale="log",
+                    title=f"loss terms, {method_label(args)} seed {args['seed']}")
+        loss_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    return out
