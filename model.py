@@ -98,6 +98,18 @@ def classify(fc, feat):
 STEMS = ("cifar", "imagenet")
 
 
+def imagenet_init(module):
+    """The released ImageNet model's initialisation, also torchvision's ResNet's (SPEC section 9): every
+    conv kaiming-normal with fan_out, every BatchNorm weight 1 and bias 0; linear layers keep PyTorch's
+    default. The CIFAR networks keep PyTorch's default everywhere (SPEC section 7)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class ResNet(nn.Module):
     """ResNet (SPEC sections 2 and 9): the backbone, head 4, and the network deployed at test time.
 
@@ -105,7 +117,8 @@ class ResNet(nn.Module):
     stem_relu: ReLU after the stem BN. The released MixSKD CIFAR ResNet omits it (SPEC section 6,
     item 5), so recipe `official` on CIFAR builds with stem_relu=False.
     stem: "cifar", a 3x3 stride-1 conv (F_k is C x 4 x 4 at 32x32), or "imagenet", torchvision's 7x7
-    stride-2 conv and 3x3 stride-2 max-pool (C x 7 x 7 at 224x224; the same parameters as torchvision).
+    stride-2 conv and 3x3 stride-2 max-pool (C x 7 x 7 at 224x224), with torchvision's module names,
+    shapes and initialisation (`imagenet_init`).
     """
 
     def __init__(self, arch="resnet18", num_classes=100, width=64, stem_relu=True, stem="cifar"):
@@ -124,6 +137,8 @@ class ResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = (make_stage(block, *p) for p in plan)
         self.feature_channels = plan[-1][1] * block.expansion
         self.fc = nn.Linear(self.feature_channels, num_classes)
+        if stem == "imagenet":
+            imagenet_init(self)
 
     @property
     def stages(self):
@@ -165,6 +180,8 @@ class MixSKDNet(nn.Module):
         super().__init__()
         self.backbone = ResNet(arch, num_classes, width, stem_relu, stem)
         self.branches = nn.ModuleList(Branch(arch, num_classes, width, k) for k in (1, 2, 3))
+        if stem == "imagenet":
+            imagenet_init(self.branches)
 
     def forward(self, x):
         feats, logits = [], []

@@ -1,0 +1,51 @@
+"""Write an .npz image dataset out as an ImageFolder, to train the ImageNet path on real images offline.
+
+    python npz_to_imagefolder.py ../shared/data/cifar10_q75_10k.npz runs/cifar10-folder
+    python train.py --dataset imagenet --data runs/cifar10-folder --image-size 64 --arch resnet18 --width 16
+
+The .npz holds x_train, y_train, x_test, y_test (uint8 N x H x W x 3, integer labels) and optionally
+class_names, as data.py reads it. The folder gets train/ and val/, one sub-folder per class named
+`<index>_<name>` (so ImageFolder's alphabetical order keeps the .npz's label order), one PNG per
+image (lossless, so the pixels are the .npz's). The images are written at run time, never committed.
+"""
+import argparse
+import os
+import sys
+
+from PIL import Image
+
+from data import UserError, load_npz
+
+
+def write_image_folder(npz, out):
+    """Write every image of `npz` under out/train and out/val; returns the number of images per split."""
+    arrays = load_npz(npz)
+    classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+    names = [str(n) for n in arrays.get("class_names", [f"class{k}" for k in range(classes)])]
+    counts = {}
+    for split, folder in (("train", "train"), ("test", "val")):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        for k in range(classes):
+            os.makedirs(os.path.join(out, folder, f"{k:03d}_{names[k]}"), exist_ok=True)
+        for i, (image, label) in enumerate(zip(x, y)):
+            Image.fromarray(image).save(os.path.join(out, folder, f"{label:03d}_{names[label]}", f"{i:06d}.png"))
+        counts[folder] = len(y)
+    return counts
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write an .npz dataset as an ImageFolder (train/ and val/).")
+    p.add_argument("npz", help="x_train, y_train, x_test, y_test (uint8 NHWC), class_names optional")
+    p.add_argument("out", help="folder to create; it must not exist yet")
+    args = p.parse_args(argv)
+    if os.path.exists(args.out):
+        raise UserError(f"{args.out} already exists: choose a new folder")
+    counts = write_image_folder(args.npz, args.out)
+    print(f"wrote {counts['train']} training and {counts['val']} validation images under {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
