@@ -215,7 +215,8 @@ def main(argv=None):
     print(f"{name}, torch {torch.__version__}: {args.method} {args.recipe} {args.arch} width {args.width}, "
           f"batch {args.batch_size}, {steps} timed steps after {warmup}")
     for mode, r in results.items():
-        print(f"{mode:<9} {r['ms_per_step']:9.1f} ms/step {r['images_per_s']:8.0f} img/s  peak {r['peak_memory_mib']:7.0f} MiB"
+        print(f"{mode:<9} {r['ms_per_step']:9.1f} ms/step {r['images_per_s']:8.0f} img/s  "
+              f"peak {r['peak_memory_mib']:7.0f} MiB"
               f"  205 epochs ~ {r['projected_205_epochs_min']:.0f} min (training steps only) | amp {r['amp']}, "
               f"channels_last {r['channels_last']}, compile {r['compile']}")
     if args.baseline:

@@ -57,6 +57,29 @@ def check_writable(out, rank=0):
         raise UserError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") from None
 
 
+def read_metrics(path, before_epoch=None):
+    """The per-epoch records of a metrics.jsonl, those of epochs < before_epoch when given."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if before_epoch is None or r["epoch"] < before_epoch]
+
+
+def restart_metrics(path, start_epoch):
+    """metrics.jsonl keeps the records of epochs before start_epoch: on resume, later ones belong to lost work."""
+    kept = read_metrics(path, start_epoch)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+def run_meta(args, data, backbone):
+    """What every checkpoint of a run records about it: enough to rebuild the network and its inputs."""
+    return {"arch": args.arch, "num_classes": data.num_classes, "width": args.width, "stem_relu": backbone.stem_relu,
+            "stem": args.stem, "method": args.method, "recipe": args.recipe, "dataset": args.dataset,
+            "image_size": args.image_size, "seed": args.seed, "mean": list(data.mean), "std": list(data.std)}
+
+
 def save_training(paths, meta, args, epoch, best, objective, opt, scaler, rng):
     """last.pt (and best.pt): everything a run needs to continue exactly where it stopped."""
     parts = {name: getattr(objective, attr, None) for name, attr in

@@ -12,17 +12,8 @@ import os
 
 import numpy as np
 
-from checkpoints import read_checkpoint
+from checkpoints import read_checkpoint, read_metrics
 from data import UserError
-
-
-def read_metrics(path, before_epoch=None):
-    """The per-epoch records of a metrics.jsonl, those of epochs < before_epoch when given."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
-    return [r for r in records if before_epoch is None or r["epoch"] < before_epoch]
 
 
 def summarise(records):

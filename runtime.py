@@ -7,6 +7,7 @@ generator a step draws from is seeded, captured and restored here, so a resumed 
 `--amp`, `--channels-last` and `--compile` resolve `auto` to what pays on the device; the README's
 Performance section has the measurements behind each choice.
 """
+import contextlib
 import hashlib
 import os
 import random
@@ -49,9 +50,14 @@ def setup_distributed(args):
     return rank, world, device
 
 
-def teardown():
-    if dist.is_initialized():
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def processes(args):
+    """(rank, world size, device) for the length of a run; the process group is left at its end."""
+    try:
+        yield setup_distributed(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def all_ranks(value, world):

@@ -43,11 +43,9 @@ IMAGENET_DEFAULTS = {"epochs": 305, "weight_decay": 1e-4, "alpha": 0.2, "batch_s
 
 # ----------------------------------------------------------------------------- arguments
 
-parser = argparse.ArgumentParser(
-    description="Train MixSKD (Yang et al., ECCV 2022) or a baseline on CIFAR or ImageNet. Defaults are the SPEC's "
-                "recipes: on CIFAR batch 64, SGD 0.1 Nesterov, weight decay 5e-4, alpha 0.4, 205 epochs with step "
-                "decays; on ImageNet batch 128 in total, no Nesterov, weight decay 1e-4, alpha 0.2, 305 epochs, cosine.",
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="Train "
+                                 "MixSKD (Yang et al., ECCV 2022) or a baseline on CIFAR or ImageNet with the SPEC's "
+                                 "recipes (sections 7 and 9) as defaults.")
 g = parser.add_argument_group("what to train")
 g.add_argument("--arch", default="resnet18", choices=list(ARCHS),
                help="ResNet; the stem follows the dataset (3x3 on CIFAR, 7x7 + max-pool on ImageNet)")
@@ -106,9 +104,7 @@ def parse_args(argv=None):
     for key, value in (IMAGENET_DEFAULTS if imagenet else CIFAR_DEFAULTS).items():
         if not hasattr(args, key):
             setattr(args, key, value // runtime.world_size() if key == "batch_size" and imagenet else value)
-    args.stem = "imagenet" if imagenet else "cifar"
-    args.schedule = "cosine" if imagenet else "step"
-    args.nesterov = not imagenet
+    args.stem, args.schedule, args.nesterov = ("imagenet", "cosine", False) if imagenet else ("cifar", "step", True)
     if not args.alpha > 0:
         parser.error(f"--alpha must be > 0, got {args.alpha}")
     if args.batch_size < 2:
@@ -141,7 +137,8 @@ def lr_at(step, steps_per_epoch, args):
         return args.lr * (step + 1) / warmup
     epoch = step // steps_per_epoch
     if args.schedule == "cosine":
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
+        progress = (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)
+        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
     return args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)
 
 
@@ -192,9 +189,9 @@ def train_step(objective, opt, speed, x, y, args):
     speed.scaler.step(opt)
     speed.scaler.update()
     # train top-1: the clean images for mixskd and ce; a mixed image counts lam and 1 - lam for its labels
-    pred = logits[:len(y)].argmax(1)
-    hits = (pred == y).sum() if args.method in ("mixskd", "ce") else lam * (pred == y).sum() + (1 - lam) * (
-        pred == y[perm]).sum()
+    hits = (logits[:len(y)].argmax(1) == y).sum()
+    if args.method in ("mixup", "cutmix"):
+        hits = lam * hits + (1 - lam) * (logits.argmax(1) == y[perm]).sum()
     return total.detach(), terms, hits
 
 
@@ -203,11 +200,8 @@ def train_step(objective, opt, speed, x, y, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = runtime.setup_distributed(args)
-    try:
+    with runtime.processes(args) as (rank, world, device):
         train(setup(args, rank, world, device))
-    finally:
-        runtime.teardown()
 
 
 def setup(args, rank, world, device):
@@ -227,20 +221,15 @@ def setup(args, rank, world, device):
     runtime.seed_all(args.seed + rank)  # each rank draws its own lam and perm for its own batch
     net, teacher, discs = (getattr(run.objective, name, None) for name in ("net", "self_teacher", "discs"))
     run.backbone = net.backbone if isinstance(net, MixSKDNet) else net
-    run.meta = {"arch": args.arch, "num_classes": data.num_classes, "width": args.width,
-                "stem_relu": run.backbone.stem_relu, "stem": args.stem, "method": args.method, "recipe": args.recipe,
-                "dataset": args.dataset, "image_size": args.image_size, "seed": args.seed,
-                "mean": list(data.mean), "std": list(data.std)}
+    run.meta = checkpoints.run_meta(args, data, run.backbone)
     if args.resume:
         run.start_epoch, run.best = checkpoints.resume(run.last, run.meta, net, teacher, discs, run.opt,
                                                        run.speed.scaler, device, rank)
     elif args.init_from:
         checkpoints.init_from(args.init_from, net, teacher)
     run.step_fn = runtime.wrap(run.objective, args, device, world)
-    if run.main:  # on resume, the lines of epochs after last.pt's belong to lost work
-        kept = report.read_metrics(run.metrics, run.start_epoch) if args.resume else []
-        with open(run.metrics, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+    if run.main:
+        checkpoints.restart_metrics(run.metrics, run.start_epoch)
     run.steps = steps_per_epoch(data, args.batch_size, world)
     if run.steps == 0:
         raise UserError(f"--batch-size {args.batch_size} exceeds the {data.n_train // world} training "
@@ -308,11 +297,9 @@ def end_epoch(run, epoch, sums, lr, epoch_time):
               "test": test, "epoch_time": epoch_time, "img_per_s": run.steps * run.images / epoch_time}
     with open(run.metrics, "a") as f:
         f.write(json.dumps(record) + "\n")
-    top1 = test["backbone"]["top1"]
-    improved = top1 > run.best["top1"]
-    if improved:
-        run.best = {"epoch": epoch, "top1": top1}
-    paths = [run.last, os.path.join(args.out, "best.pt")] if improved else [run.last]
+    top1, paths = test["backbone"]["top1"], [run.last]
+    if top1 > run.best["top1"]:
+        run.best, paths = {"epoch": epoch, "top1": top1}, [run.last, os.path.join(args.out, "best.pt")]
     checkpoints.save_training(paths, run.meta, args, epoch, run.best, run.objective, run.opt, run.speed.scaler, rng)
     heads = " ".join(f"{h} {m['top1']:.2f}" for h, m in test.items() if h != "backbone")
     print(f"{CLEAR_LINE if run.live else ''}epoch {epoch}/{args.epochs} loss {loss['total']:.4f} "
@@ -328,12 +315,12 @@ def finish(run):
     args = run.args
     checkpoints.save_atomic({"meta": run.meta, "backbone": run.backbone.state_dict()},
                             os.path.join(args.out, "deploy.pt"))
-    s = {**report.summarise(report.read_metrics(run.metrics)), "trained_params": run.n_trained,
+    s = {**report.summarise(checkpoints.read_metrics(run.metrics)), "trained_params": run.n_trained,
          "deployed_params": count(run.backbone), "wall_time_s_this_process": time.time() - run.start_time,
          "processes": run.world, "parameter_sha256_per_rank": digests, "args": vars(args)}
     checkpoints.write_json_atomic(s, os.path.join(args.out, "summary.json"))
-    print(f"final backbone top-1 {s['headline_final_backbone_top1']:.2f} (headline) | best {s['best_backbone_top1']:.2f} "
-          f"at epoch {s['best_backbone_epoch']} | released code's metric "
+    print(f"final backbone top-1 {s['headline_final_backbone_top1']:.2f} (headline) | best "
+          f"{s['best_backbone_top1']:.2f} at epoch {s['best_backbone_epoch']} | released code's metric "
           f"{s['released_code_metric_max_over_heads_and_epochs']:.2f} ({s['released_code_metric_head']}, epoch "
           f"{s['released_code_metric_epoch']}, max over heads and epochs on the test set) | {args.out}")
 
