@@ -123,10 +123,11 @@ def load_state(module, state, what):
 
 
 def released_to_ours(state):
-    """Map a state dict of the released MixSKD CIFAR network (SPEC section 11) onto ours.
+    """Map a state dict of a released MixSKD network, CIFAR or ImageNet (SPEC section 11), onto ours.
 
-    Returns (meta, net_state, teacher_state); meta holds arch, num_classes, width, stem_relu (False:
-    the released network has no stem ReLU, SPEC section 6, item 5). Any key that does not map raises.
+    Returns (meta, net_state, teacher_state); meta holds arch, num_classes, width, stem and stem_relu:
+    the released CIFAR network has no stem ReLU (SPEC section 6, item 5), the released ImageNet network
+    (7x7 stem conv) has it (SPEC section 9). Any key that does not map raises.
     """
     state = {k.removeprefix("module."): v for k, v in state.items()}
     net_state, teacher_state = {}, {}
@@ -142,8 +143,8 @@ def released_to_ours(state):
         else:
             raise UserError(f"released checkpoint key {key!r} does not map onto this implementation "
                             f"(SPEC section 11)")
-    meta = {**backbone_config(net_state, "backbone.", "released checkpoint"), "stem_relu": False}
-    return meta, net_state, teacher_state
+    meta = backbone_config(net_state, "backbone.", "released checkpoint")
+    return {**meta, "stem_relu": meta["stem"] == "imagenet"}, net_state, teacher_state
 
 
 def backbone_config(state, prefix, what):

@@ -205,6 +205,10 @@ def test_lam_one_with_identity_pairing_has_no_mixup_signal():
     _, terms = mixskd_loss(feats, logits, y, 1.0, perm, teacher, discs)
     assert terms["feat"] < 1e-10
     torch.testing.assert_close(terms["ce"], loss_ce([z[BATCH:] for z in logits], y))
+    # L_kd is then the backbone's part alone: twice KD(z_4 || h(F)), interpolated and mixed being equal
+    backbone_alone = 2 * ref_kd(logits[-1][:BATCH], teacher([f[:BATCH] for f in feats]))
+    assert backbone_alone > 1e-3
+    torch.testing.assert_close(terms["kd"], backbone_alone, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ SPEC section 4: the self-teacher
@@ -219,6 +223,109 @@ def test_eq4_self_teacher_is_linear_of_gap_of_conv1x1_of_concat():
 
 
 # ------------------------------------------------------------------------ SPEC section 5: the losses
+
+# An independent derivation of Eqs. (5)-(10') from the SPEC's text, to check losses.py against: it
+# imports nothing from losses.py or mixup.py (its own CE, KD, interpolation and BCE), and it writes the
+# min-max game of Eq. (10) without a reversal layer, as two losses on detached copies.
+
+
+def ref_ce(z, y):
+    return -z.log_softmax(1).gather(1, y[:, None]).mean()
+
+
+def ref_mix_ce(z, y, lam, perm):
+    return lam * ref_ce(z, y) + (1 - lam) * ref_ce(z, y[perm])
+
+
+def ref_interp(t, lam, perm):
+    return lam * t + (1 - lam) * t[perm]
+
+
+def ref_kd(student, teacher, T=3.0):
+    log_p = (teacher.detach() / T).log_softmax(1)
+    return T * T * (log_p.exp() * (log_p - (student / T).log_softmax(1))).sum(1).mean()
+
+
+def ref_bce(logits, targets):
+    return -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits)).mean()
+
+
+def ref_objective(feats, logits, y, lam, perm, teacher, discs, recipe):
+    """(terms, surrogate): the SPEC's five terms, and a loss whose gradient is the SPEC's update. Under
+    `paper` every module descends L, but the features ascend L_adv while the discriminators descend it;
+    under `official` L_mix is left out and the features descend L_adv (Eq. (10'))."""
+    b = len(y)
+    f_bar, f_tilde = [ref_interp(f[:b], lam, perm) for f in feats], [f[b:] for f in feats]
+    z_bar, z_tilde = [ref_interp(z[:b], lam, perm) for z in logits], [z[b:] for z in logits]
+    t_bar, t_tilde = teacher(f_bar), teacher(f_tilde)
+    terms = {
+        "ce": sum(ref_ce(z[:b], y) for z in logits),
+        "mix": sum(ref_mix_ce(z, y, lam, perm) for z in z_tilde + [t_bar, t_tilde]),
+        "kd": sum(ref_kd(zb, zt) + ref_kd(zt, zb) for zb, zt in zip(z_bar[:3], z_tilde[:3]))
+        + ref_kd(z_bar[3], t_tilde) + ref_kd(z_tilde[3], t_bar),
+        "feat": sum(((fb - ft) ** 2).mean() for fb, ft in zip(f_bar, f_tilde)),
+    }
+    targets = torch.tensor([[1.0, 0.0]] * b + [[0.0, 1.0]] * b)
+    pooled = [torch.cat([fb.mean((2, 3)), ft.mean((2, 3))]) for fb, ft in zip(f_bar, f_tilde)]
+    terms["adv"] = sum(ref_bce(d(p), targets) for d, p in zip(discs, pooled))
+    if recipe == "official":
+        return terms, terms["ce"] + terms["kd"] + terms["feat"] + terms["adv"]
+    fixed = [lambda p, d=d: torch.func.functional_call(d, {k: v.detach() for k, v in d.named_parameters()}, (p,))
+             for d in discs]
+    adv_of_discs = sum(ref_bce(d(p.detach()), targets) for d, p in zip(discs, pooled))
+    adv_of_feats = sum(ref_bce(d(p), targets) for d, p in zip(fixed, pooled))
+    return terms, terms["ce"] + terms["mix"] + terms["kd"] + terms["feat"] + adv_of_discs - adv_of_feats
+
+
+def pairing(lam, mode, n=BATCH, size=20):
+    """x, y, x_mix, perm for a given lam: Mixup, or CutMix with a box of exactly (1 - lam) of the area."""
+    x, y = batch(n=n)
+    x = x[..., :size, :size].contiguous()
+    perm = torch.tensor([2, 0, 3, 1])
+    if mode == "mixup":
+        return x, y, lam * x + (1 - lam) * x[perm], perm
+    cols = size if lam < 0.5 else size // 2  # a box of 14 x 20 pixels for lam 0.3, 8 x 10 for lam 0.8
+    rows = round((1 - lam) * size * size / cols)
+    x_mix = x.clone()
+    x_mix[..., 2:2 + rows, size - cols:] = x[perm][..., 2:2 + rows, size - cols:]
+    assert (x_mix == x).all(1).float().mean().item() == pytest.approx(lam)
+    return x, y, x_mix, perm
+
+
+def trained_by_recipe(recipe, net, teacher, discs):
+    """SPEC section 5: `paper` trains everything, `official` the network alone."""
+    modules = (net, teacher, discs) if recipe == "paper" else (net,)
+    return [p for m in modules for p in m.parameters()]
+
+
+@pytest.mark.parametrize("recipe", ["paper", "official"])
+@pytest.mark.parametrize("lam", [0.3, 0.8])
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_mixskd_loss_matches_an_independent_reference(recipe, lam, mode):
+    """Every term, the total, and the gradient of every trained parameter, to 1e-5 relative in fp32."""
+    x, y, x_mix, perm = pairing(lam, mode)
+    ours, ref = tiny(recipe), None
+    ref = copy.deepcopy(ours)
+    results = []
+    for (net, teacher, discs), fn in ((ours, "ours"), (ref, "reference")):
+        feats, logits = net(torch.cat([x, x_mix]))
+        if fn == "ours":
+            total, terms = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, recipe)
+            total.backward()
+        else:
+            terms, surrogate = ref_objective(feats, logits, y, lam, perm, teacher, discs, recipe)
+            surrogate.backward()
+            total = sum(terms[t] for t in ("ce", "mix", "kd", "feat", "adv") if recipe == "paper" or t != "mix")
+        grads = [p.grad for p in trained_by_recipe(recipe, net, teacher, discs)]
+        results.append(({t: v.detach() for t, v in terms.items()}, total.detach(), grads))
+    (terms, total, grads), (ref_terms, ref_total, ref_grads) = results
+    for t in TERMS:
+        torch.testing.assert_close(terms[t], ref_terms[t], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-7)
+    assert len(grads) == len(ref_grads) and all(g is not None for g in grads + ref_grads)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item() + 1e-9)
+
 
 
 def test_kd_is_zero_when_student_equals_teacher():
@@ -339,12 +446,19 @@ def test_paper_recipe_every_parameter_gets_a_gradient():
     assert len(params) == len(list(net.parameters())) + len(list(teacher.parameters())) + len(list(discs.parameters()))
 
 
-def test_self_teacher_learns_from_mix_loss_only_in_paper():
-    net, teacher, discs = tiny("paper")
+@pytest.mark.parametrize("recipe, weights, learns", [("paper", None, True), ("paper", {"mix": 0.0}, False),
+                                                      ("official", None, False)])
+def test_self_teacher_learns_from_mix_loss_only_in_paper(recipe, weights, learns):
+    """The self-teacher's only gradient is L_mix's (its outputs are detached targets in Eq. (7)): it learns
+    under `paper`, not when L_mix is weighted 0, and never under `official` (Eq. (10'))."""
+    net, teacher, discs = tiny(recipe)
     feats, logits, y, lam, perm = step_outputs(net)
-    total, _ = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "paper", weights={"mix": 0.0})
+    total, _ = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, recipe, weights=weights)
     total.backward()
-    assert all(p.grad is None for p in teacher.parameters())
+    if learns:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.parameters())
+    else:
+        assert all(p.grad is None for p in teacher.parameters())
 
 
 @pytest.mark.parametrize("term", TERMS)
@@ -405,23 +519,21 @@ def test_overfits_one_small_batch(recipe):
 
 
 def test_official_recipe_never_updates_self_teacher_or_discriminators():
-    net, teacher, discs = tiny("official")
-    assert not net.backbone.stem_relu
-    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    discs_before = {k: v.clone() for k, v in discs.state_dict().items()}
-    net_before = {k: v.clone() for k, v in net.state_dict().items()}
-    opt = torch.optim.SGD(trained_parameters("official", net, teacher, discs), lr=0.1, momentum=0.9,
-                          weight_decay=5e-4, nesterov=True)
-    feats, logits, y, lam, perm = step_outputs(net)
-    total, _ = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "official")
-    total.backward()
-    opt.step()
-    assert all(p.grad is None for p in teacher.parameters())
-    for k, v in teacher.state_dict().items():
-        assert torch.equal(v, teacher_before[k])
-    for k, v in discs.state_dict().items():
-        assert torch.equal(v, discs_before[k])
-    assert any(not torch.equal(v, net_before[k]) for k, v in net.state_dict().items())
+    """Two steps of train.py's own step with train.py's own optimiser: the network moves, the
+    self-teacher and the discriminators stay at their initialisation and hold no gradient."""
+    args = train.parse_args(["--width", str(WIDTH), "--recipe", "official", "--amp", "off", "--compile", "off"])
+    objective, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
+    assert not objective.net.backbone.stem_relu
+    before = {k: v.clone() for k, v in objective.state_dict().items()}
+    speed = runtime.speed_settings(args, torch.device("cpu"))
+    for seed in (0, 1):
+        train.train_step(objective, opt, speed, *batch(seed), args)
+    for name in ("self_teacher", "discs"):
+        module = getattr(objective, name)
+        assert all(p.grad is None and not p.requires_grad for p in module.parameters())
+        for k, v in module.state_dict().items():
+            assert torch.equal(v, before[f"{name}.{k}"]), f"{name}.{k} changed"
+    assert not all(torch.equal(v, before[f"net.{k}"]) for k, v in objective.net.state_dict().items())
 
 
 def test_official_total_is_ce_kd_feat_adv_without_mix():
@@ -431,9 +543,16 @@ def test_official_total_is_ce_kd_feat_adv_without_mix():
     torch.testing.assert_close(total.detach(), terms["ce"] + terms["kd"] + terms["feat"] + terms["adv"],
                                rtol=0, atol=1e-6)
     assert terms["mix"] > 0  # computed and logged
-    # official minimises L_adv: the feature gradient is the plain one, no reversal
     paper_total, paper_terms = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, "paper")
     torch.testing.assert_close(paper_total.detach(), total.detach() + paper_terms["mix"], rtol=1e-6, atol=1e-5)
+    # and its gradient is that of L_ce + L_kd + L_feat + L_adv with the network minimising L_adv
+    feats_leaf = [f.detach().requires_grad_() for f in feats]
+    logits_leaf = [z.detach().requires_grad_() for z in logits]
+    official, _ = mixskd_loss(feats_leaf, logits_leaf, y, lam, perm, teacher, discs, "official")
+    grads = torch.autograd.grad(official, feats_leaf + logits_leaf)
+    _, plain_sum = ref_objective(feats_leaf, logits_leaf, y, lam, perm, teacher, discs, "official")
+    for g, r in zip(grads, torch.autograd.grad(plain_sum, feats_leaf + logits_leaf)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
 
 
 def test_official_adv_gradient_is_opposite_of_paper():
@@ -452,6 +571,16 @@ def test_official_adv_gradient_is_opposite_of_paper():
 
 
 # ------------------------------------------------------------- SPEC section 7: optimisation and data
+
+
+@pytest.mark.parametrize("argv, alpha", [([], 0.4), (["--method", "mixup"], 0.4), (["--method", "cutmix"], 1.0),
+                                         (["--dataset", "imagenet"], 0.2), (["--dataset", "imagenet", "--method",
+                                                                             "cutmix"], 1.0),
+                                         (["--method", "cutmix", "--alpha", "0.3"], 0.3)])
+def test_alpha_defaults_are_the_spec_and_released_ones(argv, alpha):
+    """MixSKD 0.4 on CIFAR, 0.2 on ImageNet (sections 1, 9); the baselines as released (section 7):
+    Mixup 0.4, CutMix 1.0; --alpha overrides."""
+    assert train.parse_args(argv).alpha == alpha
 
 
 def test_lr_follows_spec_schedule():
@@ -505,32 +634,71 @@ def test_ranks_get_disjoint_shards_covering_the_epoch(tiny_npz):
     assert sorted(torch.cat(seen).tolist()) == list(range(256))
 
 
-@pytest.mark.parametrize("method", ["mixskd", "mixup", "ce"])
-def test_fast_step_matches_plain_step(method):
-    """train.train_step (fp32, compile off, device lam, foreach SGD) and bench.plain_step (host lam,
-    .item() per term, default SGD) give the same loss and gradients from the same state and draws."""
-    args = train.parse_args(["--width", "4", "--method", method, "--amp", "off", "--channels-last", "off",
-                             "--compile", "off"])
+@pytest.mark.parametrize("method, recipe", [("mixskd", "paper"), ("mixskd", "official"), ("mixup", "paper"),
+                                            ("ce", "paper")])
+def test_fast_step_matches_the_reference(method, recipe):
+    """train.train_step as bench.py times it (fp32, compile off, lam as a device tensor, foreach SGD)
+    against the independent reference: the same draws (lam from NumPy's generator, perm from torch's),
+    the same terms and the same gradient for every trained parameter."""
+    args = train.parse_args(["--width", str(WIDTH), "--method", method, "--recipe", recipe, "--amp", "off",
+                             "--channels-last", "off", "--compile", "off"])
+    torch.manual_seed(0)
+    objective, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
+    ref = copy.deepcopy(objective)
     x, y = batch(n=8)
-    results = []
-    for fast in (True, False):
-        torch.manual_seed(0)
-        objective, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
-        np.random.seed(1)
-        torch.manual_seed(1)
-        if fast:
-            speed = runtime.speed_settings(args, torch.device("cpu"))
-            total, terms, _ = train.train_step(objective, opt, speed, x, y, args)
-            stats = [total.item()] + [v.item() for v in terms.values()]
+    np.random.seed(1)
+    torch.manual_seed(1)
+    total, terms, _ = train.train_step(objective, opt, runtime.speed_settings(args, torch.device("cpu")), x, y, args)
+
+    np.random.seed(1)  # the same draws, made here without mixup.py
+    torch.manual_seed(1)
+    if method == "ce":
+        ref_total = ref_ce(ref.net(x), y)
+        ref_terms, surrogate = {"ce": ref_total}, ref_total
+    else:
+        lam, perm = float(np.random.beta(args.alpha, args.alpha)), torch.randperm(8)
+        x_mix = lam * x + (1 - lam) * x[perm]
+        if method == "mixup":
+            ref_total = ref_mix_ce(ref.net(x_mix), y, lam, perm)
+            ref_terms, surrogate = {"mix": ref_total}, ref_total
         else:
-            stats = bench.plain_step(args, objective, opt, x, y)
-        grads = [p.grad for p in objective.parameters() if p.requires_grad]
-        results.append((stats, grads))
-    (fast_stats, fast_grads), (plain_stats, plain_grads) = results
-    assert fast_stats == pytest.approx(plain_stats, rel=1e-5, abs=1e-5)
-    assert len(fast_grads) == len(plain_grads) > 0
-    for a, b in zip(fast_grads, plain_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            feats, logits = ref.net(torch.cat([x, x_mix]))
+            ref_terms, surrogate = ref_objective(feats, logits, y, lam, perm, ref.self_teacher, ref.discs, recipe)
+            ref_total = sum(v for t, v in ref_terms.items() if recipe == "paper" or t != "mix")
+    surrogate.backward()
+    torch.testing.assert_close(total, ref_total.detach(), rtol=1e-5, atol=1e-7)
+    assert set(terms) == set(ref_terms)
+    for t in terms:
+        torch.testing.assert_close(terms[t], ref_terms[t].detach(), rtol=1e-5, atol=1e-7)
+    trained = [(p, q) for p, q in zip(objective.parameters(), ref.parameters()) if p.requires_grad]
+    assert len(trained) > 0
+    for p, q in trained:
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5 * q.grad.abs().max().item() + 1e-9)
+
+
+@pytest.mark.parametrize("dataset, method, recipe, trains", [
+    ("cifar100", "mixskd", "paper", ("net", "self_teacher", "discs")),
+    ("cifar100", "mixskd", "official", ("net",)),
+    ("imagenet", "mixskd", "paper", ("net", "self_teacher", "discs")),
+    ("imagenet", "mixskd", "official", ("net", "self_teacher")),
+    ("cifar100", "cutmix", "paper", ("net",)),
+])
+def test_optimiser_is_sgd_as_the_spec_sets_it(dataset, method, recipe, trains):
+    """SPEC sections 7 and 9: SGD with momentum 0.9, Nesterov on CIFAR and not on ImageNet, weight decay
+    (5e-4 CIFAR, 1e-4 ImageNet) on every trained parameter; each recipe's modules, and only those, in it."""
+    args = train.parse_args(["--dataset", dataset, "--method", method, "--recipe", recipe, "--width", str(WIDTH)])
+    objective, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
+    assert isinstance(opt, torch.optim.SGD) and len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    imagenet = dataset == "imagenet"
+    assert (group["momentum"], group["nesterov"], group["weight_decay"], group["lr"]) == (
+        0.9, not imagenet, 1e-4 if imagenet else 5e-4, 0.1)
+    in_opt = {id(p) for p in group["params"]}
+    for name, module in objective.named_children():
+        inside = [id(p) in in_opt for p in module.parameters()]
+        assert all(inside) if name in trains else not any(inside), name
+        assert all(p.requires_grad == (name in trains) for p in module.parameters()), name
+    assert len(in_opt) == sum(1 for p in objective.parameters() if p.requires_grad)
 
 
 # ----------------------------------------------------------- SPEC section 8: the evaluation protocol
@@ -562,6 +730,31 @@ def test_imagenet_resnet50_is_torchvisions(tmp_path):
     theirs.eval()
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+
+
+def test_imagenet_stem_is_initialised_as_torchvision_cifar_as_pytorch():
+    """SPEC sections 7 and 9: per layer, our ImageNet ResNet-50's conv weights have the spread of
+    torchvision's own initialisation (kaiming-normal, fan_out), BatchNorm weight 1 and bias 0, the
+    branches likewise; the CIFAR network keeps PyTorch's default (kaiming-uniform, a = sqrt(5))."""
+    import torchvision
+
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet50().state_dict()
+    net = MixSKDNet("resnet50", 1000, 64, stem="imagenet")
+    ours = net.backbone.state_dict()
+    convs = [k for k, v in theirs.items() if v.dim() == 4]
+    assert len(convs) == 53
+    for k in convs:
+        assert ours[k].std().item() == pytest.approx(theirs[k].std().item(), rel=0.05), k
+        assert abs(ours[k].mean().item()) < 0.1 * theirs[k].std().item(), k
+    for k in (k for k in theirs if ".bn" in k or "downsample.1" in k or k.startswith("bn1")):
+        if k.endswith(("weight", "bias")):
+            assert torch.equal(ours[k], torch.full_like(ours[k], 1.0 if k.endswith("weight") else 0.0)), k
+    for name, w in net.branches.named_parameters():
+        if w.dim() == 4:
+            assert w.std().item() == pytest.approx((2 / (w.shape[0] * w[0, 0].numel())) ** 0.5, rel=0.05), name
+    cifar = ResNet("resnet50", 10, 64).layer3[0].conv2.weight
+    assert cifar.std().item() == pytest.approx((3 * cifar[0].numel()) ** -0.5, rel=0.05)
 
 
 def test_torchvision_checkpoint_is_read_as_a_backbone(tmp_path):
@@ -658,6 +851,23 @@ def test_released_checkpoint_maps_by_name(tmp_path):
     feats, logits = net(x)
     feats2, logits2 = model(x)
     for a, b in zip(logits + [teacher(feats)], logits2 + [loaded_teacher(feats2)]):
+        assert torch.equal(a, b)
+
+
+def test_released_imagenet_checkpoint_keeps_the_stem_relu(tmp_path):
+    """SPEC sections 9 and 11: the released ImageNet network (7x7 stem, saved without `module.`) has the
+    stem ReLU, so its checkpoint maps onto a network with it and computes the same function."""
+    torch.manual_seed(0)
+    net = MixSKDNet("resnet50", CLASSES, WIDTH, stem_relu=True, stem="imagenet").eval()
+    teacher = SelfTeacher(net.backbone.feature_channels, CLASSES)
+    released = to_released_layout(net, teacher)
+    released["net"] = {k.removeprefix("module."): v for k, v in released["net"].items()}
+    path = tmp_path / "MixSKD_ImageNet_ResNet50.pth.tar"
+    torch.save(released, path)
+    model, loaded_teacher, meta = checkpoints.model_from_checkpoint(checkpoints.read_checkpoint(path), path)
+    assert (meta["stem"], meta["stem_relu"]) == ("imagenet", True)
+    x = torch.randn(2, 3, 64, 64)
+    for a, b in zip(net(x)[1], model.eval()(x)[1]):
         assert torch.equal(a, b)
 
 
@@ -791,8 +1001,12 @@ def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path):
 
 @slow
 @pytest.mark.parametrize("method", ["ce", "mixup", "cutmix"])
-def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path):
+def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path, capsys):
     tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--method", method)
+    alpha = {"ce": None, "mixup": 0.4, "cutmix": 1.0}[method]  # SPEC section 7, as released
+    header = capsys.readouterr().out.splitlines()[0]
+    assert (f" alpha {alpha} " in header) if alpha else (" alpha " not in header)
+    assert json.loads((tmp_path / "summary.json").read_text())["args"]["alpha"] == alpha or alpha is None
     record = metric_lines(tmp_path)[-1]
     assert list(record["test"]) == ["backbone"]
     assert set(record["loss"]) == {"total", "ce" if method == "ce" else "mix"}
@@ -805,11 +1019,14 @@ def test_official_recipe_run_has_no_stem_relu_and_frozen_teacher(tiny_npz, tmp_p
     tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--recipe", "official")
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["meta"]["stem_relu"] is False
-    torch.manual_seed(0)  # train.main seeds 0 before building: the self-teacher must still be that init
+    torch.manual_seed(0)  # train.main seeds 0, then builds network, self-teacher, discriminators in this order
     net = MixSKDNet("resnet18", 10, 4, stem_relu=False)
-    fresh = SelfTeacher(net.backbone.feature_channels, 10)
-    for k, v in fresh.state_dict().items():
-        assert torch.equal(v, ckpt["self_teacher"][k])
+    channels = net.backbone.feature_channels
+    fresh_teacher, fresh_discs = SelfTeacher(channels, 10), discriminators(channels)
+    for fresh, key in ((fresh_teacher, "self_teacher"), (fresh_discs, "discriminators")):
+        for k, v in fresh.state_dict().items():
+            assert torch.equal(v, ckpt[key][k]), f"{key}.{k} moved during an official run"
+    assert not torch.equal(net.state_dict()["backbone.fc.weight"], ckpt["model"]["backbone.fc.weight"])
 
 
 # ---------------------------------------- Mistakes (slow): one line, non-zero exit, checkpoints kept

@@ -37,7 +37,7 @@ METHODS = ("mixskd", "ce", "mixup", "cutmix")
 CLEAR_LINE = "\r\033[K"  # back to the start of the terminal line and erase it
 SPEC_EPOCHS, SPEC_MILESTONES = 205, (105, 155)
 # the flags whose SPEC values differ between CIFAR (section 7) and ImageNet (section 9); ImageNet's
-# batch is 128 in total across processes
+# batch is 128 in total across processes. The CutMix baseline draws lam with alpha 1.0 (section 7).
 CIFAR_DEFAULTS = {"epochs": SPEC_EPOCHS, "weight_decay": 5e-4, "alpha": 0.4, "batch_size": 64}
 IMAGENET_DEFAULTS = {"epochs": 305, "weight_decay": 1e-4, "alpha": 0.2, "batch_size": 128}
 
@@ -64,7 +64,7 @@ g.add_argument("--recipe", default="paper", choices=RECIPES[:2],
                     "fixed discriminators, SPEC section 9)")
 g.add_argument("--mix", default="mixup", choices=MIX_MODES, help="how mixskd mixes images")
 g.add_argument("--alpha", type=float, default=argparse.SUPPRESS,
-               help="lam ~ Beta(alpha, alpha) (default 0.4 on CIFAR, 0.2 on ImageNet)")
+               help="lam ~ Beta(alpha, alpha) (default 0.4 on CIFAR, 0.2 on ImageNet; 1.0 for --method cutmix)")
 g.add_argument("--temperature", type=float, default=3.0, help="KD temperature T")
 for term in TERMS:
     g.add_argument(f"--w-{term}", type=float, default=1.0, help=f"weight of L_{term} (0 disables it)")
@@ -101,7 +101,8 @@ def parse_args(argv=None):
     """The command line, with the dataset's SPEC defaults filled in and every value checked."""
     args = parser.parse_args(argv)
     imagenet = args.dataset == "imagenet"
-    for key, value in (IMAGENET_DEFAULTS if imagenet else CIFAR_DEFAULTS).items():
+    for key, value in {**(IMAGENET_DEFAULTS if imagenet else CIFAR_DEFAULTS),
+                       **({"alpha": 1.0} if args.method == "cutmix" else {})}.items():
         if not hasattr(args, key):
             setattr(args, key, value // runtime.world_size() if key == "batch_size" and imagenet else value)
     args.stem, args.schedule, args.nesterov = ("imagenet", "cosine", False) if imagenet else ("cifar", "step", True)
@@ -240,7 +241,8 @@ def setup(args, rank, world, device):
         return run
     if args.dataset == "imagenet" and run.images != 128:
         print(f"note: the global batch is {run.images}, the SPEC's ImageNet recipe uses 128 in total")
-    print(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''} {args.arch} width {args.width} on "
+    print(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''}"
+          f"{'' if args.method == 'ce' else f' alpha {args.alpha}'} {args.arch} width {args.width} on "
           f"{data.name} ({data.n_train} train, {data.n_test} test, {data.num_classes} classes) | {run.world} x "
           f"{run.device.type} amp {run.speed.dtype} channels_last {run.speed.memory_format == torch.channels_last} "
           f"compile {args.compile} | batch {args.batch_size} per process, {run.images} in all | {run.n_trained:,} "
