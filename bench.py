@@ -12,6 +12,7 @@ CIFAR-100-shaped uint8 images (50,000 x 32 x 32 x 3, 100 classes): speed does no
 import argparse
 import json
 import resource
+import sys
 import time
 from types import SimpleNamespace
 
@@ -29,14 +30,14 @@ from model import ARCHS
 SPEC_STEPS = 50_000 // 64 * 205  # the SPEC's CIFAR-100 run: 781 steps per epoch, 205 epochs
 
 
-def parse_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description="Time the MixSKD training step (and the plain way with --baseline).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", default="resnet18", choices=list(ARCHS))
-    p.add_argument("--width", type=int, default=64)
+                                formatter_class=train.HelpFormatter)
+    p.add_argument("--arch", default="resnet18", choices=list(ARCHS), help="network, as train.py's --arch")
+    p.add_argument("--width", type=int, default=64, help="channels of the first stage, as train.py's --width")
     p.add_argument("--batch-size", type=int, default=64, help="clean images per step")
-    p.add_argument("--method", default="mixskd", choices=train.METHODS)
-    p.add_argument("--recipe", default="paper", choices=RECIPES[:2])
+    p.add_argument("--method", default="mixskd", choices=train.METHODS, help="as train.py's --method")
+    p.add_argument("--recipe", default="paper", choices=RECIPES[:2], help="as train.py's --recipe")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="as train.py: auto = bf16 on CUDA and on CPUs with native bf16 kernels")
@@ -48,7 +49,11 @@ def parse_args(argv=None):
     p.add_argument("--baseline", action="store_true", help="also time the plain way and print the ratio")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return parser().parse_args(argv)
 
 
 def train_args(args):
@@ -111,7 +116,7 @@ def fast_stepper(targs, data, device):
     objective, opt = train.build(targs, data.num_classes, device, speed.memory_format)
     step_fn = runtime.wrap(objective, targs, device, world=1)
     state = {"epoch": 0, "batches": iter(())}
-    settings = {"amp": str(speed.dtype).removeprefix("torch.") if speed.dtype else "off",
+    settings = {"amp": speed.amp,
                 "channels_last": speed.memory_format == torch.channels_last, "compile": targs.compile}
 
     def step():
@@ -190,6 +195,10 @@ def main(argv=None):
     cuda = device.type == "cuda"
     warmup = args.warmup if args.warmup is not None else (20 if cuda else 2)
     steps = args.steps if args.steps is not None else (50 if cuda else 4)
+    if steps < 1 or warmup < 0:
+        sys.exit("error: --steps must be at least 1 and --warmup at least 0")
+    # few timed steps make a noisy mean, and the projection multiplies it by 160,000 steps
+    estimate = "training steps only" + (f"; rough, from {steps} timed step{'s' * (steps > 1)}" if steps < 10 else "")
     targs = train_args(args)
     data = synthetic_cifar(device)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
@@ -213,11 +222,11 @@ def main(argv=None):
         print(json.dumps(report))
         return
     print(f"{name}, torch {torch.__version__}: {args.method} {args.recipe} {args.arch} width {args.width}, "
-          f"batch {args.batch_size}, {steps} timed steps after {warmup}")
+          f"batch {args.batch_size}, {steps} timed step{'s' * (steps > 1)} after {warmup}")
     for mode, r in results.items():
         print(f"{mode:<9} {r['ms_per_step']:9.1f} ms/step {r['images_per_s']:8.0f} img/s  "
               f"peak {r['peak_memory_mib']:7.0f} MiB"
-              f"  205 epochs ~ {r['projected_205_epochs_min']:.0f} min (training steps only) | amp {r['amp']}, "
+              f"  205 epochs ~ {r['projected_205_epochs_min']:.0f} min ({estimate}) | amp {r['amp']}, "
               f"channels_last {r['channels_last']}, compile {r['compile']}")
     if args.baseline:
         print(f"speed-up over the plain way: {report['speedup']:.2f}x")

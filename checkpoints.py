@@ -9,6 +9,7 @@ optimiser, the GradScaler and every random generator (runtime.rng_state), so it 
 """
 import json
 import os
+import pickle
 import re
 
 import torch
@@ -37,26 +38,6 @@ def write_json_atomic(obj, path):
     os.replace(f"{path}.tmp", path)
 
 
-def check_run_folder(out, resume):
-    """A new run needs a folder without last.pt; --resume needs one with it."""
-    last = os.path.join(out, "last.pt")
-    if os.path.exists(last) and not resume:
-        raise UserError(f"{out} already holds a run (last.pt): pass --resume to continue it, or another --out")
-    if resume and not os.path.exists(last):
-        raise UserError(f"--resume: no {last} to continue from")
-
-
-def check_writable(out, rank=0):
-    try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test-{rank}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") from None
-
-
 def read_metrics(path, before_epoch=None):
     """The per-epoch records of a metrics.jsonl, those of epochs < before_epoch when given."""
     if not os.path.exists(path):
@@ -77,7 +58,10 @@ def run_meta(args, data, backbone):
     """What every checkpoint of a run records about it: enough to rebuild the network and its inputs."""
     return {"arch": args.arch, "num_classes": data.num_classes, "width": args.width, "stem_relu": backbone.stem_relu,
             "stem": args.stem, "method": args.method, "recipe": args.recipe, "dataset": args.dataset,
-            "image_size": args.image_size, "seed": args.seed, "mean": list(data.mean), "std": list(data.std)}
+            # absolute too, so that eval.py finds an .npz from any working directory
+            "dataset_path": os.path.abspath(args.dataset) if args.dataset.endswith(".npz") else None,
+            "image_size": data.image_size, "class_names": data.class_names, "seed": args.seed,
+            "mean": list(data.mean), "std": list(data.std)}
 
 
 def save_training(paths, meta, args, epoch, best, objective, opt, scaler, rng):
@@ -101,6 +85,11 @@ def read_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a pickle of Python objects, which weights_only refuses to run
+            raise UserError(f"{path} is not a plain checkpoint: it holds Python objects that torch.load(..., "
+                            f"weights_only=True) will not run, so it was not loaded") from None
+        raise UserError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint") from None
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint "
@@ -215,7 +204,7 @@ def init_from(path, model, teacher):
         load_state(teacher, source_teacher.state_dict(), f"--init-from {path} (self-teacher)")
 
 
-def resume(path, meta, model, teacher, discs, opt, scaler, device, rank):
+def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank):
     """Load last.pt into everything; returns (first epoch to run, best-so-far record)."""
     ckpt = read_checkpoint(path)
     if "meta" not in ckpt or "optimizer" not in ckpt:
@@ -227,6 +216,12 @@ def resume(path, meta, model, teacher, discs, opt, scaler, device, rank):
         if saved.get(key) != current[key]:
             raise UserError(f"{path} was trained with {key}={saved.get(key)!r}, this run has {current[key]!r}: "
                             f"pass the same arguments to resume, or another --out for a new run")
+    started, done = ckpt["args"]["epochs"], ckpt["epoch"] + 1
+    if args.epochs != started and not args.extend:
+        raise UserError(f"{path} belongs to a run of {started} epochs, this one asks for {args.epochs}: pass "
+                        f"--epochs {started} to resume it as it was, or add --extend to change its length and schedule")
+    if args.epochs < done:
+        raise UserError(f"{path} already holds epoch {done}: --epochs {args.epochs} leaves nothing to train")
     load_state(model, ckpt["model"], f"checkpoint {path}")
     for module, key in ((teacher, "self_teacher"), (discs, "discriminators")):
         if module is not None:

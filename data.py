@@ -14,6 +14,7 @@ Resize(256) + CenterCrop(224) for evaluation, as uint8 into pinned memory, copie
 and normalised on the device.
 """
 import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,6 +32,14 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 class UserError(Exception):
     """A problem with the command line or the files it names: reported in one line, no traceback."""
+
+
+def run_cli(main):
+    """Run a command's main(): a UserError ends it with one line on stderr and exit status 1."""
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")
 
 
 def dataset_name(dataset):
@@ -56,15 +65,18 @@ def load_dataset(dataset, root="./data", device="cpu", image_size=224, workers=8
         pixels = arrays["x_train"].reshape(-1, 3) / 255.0
         mean, std = tuple(pixels.mean(0).tolist()), tuple(pixels.std(0).tolist())
     to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+    classes = [str(c) for c in arrays["class_names"]] if "class_names" in arrays else None
     return SimpleNamespace(
         name=dataset_name(dataset),
+        image_size=arrays["x_train"].shape[1],
+        class_names=classes,
         n_train=len(arrays["y_train"]),
         n_test=len(arrays["y_test"]),
         x_train=to_device(arrays["x_train"].transpose(0, 3, 1, 2)),
         y_train=to_device(arrays["y_train"].astype(np.int64)),
         x_test=to_device(arrays["x_test"].transpose(0, 3, 1, 2)),
         y_test=to_device(arrays["y_test"].astype(np.int64)),
-        num_classes=int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1,
+        num_classes=class_count(arrays),
         mean=mean,
         std=std,
         stats=pixel_stats(mean, std, device),
@@ -81,8 +93,8 @@ def load_torchvision(dataset, root):
         folder = os.path.join(root, cls.base_folder)
         raise UserError(f"{dataset} not found in {folder} and could not be downloaded ({type(e).__name__}); "
                         f"download {cls.url} and extract it into {root}, or pass --dataset PATH.npz") from None
-    return {"x_train": train.data, "y_train": np.array(train.targets),
-            "x_test": test.data, "y_test": np.array(test.targets)}
+    return {"x_train": train.data, "y_train": np.array(train.targets), "x_test": test.data,
+            "y_test": np.array(test.targets), "class_names": np.array(train.classes)}
 
 
 def load_image_folder(root, device, image_size, workers):
@@ -103,12 +115,19 @@ def load_image_folder(root, device, image_size, workers):
         raise UserError(f"imagenet: {folders[0]} and {folders[1]} hold different class folders")
     mean, std = STATS["imagenet"]
     return SimpleNamespace(name="imagenet", train_set=train, test_set=test, n_train=len(train), n_test=len(test),
-                           num_classes=len(train.classes), mean=mean, std=std, device=torch.device(device),
-                           workers=workers, stats=pixel_stats(mean, std, device))
+                           num_classes=len(train.classes), image_size=image_size, class_names=train.classes,
+                           mean=mean, std=std, device=torch.device(device), workers=workers,
+                           stats=pixel_stats(mean, std, device))
+
+
+def class_count(arrays):
+    """The number of classes: len(class_names) when the file names them, else 1 + the largest training label."""
+    return len(arrays["class_names"]) if "class_names" in arrays else int(arrays["y_train"].max()) + 1
 
 
 def load_npz(path):
-    """Read and validate an .npz dataset (keys, dtypes, shapes), with one-line errors."""
+    """Read and validate an .npz dataset (keys, dtypes, shapes, labels), with one-line errors: labels must
+    lie in 0..C-1 for C classes (class_count), and neither split may be empty."""
     try:
         with np.load(path) as f:
             arrays = {k: f[k] for k in f.files}
@@ -123,9 +142,17 @@ def load_npz(path):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
             raise UserError(f"{path}: x_{split} must be uint8 N x H x W x 3 images, got {x.dtype} {x.shape}")
-        if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-            raise UserError(f"{path}: y_{split} must hold {x.shape[0]} non-negative integer labels, "
-                            f"got {y.dtype} {y.shape}")
+        if x.shape[0] == 0:
+            raise UserError(f"{path}: x_{split} holds no images; both splits need at least one")
+        if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+            raise UserError(f"{path}: y_{split} must hold {x.shape[0]} integer labels, got {y.dtype} {y.shape}")
+    classes, source = class_count(arrays), "class_names" if "class_names" in arrays else "the training labels"
+    for split in ("train", "test"):
+        y = arrays[f"y_{split}"]
+        bad = y[(y < 0) | (y >= classes)]
+        if len(bad):
+            raise UserError(f"{path}: y_{split} holds label {bad[0]}, outside 0..{classes - 1} for the {classes} "
+                            f"classes of {source}")
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
         raise UserError(f"{path}: train images {arrays['x_train'].shape[1:]} and test images "
                         f"{arrays['x_test'].shape[1:]} differ in size")
@@ -188,7 +215,11 @@ def train_batches(data, batch_size, seed, epoch, rank=0, world_size=1):
 
 
 def steps_per_epoch(data, batch_size, world_size=1):
-    return data.n_train // world_size // batch_size
+    steps = data.n_train // world_size // batch_size
+    if steps == 0:
+        raise UserError(f"--batch-size {batch_size} exceeds the {data.n_train // world_size} training images of "
+                        f"each of the {world_size} process(es)")
+    return steps
 
 
 def eval_batches(data, batch_size):

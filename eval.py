@@ -13,14 +13,14 @@ first and is the headline. `--table` and `--plot` hand run folders to report.py.
 """
 import argparse
 import json
-import sys
+import os
 
 import torch
 import torch.nn.functional as F
 
 import report
 from checkpoints import model_from_checkpoint, read_checkpoint
-from data import UserError, eval_batches, load_dataset, pixel_stats
+from data import UserError, eval_batches, load_dataset, pixel_stats, run_cli
 from model import MixSKDNet
 
 HEADS = ("backbone", "branch1", "branch2", "branch3", "self_teacher")
@@ -95,7 +95,8 @@ def parse_args(argv=None):
     p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print a markdown table of finished runs instead")
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
                    help="draw test top-1 per epoch of these runs and a MixSKD run's loss terms (needs matplotlib)")
-    p.add_argument("--out", default="results.png", help="image file that --plot writes")
+    p.add_argument("--out", default=None, help="image file that --plot writes (default: results.png in the first "
+                                               "run folder)")
     p.add_argument("--dataset", default=None, help="cifar10, cifar100 or PATH.npz (default: the one it was trained on)")
     p.add_argument("--data", default="./data", help="torchvision dataset root (default ./data)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
@@ -105,22 +106,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def recorded_dataset(path, meta):
+    """The dataset a checkpoint was trained on: its .npz as typed, else as the absolute path recorded."""
+    dataset = meta.get("dataset")
+    if dataset is None:
+        raise UserError(f"{path} does not record its dataset: pass --dataset cifar10, cifar100 or PATH.npz")
+    if dataset.endswith(".npz") and not os.path.exists(dataset):
+        dataset = meta.get("dataset_path") or dataset
+        if not os.path.exists(dataset):
+            raise UserError(f"{path} was trained on {meta['dataset']}, which is not found from here (nor at "
+                            f"{dataset}): pass --dataset PATH.npz to evaluate on the file where it is now")
+    return dataset
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.table:
         print(report.results_table(args.table))
         return
     if args.plot:
-        print(report.plot_runs(args.plot, args.out))
+        out = report.plot_runs(args.plot, args.out or os.path.join(args.plot[0], "results.png"))
+        print(f"figure written to {out}")
         return
     if args.checkpoint is None:
         raise UserError("name a checkpoint to evaluate, or pass --table / --plot with run folders")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = read_checkpoint(args.checkpoint)
     model, teacher, meta = model_from_checkpoint(ckpt, args.checkpoint)
-    dataset = args.dataset or meta.get("dataset")
-    if dataset is None:
-        raise UserError(f"{args.checkpoint} does not record its dataset: pass --dataset cifar10, cifar100 or PATH.npz")
+    dataset = args.dataset or recorded_dataset(args.checkpoint, meta)
     data = load_dataset(dataset, args.data, device, meta.get("image_size", 224), args.workers)
     if data.num_classes > meta["num_classes"]:
         raise UserError(f"{args.checkpoint} has {meta['num_classes']} classes but {dataset} has {data.num_classes}")
@@ -141,7 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

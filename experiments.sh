@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun README "Results on a CPU budget": CE, Mixup, CutMix and MixSKD (recipes paper and official)
-# on the real CIFAR-10 subset, ResNet-18 width 16, batch 64, 90 epochs (milestones 46 and 68, the
-# SPEC's 105/205 and 155/205), each seed; then the table (table.md) and the figure (results.png).
+# on the real CIFAR-10 subset, ResNet-18 width 16, batch 64, 90 epochs (5 warmup epochs, milestones 46
+# and 68, the SPEC's 105/205 and 155/205), each seed; then the table (table.md) and the figure.
 #
 #   bash experiments.sh                     # one run at a time
 #   JOBS=5 bash experiments.sh              # five runs at once (the README's runs: one GPU, JOBS=5)
@@ -9,6 +9,8 @@
 #   SEEDS=2 METHODS="ce mixskd-paper" bash experiments.sh     # a third seed for two methods
 #
 # A finished run (summary.json) is skipped and an interrupted one resumed, so rerunning continues.
+# With JOBS=n each job gets (cores / n) CPU threads (OMP_NUM_THREADS), since n jobs of one thread per
+# core each would oversubscribe the CPU; an OMP_NUM_THREADS you set yourself is kept.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=${DATA:-../shared/data/cifar10_q75_10k.npz}
@@ -17,6 +19,9 @@ SEEDS=${SEEDS:-"0 1"}
 JOBS=${JOBS:-1}
 EPOCHS=${EPOCHS:-90}
 METHODS=${METHODS:-"ce mixup cutmix mixskd-paper mixskd-official"}
+PYTHON=${PYTHON:-python}
+cores=$(env -u OMP_NUM_THREADS nproc)  # nproc alone would echo OMP_NUM_THREADS
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / JOBS > 0 ? cores / JOBS : 1 ))}
 mkdir -p "$RUNS"
 
 for seed in $SEEDS; do
@@ -27,10 +32,10 @@ for seed in $SEEDS; do
     [ -f "$dir/summary.json" ] && continue
     resume=""
     [ -f "$dir/last.pt" ] && resume="--resume"
-    echo "python train.py --dataset $DATA --width 16 --batch-size 64 --epochs $EPOCHS --seed $seed \
---method $method --out $dir $resume > $dir.log 2>&1 || echo failed: $dir, see $dir.log"
+    echo "$PYTHON train.py --dataset $DATA --width 16 --batch-size 64 --epochs $EPOCHS --warmup-epochs 5 \
+--seed $seed --method $method --out $dir $resume > $dir.log 2>&1 || echo failed: $dir, see $dir.log"
   done
 done | tr '\n' '\0' | xargs -0 -P "$JOBS" -I{} bash -c {}
 
-python eval.py --table "$RUNS"/*/ | tee "$RUNS/table.md"
-python eval.py --plot "$RUNS"/*/ --out "$RUNS/results.png" || echo "(no figure: see the line above)"
+$PYTHON eval.py --table "$RUNS"/*/ | tee "$RUNS/table.md"
+$PYTHON eval.py --plot "$RUNS"/*/ --out "$RUNS/results.png" || echo "(no figure: see the line above)"

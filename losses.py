@@ -161,15 +161,19 @@ class MixSKDObjective(nn.Module):
     `mixskd_loss`, SPEC Eqs. (5)-(10) for `paper`, (10') for `official`.
 
     It holds the network, the self-teacher and the discriminators, so that one DistributedDataParallel
-    wrapper averages every trained gradient and torch.compile sees forward and losses as one graph.
+    wrapper averages every trained gradient and torch.compile sees forward and losses as one graph. What
+    the recipe does not train (`trained_parameters`) is frozen here: requires_grad False, so it neither
+    enters an optimiser built from the trainable parameters nor piles up a .grad that nothing zeroes.
     forward(inputs, y, lam, perm) -> (total, terms, backbone logits on all of `inputs`).
     """
 
     def __init__(self, net, self_teacher, discs, recipe="paper", weights=None, temperature=3.0):
         super().__init__()
-        check_recipe(recipe)
         self.net, self.self_teacher, self.discs = net, self_teacher, discs
         self.recipe, self.weights, self.temperature = recipe, weights, temperature
+        trained = {id(p) for p in trained_parameters(recipe, net, self_teacher, discs)}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trained)
 
     def forward(self, inputs, y, lam, perm):
         feats, logits = self.net(inputs)

@@ -10,17 +10,16 @@ image (lossless, so the pixels are the .npz's). The images are written at run ti
 """
 import argparse
 import os
-import sys
 
 from PIL import Image
 
-from data import UserError, load_npz
+from data import UserError, class_count, load_npz, run_cli
 
 
 def write_image_folder(npz, out):
     """Write every image of `npz` under out/train and out/val; returns the number of images per split."""
     arrays = load_npz(npz)
-    classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+    classes = class_count(arrays)
     names = [str(n) for n in arrays.get("class_names", [f"class{k}" for k in range(classes)])]
     counts = {}
     for split, folder in (("train", "train"), ("test", "val")):
@@ -45,7 +44,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

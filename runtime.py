@@ -1,16 +1,22 @@
-"""How the training step runs: on which device and processes, from which random state, how fast.
+"""How a run runs: on which device and processes, from which random state, how fast; how it starts and stops.
 
-Plumbing for train.py and bench.py, not the method. Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set)
-every process joins one process group (NCCL on CUDA, one GPU per process; gloo on CPU), the objective
-is wrapped once in DistributedDataParallel, and small values are gathered from every rank. Every random
-generator a step draws from is seeded, captured and restored here, so a resumed run continues exactly.
-`--amp`, `--channels-last` and `--compile` resolve `auto` to what pays on the device; the README's
-Performance section has the measurements behind each choice.
+Plumbing for train.py and bench.py, not the method. A run checks its folder before it starts, removes
+what it wrote when it fails before its first checkpoint, and answers Ctrl-C with the command that
+resumes it. Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) every process joins one process group
+(NCCL on CUDA, one GPU per process; gloo on CPU), the objective is wrapped once in
+DistributedDataParallel, and small values are gathered from every rank. Every random generator a step
+draws from is seeded, captured and restored here, so a resumed run continues exactly. `--amp`,
+`--channels-last` and `--compile` resolve `auto` to what pays on the device; the README's Performance
+section has the measurements behind each choice.
 """
 import contextlib
 import hashlib
+import json
 import os
 import random
+import shlex
+import shutil
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -86,6 +92,69 @@ def parameter_digest(*modules):
     return h.hexdigest()
 
 
+# ----------------------------------------------------------------------------- a run's start and stop
+
+
+def check_run_folder(args):
+    """A new run needs a folder without last.pt, --resume one with it. Returns a message when there is
+    nothing to do: --resume of a run that finished at the same --epochs."""
+    last, summary = os.path.join(args.out, "last.pt"), os.path.join(args.out, "summary.json")
+    if os.path.exists(last) and not args.resume:
+        raise UserError(f"{args.out} already holds a run (last.pt): pass --resume to continue it, or another --out")
+    if args.resume and not os.path.exists(last):
+        raise UserError(f"--resume: no {last} to continue from")
+    if args.resume and os.path.exists(summary):
+        with open(summary) as f:
+            epochs = json.load(f)["args"]["epochs"]
+        if epochs == args.epochs:
+            return (f"{args.out} is complete ({epochs} of {epochs} epochs): nothing to do, no file changed; to "
+                    f"train it longer, pass a larger --epochs together with --extend")
+    return None
+
+
+@contextlib.contextmanager
+def cleanup_failed_start(out, rank):
+    """A run that fails or is interrupted before its first checkpoint removes what it wrote: the folder
+    when it made the folder, else its metrics.jsonl. A folder that holds a run (last.pt) is never touched."""
+    made, metrics = not os.path.exists(out), os.path.join(out, "metrics.jsonl")
+    had_metrics = os.path.exists(metrics)
+    try:
+        yield
+    except BaseException:
+        if rank == 0 and not os.path.exists(os.path.join(out, "last.pt")):
+            if made:
+                shutil.rmtree(out, ignore_errors=True)
+            elif not had_metrics and os.path.exists(metrics):
+                os.remove(metrics)
+        raise
+
+
+def interrupted(out, argv):
+    """Ctrl-C: print one line (rank 0), what last.pt holds and the exact command that resumes the run;
+    returns 130, the exit status of a program stopped by SIGINT."""
+    last = os.path.join(out, "last.pt")
+    line = "interrupted before the first epoch ended: nothing was saved"
+    if os.path.exists(last):
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        epoch, epochs = ckpt["epoch"] + 1, ckpt["args"]["epochs"]
+        command = shlex.join(["python", "train.py", *(a for a in argv if a != "--resume"), "--resume"])
+        line = f"interrupted in epoch {epoch + 1} of {epochs}: {last} holds epoch {epoch}; resume with: {command}"
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr, flush=True)
+    return 130
+
+
+def check_writable(out, rank=0):
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{rank}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") from None
+
+
 # ----------------------------------------------------------------------------- random generators
 
 
@@ -123,10 +192,13 @@ def speed_settings(args, device):
     and cudagraphs (whether each step must be marked for CUDA graph replay)."""
     if args.compile == "auto":  # CUDA graphs with DDP's gradient hooks are unverified here: plain compile there
         args.compile = "off" if device.type != "cuda" else "default" if world_size() > 1 else "reduce-overhead"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
     dtype = autocast_dtype(args.amp, device)
     return SimpleNamespace(
         dtype=dtype,
+        amp={torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype],
         memory_format=torch.channels_last if channels_last else torch.contiguous_format,
         autocast=torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
@@ -151,7 +223,10 @@ def autocast_dtype(choice, device):
 def wrap(objective, args, device, world):
     """The objective as the step calls it: under DistributedDataParallel with several processes (one
     wrapper, so every trained gradient is averaged, the self-teacher's and the discriminators' too),
-    then compiled when --compile asks (forward and losses as one graph)."""
+    then compiled when --compile asks (forward and losses as one graph). --sync-bn makes its BatchNorm
+    layers SyncBatchNorm first (statistics over all GPUs)."""
+    if args.sync_bn and world > 1:
+        objective.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective.net)
     if world > 1:
         # a loss weight of 0 leaves parameters without gradient (the discriminators under --w-adv 0)
         unused = any(getattr(args, f"w_{t}") == 0 for t in TERMS)

@@ -6,6 +6,7 @@ multi-process runs come last and are marked slow, so `pytest -m "not slow"` is t
 import copy
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -483,15 +484,15 @@ def test_unknown_recipe_and_weight_raise():
         mixskd_loss(feats, logits, y, lam, perm, teacher, discs, weights={"kl": 1.0})
 
 
-@slow  # thirty training steps: about 2 s each
+@slow  # forty training steps: about 3 s each
 @pytest.mark.parametrize("recipe", ["paper", "official"])
 def test_overfits_one_small_batch(recipe):
-    """Thirty steps on one fixed batch of 8 drive the loss and the backbone's CE clearly down:
+    """Forty steps on one fixed batch of 8 drive the loss and the backbone's CE clearly down:
     this fails when gradients are wired wrong (detached heads, reversed signs, frozen backbone)."""
     torch.manual_seed(0)
     net = MixSKDNet("resnet18", CLASSES, 8, stem_relu=recipe == "paper")
     teacher, discs = SelfTeacher(64, CLASSES), discriminators(64)
-    opt = torch.optim.SGD(trained_parameters(recipe, net, teacher, discs), lr=0.02, momentum=0.9, nesterov=True)
+    opt = torch.optim.SGD(trained_parameters(recipe, net, teacher, discs), lr=0.01, momentum=0.9, nesterov=True)
     x, y = batch(n=8)
     np.random.seed(0)
 
@@ -503,7 +504,7 @@ def test_overfits_one_small_batch(recipe):
         return ce
 
     ce_before, totals = backbone_ce(), []
-    for _ in range(30):
+    for _ in range(40):
         x_mix, perm, lam = mix_batch(x, 0.4)
         feats, logits = net(torch.cat([x, x_mix]))
         total, _ = mixskd_loss(feats, logits, y, lam, perm, teacher, discs, recipe)
@@ -581,6 +582,25 @@ def test_alpha_defaults_are_the_spec_and_released_ones(argv, alpha):
     """MixSKD 0.4 on CIFAR, 0.2 on ImageNet (sections 1, 9); the baselines as released (section 7):
     Mixup 0.4, CutMix 1.0; --alpha overrides."""
     assert train.parse_args(argv).alpha == alpha
+
+
+@pytest.mark.parametrize("argv, warmup, milestones", [
+    (["--epochs", "205"], 5, [105, 155]), (["--epochs", "90"], 2, [46, 68]), (["--epochs", "2"], 0, [1, 2]),
+    (["--epochs", "2", "--warmup-epochs", "1"], 1, [1, 2]), (["--epochs", "3", "--milestones", "1", "2"], 0, [1, 2]),
+    (["--dataset", "imagenet", "--epochs", "61"], 1, [31, 46]),
+])
+def test_short_runs_shorten_the_warmup_like_the_milestones(argv, warmup, milestones):
+    """Below the SPEC's 205 (ImageNet 305) epochs, the 5 warmup epochs shrink by the same factor as the
+    milestones, so a short run is not all warmup; an explicit --warmup-epochs is kept."""
+    args = train.parse_args(argv)
+    assert (args.warmup_epochs, args.milestones) == (warmup, milestones)
+
+
+def test_milestones_that_would_collide_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--epochs", "3"])
+    assert e.value.code == 2
+    assert "--epochs 3 is too short to scale the SPEC's decays at epochs 105 and 155" in capsys.readouterr().err
 
 
 def test_lr_follows_spec_schedule():
@@ -871,6 +891,17 @@ def test_released_imagenet_checkpoint_keeps_the_stem_relu(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_pickle_with_python_objects_is_refused_in_one_line(tmp_path):
+    import argparse
+
+    path = tmp_path / "unsafe.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(data.UserError) as e:
+        checkpoints.read_checkpoint(path)
+    assert str(e.value) == (f"{path} is not a plain checkpoint: it holds Python objects that torch.load(..., "
+                            f"weights_only=True) will not run, so it was not loaded")
+
+
 def test_released_checkpoint_with_unknown_key_is_refused(tmp_path):
     net, teacher, _ = tiny("official")
     ckpt = to_released_layout(net, teacher)
@@ -909,12 +940,12 @@ def tiny_npz(tmp_path_factory):
     if SHARED_NPZ.exists():
         with np.load(SHARED_NPZ) as f:
             arrays = {"x_train": f["x_train"][:256], "y_train": f["y_train"][:256],
-                      "x_test": f["x_test"][:128], "y_test": f["y_test"][:128]}
+                      "x_test": f["x_test"][:128], "y_test": f["y_test"][:128], "class_names": f["class_names"]}
     else:
         rng = np.random.default_rng(0)
         arrays = {"x_train": rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8),
                   "y_train": rng.integers(0, 10, 256), "x_test": rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8),
-                  "y_test": np.arange(128) % 10}
+                  "y_test": np.arange(128) % 10, "class_names": np.array([f"class{k}" for k in range(10)])}
     np.savez(path, **arrays)
     return str(path)
 
@@ -961,6 +992,26 @@ def test_two_epoch_run_writes_every_output(run_dir):
 
 
 @slow
+def readme_block(after, language="python"):
+    """The first ```language block of the README after the line containing `after`, as written."""
+    text = (HERE / "README.md").read_text()
+    start = text.index(f"```{language}\n", text.index(after)) + len(language) + 4
+    return text[start:text.index("```", start)]
+
+
+@slow
+def test_readme_deploy_script_runs_as_written(run_dir):
+    meta = torch.load(run_dir / "deploy.pt", weights_only=True)["meta"]
+    assert meta["image_size"] == 32 and len(meta["class_names"]) == 10  # what the run trained on
+    script = run_dir / "deploy_snippet.py"
+    script.write_text(readme_block("`deploy.pt` needs only `model.py`"))
+    result = subprocess.run([sys.executable, str(script)], cwd=run_dir, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert all(name in meta["class_names"] for name in eval(result.stdout))
+
+
+@slow
 def test_deploy_checkpoint_loads_with_backbone_class_alone(run_dir, tiny_npz):
     ckpt = torch.load(run_dir / "deploy.pt", weights_only=True)
     meta = ckpt["meta"]
@@ -990,7 +1041,7 @@ def test_eval_prints_backbone_row_first(run_dir, capsys):
 @slow
 def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path):
     tiny_run(tiny_npz, tmp_path, "--epochs", "1")
-    tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--resume")
+    tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--resume", "--extend")
     straight = torch.load(run_dir / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "last.pt", weights_only=True)
     for part in ("model", "self_teacher", "discriminators"):
@@ -1004,7 +1055,9 @@ def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path):
 def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path, capsys):
     tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--method", method)
     alpha = {"ce": None, "mixup": 0.4, "cutmix": 1.0}[method]  # SPEC section 7, as released
-    header = capsys.readouterr().out.splitlines()[0]
+    header, epoch_line = capsys.readouterr().out.splitlines()[:2]
+    assert (" amp off " in header or " amp bf16 " in header) and "torch." not in header
+    assert header.endswith("epochs 1..1, milestones [1]") and epoch_line.startswith("epoch 1/1 loss ")
     assert (f" alpha {alpha} " in header) if alpha else (" alpha " not in header)
     assert json.loads((tmp_path / "summary.json").read_text())["args"]["alpha"] == alpha or alpha is None
     record = metric_lines(tmp_path)[-1]
@@ -1059,6 +1112,14 @@ def test_missing_dataset_offline_names_folder_and_url(tmp_path, monkeypatch):
       "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.zeros(2, int)}, "x_train must be uint8 N x H x W x 3"),
     ({"x_train": np.zeros((4, 32, 32, 3), np.uint8), "y_train": np.zeros(3, int),
       "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.zeros(2, int)}, "y_train must hold 4"),
+    # labels must fit the classes: ten class_names and labels 10..13, or a test label beyond the training ones
+    ({"x_train": np.zeros((4, 8, 8, 3), np.uint8), "y_train": np.arange(10, 14), "x_test": np.zeros((2, 8, 8, 3),
+      np.uint8), "y_test": np.array([10, 11]), "class_names": np.array(list("abcdefghij"))},
+     r"y_train holds label 10, outside 0\.\.9 for the 10 classes of class_names"),
+    ({"x_train": np.zeros((4, 8, 8, 3), np.uint8), "y_train": np.arange(4), "x_test": np.zeros((2, 8, 8, 3),
+      np.uint8), "y_test": np.array([1, 42])}, r"y_test holds label 42, outside 0\.\.3 for the 4 classes of the tr"),
+    ({"x_train": np.zeros((0, 8, 8, 3), np.uint8), "y_train": np.zeros(0, int), "x_test": np.zeros((2, 8, 8, 3),
+      np.uint8), "y_test": np.zeros(2, int)}, "x_train holds no images"),
 ])
 def test_bad_npz_is_reported(arrays, message, tmp_path):
     path = tmp_path / "bad.npz"
@@ -1096,10 +1157,28 @@ def test_resume_with_another_seed_is_refused(kept_run, tiny_npz):
 
 
 @slow
+def test_nan_stop_names_every_non_finite_term_and_the_step(tiny_npz, tmp_path, monkeypatch):
+    """L_feat turns NaN on the third step: the stop names L_feat (not the finite terms) and step 3."""
+    import losses
+
+    calls, real = [], losses.loss_feat
+
+    def nan_on_third_step(*args):
+        calls.append(1)
+        return real(*args) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(losses, "loss_feat", nan_on_third_step)
+    with pytest.raises(data.UserError) as e:
+        tiny_run(tiny_npz, tmp_path / "nan", "--epochs", "1", "--log-every", "1")
+    assert "non-finite loss from step 3/8 of epoch 1/1 on (L_total, L_feat)" in str(e.value)
+    assert not (tmp_path / "nan").exists()  # a first epoch that fails leaves no folder behind
+
+
+@slow
 def test_non_finite_loss_stops_naming_the_term_and_keeps_last_checkpoint(kept_run, tiny_npz):
-    kept = r"non-finite loss in epoch 2 \(L_.*last.pt from the previous epoch is kept"
+    kept = r"non-finite loss from step 2/8 of epoch 3/3 on \(L_.*last.pt from the previous epoch is kept"
     with pytest.raises(data.UserError, match=kept):
-        tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--lr", "1e30", "--log-every", "2")
+        tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--extend", "--lr", "1e30", "--log-every", "2")
 
 
 @slow
@@ -1137,6 +1216,90 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert junk.returncode == 1 and len(junk.stderr.strip().splitlines()) == 1
     assert "Traceback" not in junk.stderr and "cannot read checkpoint" in junk.stderr
+
+
+def test_readme_first_try_is_one_valid_command_of_train_eval_and_plot():
+    train_cmd, eval_cmd, plot_cmd = (shlex.split(c) for c in readme_block("### A first try", "bash").split("&&"))
+    assert train_cmd[:2] == eval_cmd[:2][:1] + ["train.py"] and train_cmd[0] == "python"
+    args = train.parse_args(train_cmd[2:])
+    assert (args.method, args.epochs, args.out) == ("mixskd", 2, "runs/first-try") and args.dataset.endswith(".npz")
+    assert evaluation.parse_args(eval_cmd[2:]).checkpoint == "runs/first-try/deploy.pt"
+    assert evaluation.parse_args(plot_cmd[2:]).plot == ["runs/first-try"]
+
+
+def test_help_shows_each_default_once_and_every_flag_has_help():
+    for parser in (train.parser, bench.parser()):
+        text = " ".join(parser.format_help().split())
+        assert "(default: None)" not in text and "(default: False)" not in text
+        assert all(action.help for action in parser._actions)
+    assert "(default: cuda when available) --amp" in " ".join(train.parser.format_help().split())
+
+
+@slow
+def test_bench_says_when_its_estimate_is_rough(capsys):
+    bench.main(["--width", "4", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "1 timed step after 0" in out and "rough, from 1 timed step" in out and "amp off" in out
+
+
+@slow
+def test_resume_of_a_finished_run_changes_nothing(run_dir, tiny_npz, tmp_path, capsys):
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    tiny_run(tiny_npz, run, "--epochs", "2", "--resume")
+    assert "is complete (2 of 2 epochs): nothing to do, no file changed" in capsys.readouterr().out
+    with pytest.raises(data.UserError, match="belongs to a run of 2 epochs.*add --extend"):
+        tiny_run(tiny_npz, run, "--epochs", "3", "--resume")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+    tiny_run(tiny_npz, run, "--epochs", "3", "--resume", "--extend")  # asked for explicitly
+    assert [r["epoch"] for r in metric_lines(run)] == [0, 1, 2]
+
+
+@slow
+def test_failed_start_leaves_no_folder_behind(tiny_npz, tmp_path):
+    with pytest.raises(data.UserError, match="does not exist"):
+        tiny_run(tiny_npz, tmp_path / "new", "--epochs", "1", "--init-from", str(tmp_path / "missing.pt"))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user made: kept as it was
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(data.UserError, match="non-finite loss"):
+        tiny_run(tiny_npz, tmp_path / "mine", "--epochs", "1", "--lr", "1e30", "--log-every", "1")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+@slow
+def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_npz, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    argv = ["--dataset", tiny_npz, "--width", "4", "--batch-size", "32", "--epochs", "500", "--out", str(out)]
+    process = subprocess.Popen([sys.executable, str(HERE / "train.py"), *argv], cwd=tmp_path, text=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    line, = stderr.strip().splitlines()
+    assert line.startswith("interrupted in epoch ") and f"{out / 'last.pt'} holds epoch " in line
+    command = line.split("resume with: ")[1]
+    assert shlex.split(command) == ["python", "train.py", *argv, "--resume"]
+    assert train.parse_args(shlex.split(command)[2:]).resume
+
+
+@slow
+def test_experiments_give_each_job_its_share_of_the_cores(tmp_path):
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\necho "$OMP_NUM_THREADS" >> {tmp_path}/threads\n')
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(PYTHON=str(stub), JOBS="2", SEEDS="0", METHODS="ce mixup", RUNS=str(tmp_path / "runs"))
+    subprocess.run(["bash", str(HERE / "experiments.sh")], env=env, check=True, capture_output=True, timeout=60)
+    expected = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert (tmp_path / "threads").read_text().split() == [expected] * 4  # two runs, the table, the figure
 
 
 # ----------------------------------------- torchrun (slow): DistributedDataParallel on CPU with gloo
@@ -1178,8 +1341,8 @@ def test_torchrun_replicas_agree_and_eval_matches(ddp_run, capsys):
 @slow
 def test_torchrun_resume_continues_from_saved_epoch(ddp_run, tiny_npz, tmp_path):
     torchrun(tiny_npz, tmp_path, "--epochs", "1")
-    stdout = torchrun(tiny_npz, tmp_path, "--epochs", "2", "--resume")
-    assert "epochs 1..1" in stdout
+    stdout = torchrun(tiny_npz, tmp_path, "--epochs", "2", "--resume", "--extend")
+    assert "epochs 2..2" in stdout
     assert [r["epoch"] for r in metric_lines(tmp_path)] == [0, 1]
     straight = torch.load(ddp_run[0] / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -1225,6 +1388,31 @@ def test_plot_writes_a_small_png(run_dir, tmp_path):
     out = tmp_path / "curves.png"
     evaluation.main(["--plot", str(run_dir), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size < 200 * 1024
+
+
+@slow
+def test_plot_goes_into_the_run_folder_by_default(run_dir, monkeypatch, capsys):
+    monkeypatch.setattr(report, "plot_runs", lambda runs, out: out)  # where, not how: no matplotlib needed
+    evaluation.main(["--plot", str(run_dir)])
+    assert capsys.readouterr().out.strip() == f"figure written to {run_dir / 'results.png'}"
+
+
+@slow
+def test_eval_finds_the_dataset_from_another_directory(run_dir, tmp_path, monkeypatch, capsys):
+    """deploy.pt records the .npz as typed (here relative) and its absolute path; eval.py uses the
+    latter from another working directory, and says how to point it elsewhere when both are gone."""
+    ckpt = torch.load(run_dir / "deploy.pt", weights_only=True)
+    absolute = ckpt["meta"]["dataset_path"]
+    assert os.path.isabs(absolute)
+    ckpt["meta"]["dataset"] = "../elsewhere/tiny.npz"
+    torch.save(ckpt, tmp_path / "deploy.pt")
+    monkeypatch.chdir(tmp_path)
+    evaluation.main(["deploy.pt", "--json"])
+    assert json.loads(capsys.readouterr().out)["heads"]["backbone"] == metric_lines(run_dir)[-1]["test"]["backbone"]
+    ckpt["meta"]["dataset_path"] = str(tmp_path / "moved.npz")
+    torch.save(ckpt, tmp_path / "deploy.pt")
+    with pytest.raises(data.UserError, match=r"not found from here.*pass --dataset PATH.npz"):
+        evaluation.main(["deploy.pt"])
 
 
 @slow

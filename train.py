@@ -21,14 +21,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 import checkpoints
 import report
 import runtime
-from data import DATASETS, UserError, dataset_name, load_dataset, steps_per_epoch, train_batches
+from data import DATASETS, UserError, dataset_name, load_dataset, run_cli, steps_per_epoch, train_batches
 from eval import evaluate
-from losses import RECIPES, TERMS, BaselineObjective, MixSKDObjective, discriminators, trained_parameters
+from losses import RECIPES, TERMS, BaselineObjective, MixSKDObjective, discriminators
 from mixup import MIX_MODES, mix_batch
 from model import ARCHS, MixSKDNet, ResNet
 from self_teacher import SelfTeacher
@@ -43,7 +42,12 @@ IMAGENET_DEFAULTS = {"epochs": 305, "weight_decay": 1e-4, "alpha": 0.2, "batch_s
 
 # ----------------------------------------------------------------------------- arguments
 
-parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="Train "
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a default where there is one to show; None and False are not
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Train "
                                  "MixSKD (Yang et al., ECCV 2022) or a baseline on CIFAR or ImageNet with the SPEC's "
                                  "recipes (sections 7 and 9) as defaults.")
 g = parser.add_argument_group("what to train")
@@ -70,7 +74,8 @@ for term in TERMS:
     g.add_argument(f"--w-{term}", type=float, default=1.0, help=f"weight of L_{term} (0 disables it)")
 g = parser.add_argument_group("optimisation (SPEC sections 7 and 9)")
 g.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 205; 305 on ImageNet)")
-g.add_argument("--warmup-epochs", type=int, default=5, help="linear warmup, per iteration")
+g.add_argument("--warmup-epochs", type=int, default=argparse.SUPPRESS, help="linear warmup, per iteration (default "
+               "5, times --epochs/205 (305 on ImageNet) when --epochs is shorter)")
 g.add_argument("--milestones", type=int, nargs="*", default=argparse.SUPPRESS,
                help="CIFAR: absolute epochs where lr is multiplied by 0.1 (default: 105 155, scaled by --epochs/205 "
                     "when --epochs differs); ImageNet decays by a cosine instead")
@@ -90,6 +95,8 @@ g.add_argument("--compile", default="auto", choices=("auto", "off", "default", "
 g = parser.add_argument_group("files")
 g.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<arch>-<method>[-<recipe>]-seed<k>)")
 g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+g.add_argument("--extend", action="store_true",
+               help="with --resume: continue a run to another --epochs than it was started with (new schedule)")
 g.add_argument("--init-from", default=None,
                help="start from the weights of a checkpoint: ours (last/best/deploy.pt) or the released script's")
 g.add_argument("--sync-bn", action="store_true",
@@ -106,6 +113,9 @@ def parse_args(argv=None):
         if not hasattr(args, key):
             setattr(args, key, value // runtime.world_size() if key == "batch_size" and imagenet else value)
     args.stem, args.schedule, args.nesterov = ("imagenet", "cosine", False) if imagenet else ("cifar", "step", True)
+    spec_epochs = IMAGENET_DEFAULTS["epochs"] if imagenet else SPEC_EPOCHS
+    if not hasattr(args, "warmup_epochs"):  # the SPEC's 5 warmup epochs, shortened with a shorter run
+        args.warmup_epochs = round(5 * min(args.epochs, spec_epochs) / spec_epochs)
     if not args.alpha > 0:
         parser.error(f"--alpha must be > 0, got {args.alpha}")
     if args.batch_size < 2:
@@ -119,10 +129,11 @@ def parse_args(argv=None):
         parser.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet or the path of an .npz file")
     if not hasattr(args, "milestones"):
         args.milestones = [round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES]
-    if args.out is None:
-        recipe = f"-{args.recipe}" if args.method == "mixskd" else ""
-        args.out = os.path.join("runs", f"{dataset_name(args.dataset)}-{args.arch}-{args.method}{recipe}"
-                                        f"-seed{args.seed}")
+        if not imagenet and args.milestones[0] == args.milestones[1] < args.epochs:
+            parser.error(f"--epochs {args.epochs} is too short to scale the SPEC's decays at epochs 105 and 155 "
+                         f"(both fall on epoch {args.milestones[0]}): pass --milestones")
+    recipe = f"-{args.recipe}" if args.method == "mixskd" else ""
+    args.out = args.out or f"runs/{dataset_name(args.dataset)}-{args.arch}-{args.method}{recipe}-seed{args.seed}"
     return args
 
 
@@ -154,14 +165,9 @@ def build(args, num_classes, device, memory_format):
         channels = net.backbone.feature_channels
         objective = MixSKDObjective(net, SelfTeacher(channels, num_classes), discriminators(channels), recipe,
                                     {t: getattr(args, f"w_{t}") for t in TERMS}, args.temperature)
-        params = trained_parameters(recipe, net, objective.self_teacher, objective.discs)
     else:
         objective = BaselineObjective(ResNet(args.arch, num_classes, args.width, stem_relu, args.stem))
-        params = list(objective.parameters())
-    # what the recipe does not train needs no .grad (official's would pile up, never zeroed)
-    trained = {id(p) for p in params}
-    for p in objective.parameters():
-        p.requires_grad_(id(p) in trained)
+    params = [p for p in objective.parameters() if p.requires_grad]  # what the recipe trains
     objective.to(device, memory_format=memory_format)
     # fused on CUDA: one kernel for every parameter; foreach on CPU: one multi-tensor op, not a loop
     cuda = device.type == "cuda"
@@ -201,8 +207,14 @@ def train_step(objective, opt, speed, x, y, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    with runtime.processes(args) as (rank, world, device):
-        train(setup(args, rank, world, device))
+    complete = runtime.check_run_folder(args)
+    if complete:  # --resume of a finished run: say so and change nothing
+        return print(complete)
+    try:
+        with runtime.processes(args) as (rank, world, device), runtime.cleanup_failed_start(args.out, rank):
+            train(setup(args, rank, world, device))
+    except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to resume it
+        sys.exit(runtime.interrupted(args.out, sys.argv[1:] if argv is None else argv))
 
 
 def setup(args, rank, world, device):
@@ -210,21 +222,16 @@ def setup(args, rank, world, device):
     run = SimpleNamespace(args=args, rank=rank, world=world, device=device, main=rank == 0, best={"top1": -1.0},
                           start_epoch=0, last=os.path.join(args.out, "last.pt"),
                           metrics=os.path.join(args.out, "metrics.jsonl"), speed=runtime.speed_settings(args, device))
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    checkpoints.check_run_folder(args.out, args.resume)
     runtime.seed_all(args.seed)  # the same initialisation on every rank (DDP also broadcasts rank 0's)
     run.data = data = load_dataset(args.dataset, args.data, device, args.image_size, args.workers)
-    checkpoints.check_writable(args.out, rank)
+    runtime.check_writable(args.out, rank)
     run.objective, run.opt = build(args, data.num_classes, device, run.speed.memory_format)
-    if args.sync_bn and world > 1:
-        run.objective.net = nn.SyncBatchNorm.convert_sync_batchnorm(run.objective.net)
     runtime.seed_all(args.seed + rank)  # each rank draws its own lam and perm for its own batch
     net, teacher, discs = (getattr(run.objective, name, None) for name in ("net", "self_teacher", "discs"))
     run.backbone = net.backbone if isinstance(net, MixSKDNet) else net
     run.meta = checkpoints.run_meta(args, data, run.backbone)
     if args.resume:
-        run.start_epoch, run.best = checkpoints.resume(run.last, run.meta, net, teacher, discs, run.opt,
+        run.start_epoch, run.best = checkpoints.resume(run.last, args, run.meta, net, teacher, discs, run.opt,
                                                        run.speed.scaler, device, rank)
     elif args.init_from:
         checkpoints.init_from(args.init_from, net, teacher)
@@ -232,9 +239,6 @@ def setup(args, rank, world, device):
     if run.main:
         checkpoints.restart_metrics(run.metrics, run.start_epoch)
     run.steps = steps_per_epoch(data, args.batch_size, world)
-    if run.steps == 0:
-        raise UserError(f"--batch-size {args.batch_size} exceeds the {data.n_train // world} training "
-                        f"images of each of the {world} process(es)")
     # the header line: what trains, on what, how fast, for how long
     run.images, run.n_trained = args.batch_size * world, count(run.objective)  # clean images per step
     if not run.main:
@@ -244,9 +248,9 @@ def setup(args, rank, world, device):
     print(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''}"
           f"{'' if args.method == 'ce' else f' alpha {args.alpha}'} {args.arch} width {args.width} on "
           f"{data.name} ({data.n_train} train, {data.n_test} test, {data.num_classes} classes) | {run.world} x "
-          f"{run.device.type} amp {run.speed.dtype} channels_last {run.speed.memory_format == torch.channels_last} "
+          f"{run.device.type} amp {run.speed.amp} channels_last {run.speed.memory_format == torch.channels_last} "
           f"compile {args.compile} | batch {args.batch_size} per process, {run.images} in all | {run.n_trained:,} "
-          f"trained params, {count(run.backbone):,} deployed | epochs {run.start_epoch}..{args.epochs - 1}, "
+          f"trained params, {count(run.backbone):,} deployed | epochs {run.start_epoch + 1}..{args.epochs}, "
           f"{'milestones ' + str(args.milestones) if args.schedule == 'step' else 'cosine schedule'}", flush=True)
     return run
 
@@ -259,7 +263,7 @@ def train(run):
     run.start_time = last_progress = time.time()
     for epoch in range(run.start_epoch, args.epochs):
         run.objective.train()
-        sums, epoch_start = {}, time.time()
+        sums, first_bad, epoch_start = {}, torch.full((), -1, device=run.device), time.time()
         for i, (x, y) in enumerate(train_batches(run.data, args.batch_size, args.seed, epoch, run.rank, run.world)):
             lr = lr_at(epoch * steps + i, steps, args)
             for group in opt.param_groups:
@@ -267,27 +271,37 @@ def train(run):
             total, terms, hits = train_step(run.step_fn, opt, run.speed, x, y, args)
             for key, value in {"total": total, **terms, "hits": hits}.items():
                 sums[key] = sums.get(key, 0) + value.float()
+            first_bad = torch.where(torch.isfinite(total) | (first_bad >= 0), first_bad, i)  # stays on the device
             if (i + 1) % args.log_every == 0:  # the only host sync inside an epoch
-                total = runtime.sum_over_ranks(sums["total"], run.world).item()  # all ranks stop together
-                check_finite({"total": total}, epoch, run.last)
+                means = epoch_means(run, epoch, sums, first_bad, i + 1)
                 if run.live or (run.main and time.time() - last_progress > 60):
                     done, elapsed, last_progress = i + 1, time.time() - epoch_start, time.time()
                     eta = elapsed / done * (steps - done) + (args.epochs - epoch - 1) * steps * elapsed / done
-                    print(f"{CLEAR_LINE if run.live else ''}epoch {epoch}/{args.epochs} step {done}/{steps} "
-                          f"loss {total / done / run.world:.4f} lr {lr:.4f} {done * run.images / elapsed:.0f} "
+                    print(f"{CLEAR_LINE if run.live else ''}epoch {epoch + 1}/{args.epochs} step {done}/{steps} "
+                          f"loss {means['total']:.4f} lr {lr:.4f} {done * run.images / elapsed:.0f} "
                           f"img/s ETA {eta / 60:.1f} min", end="" if run.live else "\n", flush=True)
-        end_epoch(run, epoch, sums, lr, time.time() - epoch_start)
+        end_epoch(run, epoch, epoch_means(run, epoch, sums, first_bad, steps), lr, time.time() - epoch_start)
     finish(run)
 
 
-def end_epoch(run, epoch, sums, lr, epoch_time):
-    """Check the epoch's losses, evaluate on the test set, append to metrics.jsonl, save last.pt and,
-    when the backbone improved, best.pt."""
+def epoch_means(run, epoch, sums, first_bad, steps_done):
+    """The epoch's means so far over steps and ranks. A non-finite loss stops the run here, before it
+    reaches a checkpoint, naming every non-finite term and the first step where the loss was not finite."""
+    values = runtime.sum_over_ranks(torch.stack(list(sums.values())), run.world) / (steps_done * run.world)
+    means = dict(zip(sums, values.tolist()))
+    bad = [key for key, value in means.items() if not math.isfinite(value)]
+    if bad:
+        where = f"step {int(first_bad) + 1}/{run.steps}" if first_bad >= 0 else "a step of another process"
+        kept = f"{run.last} from the previous epoch is kept" if os.path.exists(run.last) else "nothing was saved"
+        raise UserError(f"non-finite loss from {where} of epoch {epoch + 1}/{run.args.epochs} on "
+                        f"(L_{', L_'.join(bad)}): stopped, {kept}; lower --lr or try --amp off")
+    return means
+
+
+def end_epoch(run, epoch, means, lr, epoch_time):
+    """Evaluate on the test set, append to metrics.jsonl, save last.pt (and best.pt when it is the best)."""
     args = run.args
-    means = dict(zip(sums, (runtime.sum_over_ranks(torch.stack(list(sums.values())), run.world)
-                            / (run.steps * run.world)).tolist()))
     loss = {key: value for key, value in means.items() if key != "hits"}
-    check_finite(loss, epoch, run.last)
     rng = runtime.all_ranks(runtime.rng_state(run.device), run.world)
     if not run.main:
         return
@@ -304,7 +318,7 @@ def end_epoch(run, epoch, sums, lr, epoch_time):
         run.best, paths = {"epoch": epoch, "top1": top1}, [run.last, os.path.join(args.out, "best.pt")]
     checkpoints.save_training(paths, run.meta, args, epoch, run.best, run.objective, run.opt, run.speed.scaler, rng)
     heads = " ".join(f"{h} {m['top1']:.2f}" for h, m in test.items() if h != "backbone")
-    print(f"{CLEAR_LINE if run.live else ''}epoch {epoch}/{args.epochs} loss {loss['total']:.4f} "
+    print(f"{CLEAR_LINE if run.live else ''}epoch {epoch + 1}/{args.epochs} loss {loss['total']:.4f} "
           f"train {record['train_top1']:.2f} | test backbone {top1:.2f} {heads} | "
           f"{epoch_time:.1f}s {record['img_per_s']:.0f} img/s", flush=True)
 
@@ -322,19 +336,9 @@ def finish(run):
          "processes": run.world, "parameter_sha256_per_rank": digests, "args": vars(args)}
     checkpoints.write_json_atomic(s, os.path.join(args.out, "summary.json"))
     print(f"final backbone top-1 {s['headline_final_backbone_top1']:.2f} (headline) | best "
-          f"{s['best_backbone_top1']:.2f} at epoch {s['best_backbone_epoch']} | released code's metric "
+          f"{s['best_backbone_top1']:.2f} at epoch {s['best_backbone_epoch'] + 1} | released code's metric "
           f"{s['released_code_metric_max_over_heads_and_epochs']:.2f} ({s['released_code_metric_head']}, epoch "
-          f"{s['released_code_metric_epoch']}, max over heads and epochs on the test set) | {args.out}")
-
-
-def check_finite(loss, epoch, last_path):
-    """Stop on a non-finite loss before it reaches a checkpoint, naming the term."""
-    bad = [name for name, value in loss.items() if not np.isfinite(value)]
-    if bad:
-        kept = f"{last_path} from the previous epoch is kept" if os.path.exists(last_path) else "nothing was saved"
-        terms = [t for t in bad if t != "total"] or bad
-        raise UserError(f"non-finite loss in epoch {epoch} (L_{', L_'.join(terms)}): stopped, {kept}; "
-                        f"lower --lr or try --amp off")
+          f"{s['released_code_metric_epoch'] + 1}, max over heads and epochs on the test set) | {args.out}")
 
 
 def count(module):
@@ -343,7 +347,4 @@ def count(module):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)
