@@ -25,7 +25,6 @@ import train
 from data import STATS, pixel_stats, train_batches
 from losses import RECIPES
 from mixup import mix_batch
-from model import ARCHS
 
 SPEC_STEPS = 50_000 // 64 * 205  # the SPEC's CIFAR-100 run: 781 steps per epoch, 205 epochs
 
@@ -33,8 +32,10 @@ SPEC_STEPS = 50_000 // 64 * 205  # the SPEC's CIFAR-100 run: 781 steps per epoch
 def parser():
     p = argparse.ArgumentParser(description="Time the MixSKD training step (and the plain way with --baseline).",
                                 formatter_class=train.HelpFormatter)
-    p.add_argument("--arch", default="resnet18", choices=list(ARCHS), help="network, as train.py's --arch")
+    p.add_argument("--arch", default="resnet18", help="as train.py's --arch: ours, or torchvision:NAME")
     p.add_argument("--width", type=int, default=64, help="channels of the first stage, as train.py's --width")
+    p.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"), help="our ResNets' stem")
+    p.add_argument("--image-size", type=int, default=32, help="side of the synthetic square images")
     p.add_argument("--batch-size", type=int, default=64, help="clean images per step")
     p.add_argument("--method", default="mixskd", choices=train.METHODS, help="as train.py's --method")
     p.add_argument("--recipe", default="paper", choices=RECIPES[:2], help="as train.py's --recipe")
@@ -60,12 +61,15 @@ def train_args(args):
     """train.py's arguments for this benchmark: the SPEC's defaults plus the speed flags."""
     return train.parse_args(["--arch", args.arch, "--width", str(args.width), "--batch-size", str(args.batch_size),
                              "--method", args.method, "--recipe", args.recipe, "--amp", args.amp,
-                             "--channels-last", args.channels_last, "--compile", args.compile])
+                             "--channels-last", args.channels_last, "--compile", args.compile,
+                             "--dataset", "imagenet" if args.stem == "imagenet" else "cifar100"])
 
 
-def synthetic_cifar(device, n=50_000, classes=100):
+def synthetic_cifar(device, size=32, classes=100):
+    """CIFAR-100-shaped random uint8 images: 50,000 at 32 x 32, fewer when larger (150 MB at most)."""
+    n = min(50_000, 150_000_000 // (3 * size * size))
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, classes, (n,), generator=g)
     mean, std = STATS["cifar100"]
     return SimpleNamespace(images=images, labels=labels, num_classes=classes, mean=mean, std=std, n_train=n,
@@ -168,7 +172,7 @@ def plain_stepper(targs, data, device, workers):
     objective, _ = train.build(plain, data.num_classes, device, torch.contiguous_format)
     params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+    transform = T.Compose([T.RandomCrop(data.images.shape[1], padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(data.mean, data.std)])
     loader = torch.utils.data.DataLoader(PILCifar(data.images, data.labels, transform), batch_size=targs.batch_size,
                                          shuffle=True, num_workers=workers, drop_last=True,
@@ -200,7 +204,7 @@ def main(argv=None):
     # few timed steps make a noisy mean, and the projection multiplies it by 160,000 steps
     estimate = "training steps only" + (f"; rough, from {steps} timed step{'s' * (steps > 1)}" if steps < 10 else "")
     targs = train_args(args)
-    data = synthetic_cifar(device)
+    data = synthetic_cifar(device, args.image_size)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
 
     results = {}
@@ -214,6 +218,7 @@ def main(argv=None):
                          "peak_memory_mib": memory, "projected_205_epochs_min": seconds * SPEC_STEPS / 60}
         del step
     report = {"device": name, "torch": torch.__version__, "arch": args.arch, "width": args.width,
+              "stem": args.stem, "image_size": args.image_size,
               "batch_size": args.batch_size, "method": args.method, "recipe": args.recipe,
               "warmup": warmup, "steps": steps, **results}
     if args.baseline:
@@ -222,6 +227,7 @@ def main(argv=None):
         print(json.dumps(report))
         return
     print(f"{name}, torch {torch.__version__}: {args.method} {args.recipe} {args.arch} width {args.width}, "
+          f"{args.stem} stem, {args.image_size} px, "
           f"batch {args.batch_size}, {steps} timed step{'s' * (steps > 1)} after {warmup}")
     for mode, r in results.items():
         print(f"{mode:<9} {r['ms_per_step']:9.1f} ms/step {r['images_per_s']:8.0f} img/s  "

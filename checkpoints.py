@@ -16,7 +16,7 @@ import torch
 
 import runtime
 from data import UserError, dataset_name
-from model import ARCHS, Bottleneck, MixSKDNet, ResNet
+from model import ARCHS, Bottleneck, MixSKDNet, ResNet, network
 from self_teacher import SelfTeacher
 
 # ----------------------------------------------------------------------------- writing
@@ -56,7 +56,8 @@ def restart_metrics(path, start_epoch):
 
 def run_meta(args, data, backbone):
     """What every checkpoint of a run records about it: enough to rebuild the network and its inputs."""
-    return {"arch": args.arch, "num_classes": data.num_classes, "width": args.width, "stem_relu": backbone.stem_relu,
+    return {"arch": args.arch, "num_classes": data.num_classes, "width": args.width,
+            "stem_relu": getattr(backbone, "stem_relu", None),
             "stem": args.stem, "method": args.method, "recipe": args.recipe, "dataset": args.dataset,
             # absolute too, so that eval.py finds an .npz from any working directory
             "dataset_path": os.path.abspath(args.dataset) if args.dataset.endswith(".npz") else None,
@@ -170,22 +171,19 @@ def model_from_checkpoint(ckpt, path):
         load_state(model, net_state, f"released checkpoint {path}")
         teacher = None
         if teacher_state:
-            teacher = SelfTeacher(model.backbone.feature_channels, meta["num_classes"])
+            teacher = SelfTeacher(model.feature_channels, meta["num_classes"])
             load_state(teacher, teacher_state, f"released checkpoint {path} (self-teacher)")
         return model, teacher, meta
     if "meta" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this project or of the released code (no 'meta' or 'net')")
     meta = ckpt["meta"]
-    config = (meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"], meta.get("stem", "cifar"))
-    if "backbone" in ckpt:  # deploy.pt
-        model = ResNet(*config)
-        load_state(model, ckpt["backbone"], f"deploy checkpoint {path}")
-        return model, None, meta
-    model = MixSKDNet(*config) if meta["method"] == "mixskd" else ResNet(*config)
-    load_state(model, ckpt["model"], f"checkpoint {path}")
+    deploy = "backbone" in ckpt  # deploy.pt: the backbone alone
+    model = network(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"], meta.get("stem", "cifar"),
+                    mixskd=meta["method"] == "mixskd" and not deploy)
+    load_state(model, ckpt["backbone" if deploy else "model"], f"{'deploy ' * deploy}checkpoint {path}")
     teacher = None
     if ckpt.get("self_teacher") is not None:
-        teacher = SelfTeacher(model.backbone.feature_channels, meta["num_classes"])
+        teacher = SelfTeacher(model.feature_channels, meta["num_classes"], len(model.branches) + 1)
         load_state(teacher, ckpt["self_teacher"], f"checkpoint {path} (self-teacher)")
     return model, teacher, meta
 
@@ -194,12 +192,21 @@ def model_from_checkpoint(ckpt, path):
 
 
 def init_from(path, model, teacher):
-    """Copy the weights of any checkpoint eval.py reads (ours or the released script's) into model."""
-    source, source_teacher, _ = model_from_checkpoint(read_checkpoint(path), path)
-    if isinstance(model, ResNet) and isinstance(source, MixSKDNet):
-        source = source.backbone
-    target = model.backbone if isinstance(model, MixSKDNet) and isinstance(source, ResNet) else model
-    load_state(target, source.state_dict(), f"--init-from {path}")
+    """Copy a checkpoint's weights into model (and the self-teacher): ours, the released script's, or a
+    plain state dict of the backbone (torchvision's, for instance). A MixSKD network started from a
+    backbone alone (deploy.pt, a state dict) gets it in its backbone, and its branches start as copies
+    of the backbone's later stages, as pretrained backbones do (README, "MixSKD on your own network")."""
+    ckpt = read_checkpoint(path)
+    plain = isinstance(ckpt, dict) and bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+    source, source_teacher = (None, None) if plain else model_from_checkpoint(ckpt, path)[:2]
+    whole = source is not None and hasattr(source, "branches")
+    if whole and not hasattr(model, "branches"):
+        source, whole = source.backbone, False
+    state = ckpt if plain else source.state_dict()
+    target = model.backbone if hasattr(model, "branches") and not whole else model
+    load_state(target, state, f"--init-from {path}")
+    if target is not model:
+        model.branches_from_backbone()
     if teacher is not None and source_teacher is not None:
         load_state(teacher, source_teacher.state_dict(), f"--init-from {path} (self-teacher)")
 

@@ -21,9 +21,6 @@ import torch.nn.functional as F
 import report
 from checkpoints import model_from_checkpoint, read_checkpoint
 from data import UserError, eval_batches, load_dataset, pixel_stats, run_cli
-from model import MixSKDNet
-
-HEADS = ("backbone", "branch1", "branch2", "branch3", "self_teacher")
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -54,8 +51,8 @@ def head_metrics(logits, y):
 def evaluate(model, self_teacher, data, batch_size=500, channels_last=False):
     """Metrics of every head on the test set, in fp32, model in eval mode: {head: {top1, ...}}.
 
-    model: a MixSKDNet (heads, and the self-teacher on clean-image features when given) or a plain
-    ResNet (the backbone row only). Restores the model's train/eval mode afterwards.
+    model: a MixSKD network (every head, and the self-teacher on clean-image features when given) or a
+    plain network (the backbone row only). Restores the model's train/eval mode afterwards.
     """
     was_training = model.training
     model.eval()
@@ -64,9 +61,9 @@ def evaluate(model, self_teacher, data, batch_size=500, channels_last=False):
         labels.append(y.cpu())
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if isinstance(model, MixSKDNet):
+        if hasattr(model, "branches"):
             feats, logits = model(x)
-            heads = {"backbone": logits[-1], "branch1": logits[0], "branch2": logits[1], "branch3": logits[2]}
+            heads = {"backbone": logits[-1], **{f"branch{k + 1}": z for k, z in enumerate(logits[:-1])}}
             if self_teacher is not None:
                 heads["self_teacher"] = self_teacher(feats)
         else:
@@ -75,7 +72,7 @@ def evaluate(model, self_teacher, data, batch_size=500, channels_last=False):
             outputs.setdefault(name, []).append(z.float().cpu())
     model.train(was_training)
     y = torch.cat(labels)
-    return {name: head_metrics(torch.cat(outputs[name]), y) for name in HEADS if name in outputs}
+    return {name: head_metrics(torch.cat(z), y) for name, z in outputs.items()}
 
 
 # ----------------------------------------------------------------------------- command line

@@ -25,10 +25,10 @@ import report
 import runtime
 import train
 
-from losses import (TERMS, discriminator, discriminators, kd, loss_adv, loss_ce, loss_feat, loss_kd, loss_mix,
-                    mixskd_loss, trained_parameters)
+from losses import (TERMS, MixSKDObjective, discriminator, discriminators, kd, loss_adv, loss_ce, loss_feat, loss_kd,
+                    loss_mix, mixskd_loss, trained_parameters)
 from mixup import cutmix, interp, mix_batch, mix_ce, mixup, sample_lam
-from model import ARCHS, MixSKDNet, ResNet
+from model import ARCHS, MixSKDNet, ResNet, check_arch, network, torchvision_layout
 from self_teacher import SelfTeacher
 
 WIDTH, CLASSES, BATCH = 4, 10, 4
@@ -188,6 +188,130 @@ def test_stem_relu_switch():
 def test_unknown_arch_raises_naming_choices():
     with pytest.raises(ValueError, match="resnet18, resnet34, resnet50, resnet101"):
         ResNet("resnet20")
+
+
+def test_other_networks_are_refused_naming_the_supported_families():
+    for arch in ("torchvision:vit_b_16", "torchvision:swin_t", "torchvision:resnet_18", "torchvision:"):
+        with pytest.raises(ValueError, match=r"unsupported torchvision model .*ResNet / ResNeXt / Wide-ResNet.*"
+                                             r"RegNet.*ConvNeXt.*MobileNetV2 and V3.*EfficientNet.*DenseNet"):
+            check_arch(arch)
+    with pytest.raises(ValueError, match="or torchvision:NAME"):
+        check_arch("resnet20")
+
+
+def test_mobilenet_stages_sit_at_strides_4_to_32_with_the_stride_2_stage_in_the_stem():
+    import torchvision
+
+    layout = torchvision_layout(torchvision.models.mobilenet_v2())
+    assert layout.stem == ["features.0", "features.1"]
+    assert layout.stages == [[f"features.{i}" for i in r] for r in (range(2, 4), range(4, 7), range(7, 14),
+                                                                      range(14, 18))]
+    assert layout.post == ["features.18"]
+
+
+def test_our_branches_start_as_copies_of_a_pretrained_backbone():
+    net = MixSKDNet("resnet18", CLASSES, WIDTH)
+    net.branches_from_backbone()
+    assert torch.equal(net.branches[0].layers[2][1].conv2.weight, net.backbone.layer4[1].conv2.weight)
+    assert torch.equal(net.branches[2].fc.bias, net.backbone.fc.bias)
+    assert net.branches[0].layers[0][0].conv1.weight.data_ptr() != net.backbone.layer2[0].conv1.weight.data_ptr()
+
+
+TORCHVISION_SMALLEST = ["resnet18", "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny", "mobilenet_v2",
+                        "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s", "densenet121"]
+
+
+@slow  # each builds four networks of the family; 1 to 10 s
+@pytest.mark.parametrize("name", TORCHVISION_SMALLEST)
+def test_torchvision_family_trains_and_deploys_as_itself(name):
+    """The smallest torchvision model of each family under MixSKD: four heads with feature maps of one
+    shape, fresh branches, three SGD steps on one fixed batch lower the loss in both recipes, and the
+    backbone saved as deploy.pt loads strictly into torchvision's own class with the same logits."""
+    import io
+
+    import torchvision
+
+    torch.manual_seed(0)
+    net = network(f"torchvision:{name}", CLASSES, mixskd=True)
+    assert isinstance(net.backbone, type(torchvision.models.get_model(name)))
+    x, y = batch(n=4)
+    perm, lam = torch.tensor([2, 0, 3, 1]), 0.6
+    x_mix = lam * x + (1 - lam) * x[perm]
+    feats, logits = net(torch.cat([x, x_mix]))
+    assert len(feats) == 4 and len({tuple(f.shape) for f in feats}) == 1 and feats[0].shape[1] == net.feature_channels
+    assert [tuple(z.shape) for z in logits] == [(8, CLASSES)] * 4
+    backbone = dict(net.backbone.named_parameters())  # fresh branches: every random weight is their own
+    random_weights = [(n, p) for n, p in net.branches[2].net.named_parameters() if p.dim() == 4 and p.std() > 0]
+    assert random_weights and not any(torch.equal(p, backbone[n]) for n, p in random_weights)
+    for recipe in ("paper", "official"):
+        model = copy.deepcopy(net)
+        channels = model.feature_channels
+        objective = MixSKDObjective(model, SelfTeacher(channels, CLASSES), discriminators(channels), recipe)
+        # Adam: one step size for every family, whose initial gradient norms span 1e2 to 3e4 at this size
+        opt = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=1e-4)
+        totals = []
+        for _ in range(3):
+            torch.manual_seed(0)  # the same dropout and stochastic-depth draws each step: one fixed objective
+            total, _, _ = objective(torch.cat([x, x_mix]), y, lam, perm)
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+            totals.append(total.item())
+        assert totals[-1] < totals[0], (recipe, totals)
+    buffer = io.BytesIO()
+    torch.save({"backbone": net.backbone.state_dict()}, buffer)
+    deployed = torchvision.models.get_model(name, num_classes=CLASSES)
+    deployed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)["backbone"], strict=True)
+    net.eval()
+    torch.testing.assert_close(deployed.eval()(x), net(x)[1][-1], rtol=0, atol=1e-6)
+
+
+@slow
+def test_readme_own_training_loop_runs_as_written():
+    import torchvision
+
+    namespace = {}
+    exec(readme_block("### MixSKD in your own training loop"), namespace)
+    assert isinstance(namespace["deployed"], torchvision.models.MobileNetV3)
+    assert set(namespace["terms"]) == set(TERMS) and all(torch.isfinite(v) for v in namespace["terms"].values())
+    assert len(namespace["opt"].state) == len(namespace["params"])  # every parameter took a step
+
+
+@slow
+def test_readme_transfer_to_detection_and_segmentation_runs_as_written(tmp_path, monkeypatch):
+    """The README block on the backbone of an ImageNet ResNet-50 (random weights, deploy.pt as train.py
+    writes it); then one forward of the detector and of the segmenter on a small image."""
+    net = ResNet("resnet50", 1000, 64, stem="imagenet")
+    torch.save({"meta": {"arch": "resnet50", "stem": "imagenet"}, "backbone": net.state_dict()}, tmp_path / "deploy.pt")
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(readme_block("## Transfer to detection and segmentation"), namespace)
+    assert set(namespace["backbone"]) - set(namespace["trunk"]) == {"fc.weight", "fc.bias"}
+    detector, segmenter = namespace["detector"].eval(), namespace["segmenter"].eval()
+    assert torch.equal(detector.backbone.body.layer4[2].conv3.weight, net.layer4[2].conv3.weight)
+    assert torch.equal(segmenter.backbone.layer3[5].conv2.weight, net.layer3[5].conv2.weight)
+    detector.transform.min_size, detector.transform.max_size = (64,), 64  # one small image, not 800 px
+    with torch.no_grad():
+        detections = detector([torch.rand(3, 64, 64)])
+        masks = segmenter(torch.rand(1, 3, 64, 64))["out"]
+    assert set(detections[0]) == {"boxes", "labels", "scores"} and masks.shape == (1, 21, 64, 64)
+
+
+@slow
+def test_init_from_a_torchvision_state_dict_fills_backbone_and_branches(tmp_path):
+    import torchvision
+
+    torch.manual_seed(1)
+    pretrained = torchvision.models.regnet_y_400mf(num_classes=CLASSES)
+    torch.save(pretrained.state_dict(), tmp_path / "regnet.pth")
+    net = network("torchvision:regnet_y_400mf", CLASSES, mixskd=True)
+    checkpoints.init_from(str(tmp_path / "regnet.pth"), net, None)
+    for n, p in pretrained.state_dict().items():
+        assert torch.equal(net.backbone.state_dict()[n], p)
+    branch = net.branches[0].net.state_dict()
+    assert torch.equal(branch["trunk_output.block4.block4-0.proj.0.weight"],
+                       pretrained.state_dict()["trunk_output.block4.block4-0.proj.0.weight"])
+    assert "stem.0.weight" not in branch and "trunk_output.block1.block1-0.proj.0.weight" not in branch
 
 
 # ------------------------------------------------- SPEC section 3: interpolated and mixed quantities
@@ -1068,6 +1192,17 @@ def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path, capsys):
 
 
 @slow
+def test_torchvision_arch_runs_from_the_command_line_and_deploys(tiny_npz, tmp_path, capsys):
+    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--arch", "torchvision:mobilenet_v3_small")
+    assert {"metrics.jsonl", "last.pt", "best.pt", "deploy.pt", "summary.json"} <= set(os.listdir(tmp_path))
+    logged = metric_lines(tmp_path)[-1]["test"]
+    assert list(logged) == ["backbone", "branch1", "branch2", "branch3", "self_teacher"]
+    capsys.readouterr()
+    evaluation.main([str(tmp_path / "deploy.pt"), "--json"])
+    assert json.loads(capsys.readouterr().out)["heads"]["backbone"] == logged["backbone"]
+
+
+@slow
 def test_official_recipe_run_has_no_stem_relu_and_frozen_teacher(tiny_npz, tmp_path):
     tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--recipe", "official")
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
@@ -1236,10 +1371,12 @@ def test_help_shows_each_default_once_and_every_flag_has_help():
 
 
 @slow
-def test_bench_says_when_its_estimate_is_rough(capsys):
-    bench.main(["--width", "4", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--device", "cpu"])
+@pytest.mark.parametrize("arch", ["resnet18", "torchvision:mobilenet_v3_small"])
+def test_bench_says_when_its_estimate_is_rough(arch, capsys):
+    bench.main(["--arch", arch, "--width", "4", "--batch-size", "4", "--steps", "1", "--warmup", "0",
+                "--device", "cpu", "--amp", "off"])
     out = capsys.readouterr().out
-    assert "1 timed step after 0" in out and "rough, from 1 timed step" in out and "amp off" in out
+    assert f"{arch} width 4" in out and "1 timed step after 0" in out and "rough, from 1 timed step" in out
 
 
 @slow

@@ -29,7 +29,7 @@ from data import DATASETS, UserError, dataset_name, load_dataset, run_cli, steps
 from eval import evaluate
 from losses import RECIPES, TERMS, BaselineObjective, MixSKDObjective, discriminators
 from mixup import MIX_MODES, mix_batch
-from model import ARCHS, MixSKDNet, ResNet
+from model import ARCHS, check_arch, network
 from self_teacher import SelfTeacher
 
 METHODS = ("mixskd", "ce", "mixup", "cutmix")
@@ -51,9 +51,11 @@ parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Tra
                                  "MixSKD (Yang et al., ECCV 2022) or a baseline on CIFAR or ImageNet with the SPEC's "
                                  "recipes (sections 7 and 9) as defaults.")
 g = parser.add_argument_group("what to train")
-g.add_argument("--arch", default="resnet18", choices=list(ARCHS),
-               help="ResNet; the stem follows the dataset (3x3 on CIFAR, 7x7 + max-pool on ImageNet)")
-g.add_argument("--width", type=int, default=64, help="channels of the first stage (64 in the paper)")
+g.add_argument("--arch", default="resnet18", help=f"{', '.join(ARCHS)} (the stem follows the dataset: 3x3 on "
+               "CIFAR, 7x7 + max-pool on ImageNet), or torchvision:NAME, a torchvision classifier of a family that "
+               "model.TORCHVISION_FAMILIES lists (ResNet, ResNeXt, Wide-ResNet, RegNet, ConvNeXt, MobileNetV2/V3, "
+               "EfficientNet, DenseNet)")
+g.add_argument("--width", type=int, default=64, help="channels of our ResNets' first stage (64 in the paper)")
 g.add_argument("--dataset", default="cifar100", help="cifar10, cifar100 (torchvision, downloaded into --data), "
                "PATH.npz with x_train, y_train, x_test, y_test (uint8 NHWC images), or imagenet (--data holds train/ "
                "and val/ in ImageFolder layout)")
@@ -108,14 +110,13 @@ def parse_args(argv=None):
     """The command line, with the dataset's SPEC defaults filled in and every value checked."""
     args = parser.parse_args(argv)
     imagenet = args.dataset == "imagenet"
-    for key, value in {**(IMAGENET_DEFAULTS if imagenet else CIFAR_DEFAULTS),
-                       **({"alpha": 1.0} if args.method == "cutmix" else {})}.items():
+    spec = IMAGENET_DEFAULTS if imagenet else CIFAR_DEFAULTS
+    for key, value in {**spec, **({"alpha": 1.0} if args.method == "cutmix" else {})}.items():
         if not hasattr(args, key):
             setattr(args, key, value // runtime.world_size() if key == "batch_size" and imagenet else value)
     args.stem, args.schedule, args.nesterov = ("imagenet", "cosine", False) if imagenet else ("cifar", "step", True)
-    spec_epochs = IMAGENET_DEFAULTS["epochs"] if imagenet else SPEC_EPOCHS
     if not hasattr(args, "warmup_epochs"):  # the SPEC's 5 warmup epochs, shortened with a shorter run
-        args.warmup_epochs = round(5 * min(args.epochs, spec_epochs) / spec_epochs)
+        args.warmup_epochs = round(5 * min(args.epochs, spec["epochs"]) / spec["epochs"])
     if not args.alpha > 0:
         parser.error(f"--alpha must be > 0, got {args.alpha}")
     if args.batch_size < 2:
@@ -123,6 +124,10 @@ def parse_args(argv=None):
                      f"got {args.batch_size}")
     if args.width < 1 or args.epochs < 1 or args.warmup_epochs < 0 or args.log_every < 1:
         parser.error("--width, --epochs and --log-every must be positive and --warmup-epochs non-negative")
+    try:
+        check_arch(args.arch)
+    except ValueError as e:
+        parser.error(str(e))
     if not all(np.isfinite(getattr(args, f"w_{t}")) and getattr(args, f"w_{t}") >= 0 for t in TERMS):
         parser.error("loss weights must be finite and non-negative")
     if args.dataset not in DATASETS and not args.dataset.endswith(".npz"):
@@ -133,7 +138,8 @@ def parse_args(argv=None):
             parser.error(f"--epochs {args.epochs} is too short to scale the SPEC's decays at epochs 105 and 155 "
                          f"(both fall on epoch {args.milestones[0]}): pass --milestones")
     recipe = f"-{args.recipe}" if args.method == "mixskd" else ""
-    args.out = args.out or f"runs/{dataset_name(args.dataset)}-{args.arch}-{args.method}{recipe}-seed{args.seed}"
+    arch = args.arch.replace(":", "-")
+    args.out = args.out or f"runs/{dataset_name(args.dataset)}-{arch}-{args.method}{recipe}-seed{args.seed}"
     return args
 
 
@@ -160,13 +166,13 @@ def build(args, num_classes, device, memory_format):
     # the released ImageNet script optimises L_mix and keeps the stem ReLU, its CIFAR script does neither
     recipe = "official-imagenet" if args.recipe == "official" and args.dataset == "imagenet" else args.recipe
     stem_relu = not (args.method == "mixskd" and recipe == "official")  # SPEC section 6, item 5
+    net = network(args.arch, num_classes, args.width, stem_relu, args.stem, mixskd=args.method == "mixskd")
     if args.method == "mixskd":
-        net = MixSKDNet(args.arch, num_classes, args.width, stem_relu, args.stem)
-        channels = net.backbone.feature_channels
-        objective = MixSKDObjective(net, SelfTeacher(channels, num_classes), discriminators(channels), recipe,
-                                    {t: getattr(args, f"w_{t}") for t in TERMS}, args.temperature)
+        channels, heads = net.feature_channels, len(net.branches) + 1
+        objective = MixSKDObjective(net, SelfTeacher(channels, num_classes, heads), discriminators(channels, heads),
+                                    recipe, {t: getattr(args, f"w_{t}") for t in TERMS}, args.temperature)
     else:
-        objective = BaselineObjective(ResNet(args.arch, num_classes, args.width, stem_relu, args.stem))
+        objective = BaselineObjective(net)
     params = [p for p in objective.parameters() if p.requires_grad]  # what the recipe trains
     objective.to(device, memory_format=memory_format)
     # fused on CUDA: one kernel for every parameter; foreach on CPU: one multi-tensor op, not a loop
@@ -179,8 +185,7 @@ def build(args, num_classes, device, memory_format):
 def train_step(objective, opt, speed, x, y, args):
     """One step on a clean batch (x, y): mix (Eq. (1)), forward and loss in one call of the objective
     (Eqs. (5)-(10), or a baseline's), backward, SGD. Returns loss, terms and correct predictions on the
-    device: nothing here waits for the GPU. Mixing stays outside any compiled region; lam goes in as a 0-d
-    device tensor (a fill, no copy), so a new lam neither recompiles nor syncs."""
+    device, never waiting for it; lam goes in as a 0-d device tensor, so a new lam neither recompiles nor syncs."""
     inputs, lam, perm = x, None, None
     if args.method != "ce":
         x_mix, perm, lam = mix_batch(x, args.alpha, args.mix if args.method == "mixskd" else args.method)
@@ -207,8 +212,7 @@ def train_step(objective, opt, speed, x, y, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    complete = runtime.check_run_folder(args)
-    if complete:  # --resume of a finished run: say so and change nothing
+    if complete := runtime.check_run_folder(args):  # --resume of a finished run: say so and change nothing
         return print(complete)
     try:
         with runtime.processes(args) as (rank, world, device), runtime.cleanup_failed_start(args.out, rank):
@@ -228,7 +232,7 @@ def setup(args, rank, world, device):
     run.objective, run.opt = build(args, data.num_classes, device, run.speed.memory_format)
     runtime.seed_all(args.seed + rank)  # each rank draws its own lam and perm for its own batch
     net, teacher, discs = (getattr(run.objective, name, None) for name in ("net", "self_teacher", "discs"))
-    run.backbone = net.backbone if isinstance(net, MixSKDNet) else net
+    run.backbone = getattr(net, "backbone", net)
     run.meta = checkpoints.run_meta(args, data, run.backbone)
     if args.resume:
         run.start_epoch, run.best = checkpoints.resume(run.last, args, run.meta, net, teacher, discs, run.opt,
@@ -240,17 +244,19 @@ def setup(args, rank, world, device):
         checkpoints.restart_metrics(run.metrics, run.start_epoch)
     run.steps = steps_per_epoch(data, args.batch_size, world)
     # the header line: what trains, on what, how fast, for how long
-    run.images, run.n_trained = args.batch_size * world, count(run.objective)  # clean images per step
+    run.images = args.batch_size * world  # clean images per step
+    run.n_trained = sum(p.numel() for p in run.objective.parameters() if p.requires_grad)
+    run.n_deployed = sum(p.numel() for p in run.backbone.parameters())
     if not run.main:
         return run
-    if args.dataset == "imagenet" and run.images != 128:
-        print(f"note: the global batch is {run.images}, the SPEC's ImageNet recipe uses 128 in total")
+    spec_batch = " (the SPEC: 128 on ImageNet)" if args.dataset == "imagenet" and run.images != 128 else ""
     print(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''}"
-          f"{'' if args.method == 'ce' else f' alpha {args.alpha}'} {args.arch} width {args.width} on "
-          f"{data.name} ({data.n_train} train, {data.n_test} test, {data.num_classes} classes) | {run.world} x "
-          f"{run.device.type} amp {run.speed.amp} channels_last {run.speed.memory_format == torch.channels_last} "
-          f"compile {args.compile} | batch {args.batch_size} per process, {run.images} in all | {run.n_trained:,} "
-          f"trained params, {count(run.backbone):,} deployed | epochs {run.start_epoch + 1}..{args.epochs}, "
+          f"{'' if args.method == 'ce' else f' alpha {args.alpha}'} {args.arch}"
+          f"{'' if ':' in args.arch else f' width {args.width}'} on {data.name} ({data.n_train} train, "
+          f"{data.n_test} test, {data.num_classes} classes) | {run.world} x {run.device.type} amp {run.speed.amp} "
+          f"channels_last {run.speed.memory_format == torch.channels_last} compile {args.compile} | batch "
+          f"{args.batch_size} per process, {run.images} in all{spec_batch} | {run.n_trained:,} trained params, "
+          f"{run.n_deployed:,} deployed | epochs {run.start_epoch + 1}..{args.epochs}, "
           f"{'milestones ' + str(args.milestones) if args.schedule == 'step' else 'cosine schedule'}", flush=True)
     return run
 
@@ -329,21 +335,15 @@ def finish(run):
     if not run.main:
         return
     args = run.args
-    checkpoints.save_atomic({"meta": run.meta, "backbone": run.backbone.state_dict()},
-                            os.path.join(args.out, "deploy.pt"))
+    checkpoints.save_atomic({"meta": run.meta, "backbone": run.backbone.state_dict()}, f"{args.out}/deploy.pt")
     s = {**report.summarise(checkpoints.read_metrics(run.metrics)), "trained_params": run.n_trained,
-         "deployed_params": count(run.backbone), "wall_time_s_this_process": time.time() - run.start_time,
+         "deployed_params": run.n_deployed, "wall_time_s_this_process": time.time() - run.start_time,
          "processes": run.world, "parameter_sha256_per_rank": digests, "args": vars(args)}
-    checkpoints.write_json_atomic(s, os.path.join(args.out, "summary.json"))
+    checkpoints.write_json_atomic(s, f"{args.out}/summary.json")
     print(f"final backbone top-1 {s['headline_final_backbone_top1']:.2f} (headline) | best "
           f"{s['best_backbone_top1']:.2f} at epoch {s['best_backbone_epoch'] + 1} | released code's metric "
           f"{s['released_code_metric_max_over_heads_and_epochs']:.2f} ({s['released_code_metric_head']}, epoch "
           f"{s['released_code_metric_epoch'] + 1}, max over heads and epochs on the test set) | {args.out}")
-
-
-def count(module):
-    """Parameters that are trained (official recipes freeze the self-teacher and/or discriminators)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 if __name__ == "__main__":
