@@ -218,7 +218,7 @@ def main(argv=None):
                          "peak_memory_mib": memory, "projected_205_epochs_min": seconds * SPEC_STEPS / 60}
         del step
     report = {"device": name, "torch": torch.__version__, "arch": args.arch, "width": args.width,
-              "stem": args.stem, "image_size": args.image_size,
+              "stem": "the network's own" if ":" in args.arch else args.stem, "image_size": args.image_size,
               "batch_size": args.batch_size, "method": args.method, "recipe": args.recipe,
               "warmup": warmup, "steps": steps, **results}
     if args.baseline:
@@ -227,7 +227,7 @@ def main(argv=None):
         print(json.dumps(report))
         return
     print(f"{name}, torch {torch.__version__}: {args.method} {args.recipe} {args.arch} width {args.width}, "
-          f"{args.stem} stem, {args.image_size} px, "
+          f"{'its own' if ':' in args.arch else args.stem} stem, {args.image_size} px, "
           f"batch {args.batch_size}, {steps} timed step{'s' * (steps > 1)} after {warmup}")
     for mode, r in results.items():
         print(f"{mode:<9} {r['ms_per_step']:9.1f} ms/step {r['images_per_s']:8.0f} img/s  "

@@ -104,7 +104,7 @@ def plot_runs(run_dirs, out):
         label = method_label(args)
         colour = colours.setdefault(label, f"C{len(colours)}")
         seen[label] = seen.get(label, -1) + 1
-        acc_ax.plot([r["epoch"] for r in records], [r["test"]["backbone"]["top1"] for r in records], lw=1,
+        acc_ax.plot([r["epoch"] + 1 for r in records], [r["test"]["backbone"]["top1"] for r in records], lw=1,
                     color=colour, ls=("-", "--", ":", "-.")[seen[label] % 4], label=f"{label} seed {args['seed']}")
     acc_ax.set(xlabel="epoch", ylabel="test top-1 of the backbone (%)", title="deployed network, every run")
     acc_ax.legend(fontsize=7, ncol=2)
@@ -112,7 +112,7 @@ def plot_runs(run_dirs, out):
     if mixskd:  # the paper recipe's run when there is one: its every term is optimised
         args, records = next((run for run in mixskd if run[0]["recipe"] == "paper"), mixskd[0])
         for term in records[0]["loss"]:
-            loss_ax.plot([r["epoch"] for r in records], [r["loss"][term] for r in records], lw=1,
+            loss_ax.plot([r["epoch"] + 1 for r in records], [r["loss"][term] for r in records], lw=1,
                          label=term if term == "total" else f"L_{term}")
         loss_ax.set(xlabel="epoch", ylabel="mean over the epoch", yscale="log",
                     title=f"loss terms, {method_label(args)} seed {args['seed']}")

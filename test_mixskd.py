@@ -225,7 +225,7 @@ TORCHVISION_SMALLEST = ["resnet18", "regnet_x_400mf", "regnet_y_400mf", "convnex
 @pytest.mark.parametrize("name", TORCHVISION_SMALLEST)
 def test_torchvision_family_trains_and_deploys_as_itself(name):
     """The smallest torchvision model of each family under MixSKD: four heads with feature maps of one
-    shape, fresh branches, three SGD steps on one fixed batch lower the loss in both recipes, and the
+    shape, fresh branches, two optimiser steps on one fixed batch lower the loss in both recipes, and the
     backbone saved as deploy.pt loads strictly into torchvision's own class with the same logits."""
     import io
 
@@ -248,9 +248,9 @@ def test_torchvision_family_trains_and_deploys_as_itself(name):
         channels = model.feature_channels
         objective = MixSKDObjective(model, SelfTeacher(channels, CLASSES), discriminators(channels), recipe)
         # Adam: one step size for every family, whose initial gradient norms span 1e2 to 3e4 at this size
-        opt = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=1e-4)
+        opt = torch.optim.Adam([p for p in objective.parameters() if p.requires_grad], lr=1e-5)
         totals = []
-        for _ in range(3):
+        for _ in range(2):
             torch.manual_seed(0)  # the same dropout and stochastic-depth draws each step: one fixed objective
             total, _, _ = objective(torch.cat([x, x_mix]), y, lam, perm)
             opt.zero_grad()
