@@ -152,12 +152,9 @@ def backbone_config(state, prefix, what):
 
 
 def model_from_checkpoint(ckpt, path):
-    """Build the network a checkpoint holds: (model, self_teacher or None, meta).
-
-    Our last.pt/best.pt: the trained model (MixSKDNet, or ResNet for the baselines) and the
-    self-teacher; deploy.pt: the backbone alone; the released script's {'net': ...}: mapped by name;
-    a plain torchvision ResNet state dict (conv1.weight, ..., fc.weight): the backbone alone.
-    """
+    """Build the network a checkpoint holds: (model, self_teacher or None, meta). Our last.pt/best.pt:
+    the trained network and self-teacher; deploy.pt: the backbone alone; the released script's
+    {'net': ...}: mapped by name; a plain torchvision ResNet state dict: the backbone alone."""
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a checkpoint of this project or of the released code")
     if "conv1.weight" in ckpt and "fc.weight" in ckpt:  # torchvision's layout, which ResNet shares
@@ -195,15 +192,27 @@ def init_from(path, model, teacher):
     """Copy a checkpoint's weights into model (and the self-teacher): ours, the released script's, or a
     plain state dict of the backbone (torchvision's, for instance). A MixSKD network started from a
     backbone alone (deploy.pt, a state dict) gets it in its backbone, and its branches start as copies
-    of the backbone's later stages, as pretrained backbones do (README, "MixSKD on your own network")."""
+    of the backbone's later stages, as pretrained backbones do (README, "MixSKD on your own network").
+    A backbone for another class count loads all but its classifier, which stays fresh (fine-tuning)."""
     ckpt = read_checkpoint(path)
     plain = isinstance(ckpt, dict) and bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
-    source, source_teacher = (None, None) if plain else model_from_checkpoint(ckpt, path)[:2]
+    source, source_teacher, meta = (None, None, {}) if plain else model_from_checkpoint(ckpt, path)
+    own_relu = getattr(getattr(model, "backbone", model), "stem_relu", None)
+    if None not in (meta.get("stem_relu"), own_relu) and meta["stem_relu"] != own_relu:
+        raise UserError(f"--init-from {path}: its network has {'a' if meta['stem_relu'] else 'no'} stem ReLU, this "
+                        f"run's has {'one' if own_relu else 'none'}, so the weights would compute another function: "
+                        f"use --recipe {'paper' if meta['stem_relu'] else 'official'} (SPEC section 6, item 5)")
     whole = source is not None and hasattr(source, "branches")
     if whole and not hasattr(model, "branches"):
         source, whole = source.backbone, False
-    state = ckpt if plain else source.state_dict()
+    state = dict(ckpt if plain else source.state_dict())
     target = model.backbone if hasattr(model, "branches") and not whole else model
+    own = target.state_dict()
+    classifier = list(own)[-2:]  # the last layer's weight and bias, in torchvision's networks and ours
+    if not whole and any(k in state and len(state[k]) != len(own[k]) for k in classifier):
+        print(f"note: --init-from {path} has {len(state[classifier[-1]])} classes, this run {len(own[classifier[-1]])}:"
+              f" the classifier ({', '.join(classifier)}) starts fresh, every other weight is loaded")
+        state.update({k: own[k] for k in classifier})
     load_state(target, state, f"--init-from {path}")
     if target is not model:
         model.branches_from_backbone()

@@ -231,7 +231,7 @@ class Layout(NamedTuple):
     head: list
 
 
-def run(net, part, x):
+def run_part(net, part, x):
     """Apply the items of one part of a Layout, in order, to x."""
     for item in part:
         x = net.get_submodule(item)(x) if isinstance(item, str) else item(x)
@@ -252,9 +252,9 @@ class LayoutBranch(nn.Module):
 
     def forward(self, x):
         for stage in self.layout.stages[self.k:]:
-            x = run(self.net, stage, x)
-        feat = run(self.net, self.layout.post, x)
-        return feat, run(self.net, self.layout.head, feat)
+            x = run_part(self.net, stage, x)
+        feat = run_part(self.net, self.layout.post, x)
+        return feat, run_part(self.net, self.layout.head, feat)
 
 
 class StagedMixSKDNet(nn.Module):
@@ -280,26 +280,26 @@ class StagedMixSKDNet(nn.Module):
         self.branches = nn.ModuleList(LayoutBranch(make_backbone(), self.layout, k)
                                       for k in range(1, len(self.layout.stages)))
         with probing(self.backbone) as device:
-            self.feature_channels = run(self.backbone, self.layout.post,
+            self.feature_channels = run_part(self.backbone, self.layout.post,
                                         self.trunk(torch.zeros(1, 3, 64, 64, device=device))).shape[1]
 
     def trunk(self, x):
         for stage in [self.layout.stem] + self.layout.stages:
-            x = run(self.backbone, stage, x)
+            x = run_part(self.backbone, stage, x)
         return x
 
     def forward(self, x):
         feats, logits = [], []
-        out = run(self.backbone, self.layout.stem, x)
+        out = run_part(self.backbone, self.layout.stem, x)
         for k, stage in enumerate(self.layout.stages):
-            out = run(self.backbone, stage, out)
+            out = run_part(self.backbone, stage, out)
             if k < len(self.branches):
                 feat, logit = self.branches[k](out)
                 feats.append(feat)
                 logits.append(logit)
-        out = run(self.backbone, self.layout.post, out)
+        out = run_part(self.backbone, self.layout.post, out)
         feats.append(out)
-        logits.append(run(self.backbone, self.layout.head, out))
+        logits.append(run_part(self.backbone, self.layout.head, out))
         return feats, logits
 
     def branches_from_backbone(self):
@@ -307,7 +307,8 @@ class StagedMixSKDNet(nn.Module):
         pretrained weights into the backbone alone)."""
         state = self.backbone.state_dict()
         for branch in self.branches:
-            branch.net.load_state_dict({k: v for k, v in state.items() if k in branch.net.state_dict()})
+            own = branch.net.state_dict()
+            branch.net.load_state_dict({k: v for k, v in state.items() if k in own})
 
 
 @contextlib.contextmanager

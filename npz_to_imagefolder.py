@@ -20,7 +20,12 @@ def write_image_folder(npz, out):
     """Write every image of `npz` under out/train and out/val; returns the number of images per split."""
     arrays = load_npz(npz)
     classes = class_count(arrays)
-    names = [str(n) for n in arrays.get("class_names", [f"class{k}" for k in range(classes)])]
+    names = [str(n).replace(os.sep, "_") for n in arrays.get("class_names", [f"class{k}" for k in range(classes)])]
+    for split in ("train", "test"):  # ImageFolder needs every class, with at least one image, in both splits
+        missing = sorted(set(range(classes)) - set(arrays[f"y_{split}"].tolist()))
+        if missing:
+            raise UserError(f"{npz}: y_{split} has no image of class {missing[0]} ({names[missing[0]]}); an "
+                            f"ImageFolder needs every class in both splits")
     counts = {}
     for split, folder in (("train", "train"), ("test", "val")):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]

@@ -31,7 +31,7 @@ def summarise(records):
 
 
 def read_run(run_dir):
-    """(arguments, per-epoch records, summary or None) of a train.py run folder."""
+    """(arguments, per-epoch records) of a train.py run folder."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise UserError(f"{run_dir} is not a run folder of train.py (no metrics.jsonl)")
@@ -39,12 +39,10 @@ def read_run(run_dir):
     if not records:
         raise UserError(f"{path} is empty: the run has not finished an epoch")
     summary_path = os.path.join(run_dir, "summary.json")
-    summary = None
     if os.path.exists(summary_path):
         with open(summary_path) as f:
-            summary = json.load(f)
-    args = summary["args"] if summary else read_checkpoint(os.path.join(run_dir, "last.pt"))["args"]
-    return args, records, summary
+            return json.load(f)["args"], records
+    return read_checkpoint(os.path.join(run_dir, "last.pt"))["args"], records
 
 
 METHOD_ORDER = ("ce", "mixup", "cutmix", "mixskd paper", "mixskd official")
@@ -56,7 +54,7 @@ def method_label(args):
 
 def sorted_runs(run_dirs):
     """[(args, records), ...] in a fixed method order, then by seed."""
-    runs = [read_run(d)[:2] for d in run_dirs]
+    runs = [read_run(d) for d in run_dirs]
     rank = lambda label: METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER)
     return sorted(runs, key=lambda run: (rank(method_label(run[0])), run[0]["seed"]))
 

@@ -1,13 +1,10 @@
 """How a run runs: on which device and processes, from which random state, how fast; how it starts and stops.
 
-Plumbing for train.py and bench.py, not the method. A run checks its folder before it starts, removes
-what it wrote when it fails before its first checkpoint, and answers Ctrl-C with the command that
-resumes it. Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) every process joins one process group
-(NCCL on CUDA, one GPU per process; gloo on CPU), the objective is wrapped once in
-DistributedDataParallel, and small values are gathered from every rank. Every random generator a step
-draws from is seeded, captured and restored here, so a resumed run continues exactly. `--amp`,
-`--channels-last` and `--compile` resolve `auto` to what pays on the device; the README's Performance
-section has the measurements behind each choice.
+Plumbing for train.py and bench.py, not the method: the run folder checked before a start and cleaned
+after a failed one, Ctrl-C answered with the resume command; under torchrun one process group (NCCL on
+CUDA, gloo on CPU), one DistributedDataParallel wrapper and gathers across ranks; every random generator
+seeded, captured and restored (exact resume); `--amp`, `--channels-last`, `--compile` resolved from
+`auto` (the README's Performance section has the measurements behind each choice).
 """
 import contextlib
 import hashlib
@@ -103,10 +100,15 @@ def check_run_folder(args):
         raise UserError(f"{args.out} already holds a run (last.pt): pass --resume to continue it, or another --out")
     if args.resume and not os.path.exists(last):
         raise UserError(f"--resume: no {last} to continue from")
+    if args.extend and not args.resume:
+        raise UserError("--extend continues a run: pass it together with --resume")
     if args.resume and os.path.exists(summary):
         with open(summary) as f:
-            epochs = json.load(f)["args"]["epochs"]
-        if epochs == args.epochs:
+            done = json.load(f)
+        epochs, final = done["args"]["epochs"], done["final_epoch"]
+        with open(os.path.join(args.out, "metrics.jsonl")) as f:  # an --extend under way has logged beyond
+            logged = max(json.loads(line)["epoch"] for line in f)
+        if epochs == args.epochs == final + 1 == logged + 1:
             return (f"{args.out} is complete ({epochs} of {epochs} epochs): nothing to do, no file changed; to "
                     f"train it longer, pass a larger --epochs together with --extend")
     return None
@@ -129,18 +131,23 @@ def cleanup_failed_start(out, rank):
         raise
 
 
-def interrupted(out, argv):
-    """Ctrl-C: print one line (rank 0), what last.pt holds and the exact command that resumes the run;
+def interrupted(args, argv):
+    """Ctrl-C: rank 0 prints one line, what last.pt holds and the exact command that resumes the run;
     returns 130, the exit status of a program stopped by SIGINT."""
-    last = os.path.join(out, "last.pt")
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 130
+    last = os.path.join(args.out, "last.pt")
     line = "interrupted before the first epoch ended: nothing was saved"
     if os.path.exists(last):
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        epoch, epochs = ckpt["epoch"] + 1, ckpt["args"]["epochs"]
-        command = shlex.join(["python", "train.py", *(a for a in argv if a != "--resume"), "--resume"])
-        line = f"interrupted in epoch {epoch + 1} of {epochs}: {last} holds epoch {epoch}; resume with: {command}"
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(line, file=sys.stderr, flush=True)
+        try:
+            done = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
+        except Exception:
+            done = "?"
+        world = world_size()
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else ["python"]
+        command = shlex.join([*launcher, "train.py", *(a for a in argv if a != "--resume"), "--resume"])
+        line = f"interrupted after {done} of {args.epochs} epochs: {last} holds them; resume with: {command}"
+    print(line, file=sys.stderr, flush=True)
     return 130
 
 

@@ -222,7 +222,7 @@ TORCHVISION_SMALLEST = ["resnet18", "regnet_x_400mf", "regnet_y_400mf", "convnex
                         "mobilenet_v3_small", "efficientnet_b0", "efficientnet_v2_s", "densenet121"]
 
 
-@slow  # each builds four networks of the family; 1 to 10 s
+@slow  # each builds four networks of the family
 @pytest.mark.parametrize("name", TORCHVISION_SMALLEST)
 def test_torchvision_family_trains_and_deploys_as_itself(name):
     """The smallest torchvision model of each family under MixSKD: four heads with feature maps of one
@@ -299,16 +299,21 @@ def test_readme_transfer_to_detection_and_segmentation_runs_as_written(tmp_path,
 
 
 @slow
-def test_init_from_a_torchvision_state_dict_fills_backbone_and_branches(tmp_path):
+def test_init_from_a_torchvision_state_dict_fills_backbone_and_branches(tmp_path, capsys):
+    """A 1,000-class torchvision state dict into a 10-class MixSKD network: every weight but the
+    classifier's, which stays fresh (said in one line); the branches start as copies of the backbone."""
     import torchvision
 
     torch.manual_seed(1)
-    pretrained = torchvision.models.regnet_y_400mf(num_classes=CLASSES)
+    pretrained = torchvision.models.regnet_y_400mf(num_classes=1000)
     torch.save(pretrained.state_dict(), tmp_path / "regnet.pth")
     net = network("torchvision:regnet_y_400mf", CLASSES, mixskd=True)
+    fresh_fc = net.backbone.fc.weight.clone()
     checkpoints.init_from(str(tmp_path / "regnet.pth"), net, None)
+    assert "has 1000 classes, this run 10: the classifier (fc.weight, fc.bias) starts fresh" in capsys.readouterr().out
+    assert torch.equal(net.backbone.fc.weight, fresh_fc)
     for n, p in pretrained.state_dict().items():
-        assert torch.equal(net.backbone.state_dict()[n], p)
+        assert n.startswith("fc.") or torch.equal(net.backbone.state_dict()[n], p)
     branch = net.branches[0].net.state_dict()
     assert torch.equal(branch["trunk_output.block4.block4-0.proj.0.weight"],
                        pretrained.state_dict()["trunk_output.block4.block4-0.proj.0.weight"])
@@ -609,7 +614,7 @@ def test_unknown_recipe_and_weight_raise():
         mixskd_loss(feats, logits, y, lam, perm, teacher, discs, weights={"kl": 1.0})
 
 
-@slow  # forty training steps: about 3 s each
+@slow  # forty training steps
 @pytest.mark.parametrize("recipe", ["paper", "official"])
 def test_overfits_one_small_batch(recipe):
     """Forty steps on one fixed batch of 8 drive the loss and the backbone's CE clearly down:
@@ -1049,6 +1054,10 @@ def test_init_from_released_checkpoint(tiny_npz, tmp_path):
     for a, b in zip(model.state_dict().values(), net.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(own_teacher.conv.weight, teacher.conv.weight)
+    # into recipe paper, whose stem has the ReLU, the released weights would compute another function
+    paper, _ = train.build(train.parse_args(["--width", "4"]), 10, torch.device("cpu"), torch.contiguous_format)
+    with pytest.raises(data.UserError, match="no stem ReLU, this run's has one.*use --recipe official"):
+        checkpoints.init_from(str(path), paper.net, paper.self_teacher)
 
 
 # ------------------------- Command line and whole runs, marked slow: pytest -m 'not slow' skips them
@@ -1116,7 +1125,6 @@ def test_two_epoch_run_writes_every_output(run_dir):
         torch.load(run_dir / name, weights_only=True)
 
 
-@slow
 def readme_block(after, language="python"):
     """The first ```language block of the README after the line containing `after`, as written."""
     text = (HERE / "README.md").read_text()
@@ -1129,7 +1137,7 @@ def test_readme_deploy_script_runs_as_written(run_dir):
     meta = torch.load(run_dir / "deploy.pt", weights_only=True)["meta"]
     assert meta["image_size"] == 32 and len(meta["class_names"]) == 10  # what the run trained on
     script = run_dir / "deploy_snippet.py"
-    script.write_text(readme_block("`deploy.pt` needs only `model.py`"))
+    script.write_text(readme_block("script (the tests run it as written here, in a run folder)"))
     result = subprocess.run([sys.executable, str(script)], cwd=run_dir, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -1370,6 +1378,7 @@ def test_help_shows_each_default_once_and_every_flag_has_help():
         assert "(default: None)" not in text and "(default: False)" not in text
         assert all(action.help for action in parser._actions)
     assert "(default: cuda when available) --amp" in " ".join(train.parser.format_help().split())
+    assert "augmentation, mixing (default: 0)" in " ".join(train.parser.format_help().split())  # 0 is not None
 
 
 @slow
@@ -1392,6 +1401,12 @@ def test_resume_of_a_finished_run_changes_nothing(run_dir, tiny_npz, tmp_path, c
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files
     tiny_run(tiny_npz, run, "--epochs", "3", "--resume", "--extend")  # asked for explicitly
     assert [r["epoch"] for r in metric_lines(run)] == [0, 1, 2]
+    # an extension stopped before its summary: the old summary.json must not make it look complete
+    (run / "summary.json").write_bytes(files["summary.json"])
+    with pytest.raises(data.UserError, match="belongs to a run of 3 epochs"):
+        tiny_run(tiny_npz, run, "--epochs", "2", "--resume")
+    with pytest.raises(data.UserError, match="--extend continues a run: pass it together with --resume"):
+        tiny_run(tiny_npz, tmp_path / "new", "--epochs", "2", "--extend")
 
 
 @slow
@@ -1423,7 +1438,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_npz, tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     line, = stderr.strip().splitlines()
-    assert line.startswith("interrupted in epoch ") and f"{out / 'last.pt'} holds epoch " in line
+    assert line.startswith("interrupted after ") and f" of 500 epochs: {out / 'last.pt'} holds them;" in line
     command = line.split("resume with: ")[1]
     assert shlex.split(command) == ["python", "train.py", *argv, "--resume"]
     assert train.parse_args(shlex.split(command)[2:]).resume
@@ -1588,6 +1603,24 @@ def image_folder(tmp_path_factory):
                 pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) // (c + 1)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return root
+
+
+@slow
+def test_npz_written_as_an_image_folder_keeps_images_labels_and_class_order(tiny_npz, tmp_path):
+    from PIL import Image
+
+    import npz_to_imagefolder
+
+    npz_to_imagefolder.main([tiny_npz, str(tmp_path / "folder")])
+    folder = data.load_dataset("imagenet", str(tmp_path / "folder"), image_size=32, workers=0)
+    with np.load(tiny_npz) as f:
+        assert (folder.n_train, folder.n_test) == (len(f["y_train"]), len(f["y_test"]))
+        assert folder.class_names == [f"{k:03d}_{name}" for k, name in enumerate(f["class_names"])]
+        for path, label in folder.test_set.samples[::20]:  # each PNG holds its image, unchanged, under its label
+            i = int(Path(path).stem)
+            assert label == f["y_test"][i] and np.array_equal(np.asarray(Image.open(path)), f["x_test"][i])
+    with pytest.raises(data.UserError, match="already exists"):
+        npz_to_imagefolder.main([tiny_npz, str(tmp_path / "folder")])
 
 
 @slow

@@ -2,7 +2,7 @@
 
     python train.py --arch resnet18 --dataset cifar100                     # MixSKD, recipe `paper`
     python train.py --arch resnet18 --dataset cifar100 --recipe official   # the released objective
-    python train.py --dataset ../shared/data/cifar10_q75_10k.npz --width 16 --epochs 90   # offline
+    python train.py --dataset ../shared/data/cifar10_q75_10k.npz --width 16 --epochs 90 --warmup-epochs 5
     python train.py --arch resnet18 --dataset cifar100 --resume            # continue OUT/last.pt
     torchrun --standalone --nproc_per_node=8 train.py --arch resnet50 --dataset imagenet --data DIR
 
@@ -44,7 +44,7 @@ IMAGENET_DEFAULTS = {"epochs": 305, "weight_decay": 1e-4, "alpha": 0.2, "batch_s
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # a default where there is one to show; None and False are not
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Train "
@@ -143,7 +143,7 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------- the method: schedule, objective, step
+# ----------------------------------------------------------------------------- the method: schedule, objective
 
 
 def lr_at(step, steps_per_epoch, args):
@@ -182,31 +182,6 @@ def build(args, num_classes, device, memory_format):
     return objective, opt
 
 
-def train_step(objective, opt, speed, x, y, args):
-    """One step on a clean batch (x, y): mix (Eq. (1)), forward and loss in one call of the objective
-    (Eqs. (5)-(10), or a baseline's), backward, SGD. Returns loss, terms and correct predictions on the
-    device, never waiting for it; lam goes in as a 0-d device tensor, so a new lam neither recompiles nor syncs."""
-    inputs, lam, perm = x, None, None
-    if args.method != "ce":
-        x_mix, perm, lam = mix_batch(x, args.alpha, args.mix if args.method == "mixskd" else args.method)
-        # MixSKD forwards clean and mixed images in one pass, so BatchNorm sees both (SPEC section 2)
-        inputs = torch.cat([x, x_mix]) if args.method == "mixskd" else x_mix
-        lam = torch.full((), lam, device=x.device)
-    if speed.cudagraphs:
-        torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are consumed
-    with speed.autocast:
-        total, terms, logits = objective(inputs.contiguous(memory_format=speed.memory_format), y, lam, perm)
-    opt.zero_grad(set_to_none=True)
-    speed.scaler.scale(total).backward()
-    speed.scaler.step(opt)
-    speed.scaler.update()
-    # train top-1: the clean images for mixskd and ce; a mixed image counts lam and 1 - lam for its labels
-    hits = (logits[:len(y)].argmax(1) == y).sum()
-    if args.method in ("mixup", "cutmix"):
-        hits = lam * hits + (1 - lam) * (logits.argmax(1) == y[perm]).sum()
-    return total.detach(), terms, hits
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -218,7 +193,7 @@ def main(argv=None):
         with runtime.processes(args) as (rank, world, device), runtime.cleanup_failed_start(args.out, rank):
             train(setup(args, rank, world, device))
     except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to resume it
-        sys.exit(runtime.interrupted(args.out, sys.argv[1:] if argv is None else argv))
+        sys.exit(runtime.interrupted(args, sys.argv[1:] if argv is None else argv))
 
 
 def setup(args, rank, world, device):
@@ -261,6 +236,31 @@ def setup(args, rank, world, device):
     return run
 
 
+def train_step(objective, opt, speed, x, y, args):
+    """One step on a clean batch (x, y): mix (Eq. (1)), forward and loss in one call of the objective
+    (Eqs. (5)-(10), or a baseline's), backward, SGD. Returns loss, terms and correct predictions on the
+    device, never waiting for it; lam goes in as a 0-d device tensor, so a new lam neither recompiles nor syncs."""
+    inputs, lam, perm = x, None, None
+    if args.method != "ce":
+        x_mix, perm, lam = mix_batch(x, args.alpha, args.mix if args.method == "mixskd" else args.method)
+        # MixSKD forwards clean and mixed images in one pass, so BatchNorm sees both (SPEC section 2)
+        inputs = torch.cat([x, x_mix]) if args.method == "mixskd" else x_mix
+        lam = torch.full((), lam, device=x.device)
+    if speed.cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are consumed
+    with speed.autocast:
+        total, terms, logits = objective(inputs.contiguous(memory_format=speed.memory_format), y, lam, perm)
+    opt.zero_grad(set_to_none=True)
+    speed.scaler.scale(total).backward()
+    speed.scaler.step(opt)
+    speed.scaler.update()
+    # train top-1: the clean images for mixskd and ce; a mixed image counts lam and 1 - lam for its labels
+    hits = (logits[:len(y)].argmax(1) == y).sum()
+    if args.method in ("mixup", "cutmix"):
+        hits = lam * hits + (1 - lam) * (logits.argmax(1) == y[perm]).sum()
+    return total.detach(), terms, hits
+
+
 def train(run):
     """The loop: per step lr, batch, train_step (mix, forward + loss, backward, SGD), now and then a log."""
     args, opt, steps = run.args, run.opt, run.steps
@@ -269,32 +269,31 @@ def train(run):
     run.start_time = last_progress = time.time()
     for epoch in range(run.start_epoch, args.epochs):
         run.objective.train()
-        sums, first_bad, epoch_start = {}, torch.full((), -1, device=run.device), time.time()
+        sums, first_bad, epoch_start = 0, torch.full((), -1, device=run.device), time.time()
         for i, (x, y) in enumerate(train_batches(run.data, args.batch_size, args.seed, epoch, run.rank, run.world)):
             lr = lr_at(epoch * steps + i, steps, args)
             for group in opt.param_groups:
                 group["lr"] = lr
             total, terms, hits = train_step(run.step_fn, opt, run.speed, x, y, args)
-            for key, value in {"total": total, **terms, "hits": hits}.items():
-                sums[key] = sums.get(key, 0) + value.float()
+            logged = {"total": total, **terms, "hits": hits}
+            sums = sums + torch.stack([value.float() for value in logged.values()])  # one add a step
             first_bad = torch.where(torch.isfinite(total) | (first_bad >= 0), first_bad, i)  # stays on the device
             if (i + 1) % args.log_every == 0:  # the only host sync inside an epoch
-                means = epoch_means(run, epoch, sums, first_bad, i + 1)
+                means = epoch_means(run, epoch, logged, sums, first_bad, i + 1)
                 if run.live or (run.main and time.time() - last_progress > 60):
                     done, elapsed, last_progress = i + 1, time.time() - epoch_start, time.time()
                     eta = elapsed / done * (steps - done) + (args.epochs - epoch - 1) * steps * elapsed / done
                     print(f"{CLEAR_LINE if run.live else ''}epoch {epoch + 1}/{args.epochs} step {done}/{steps} "
                           f"loss {means['total']:.4f} lr {lr:.4f} {done * run.images / elapsed:.0f} "
                           f"img/s ETA {eta / 60:.1f} min", end="" if run.live else "\n", flush=True)
-        end_epoch(run, epoch, epoch_means(run, epoch, sums, first_bad, steps), lr, time.time() - epoch_start)
+        end_epoch(run, epoch, epoch_means(run, epoch, logged, sums, first_bad, steps), lr, time.time() - epoch_start)
     finish(run)
 
 
-def epoch_means(run, epoch, sums, first_bad, steps_done):
-    """The epoch's means so far over steps and ranks. A non-finite loss stops the run here, before it
-    reaches a checkpoint, naming every non-finite term and the first step where the loss was not finite."""
-    values = runtime.sum_over_ranks(torch.stack(list(sums.values())), run.world) / (steps_done * run.world)
-    means = dict(zip(sums, values.tolist()))
+def epoch_means(run, epoch, keys, sums, first_bad, steps_done):
+    """The epoch's means so far (`sums` of `keys` over steps and ranks). A non-finite loss stops the run here,
+    before a checkpoint, naming every non-finite term and the first step where the loss was not finite."""
+    means = dict(zip(keys, (runtime.sum_over_ranks(sums, run.world) / (steps_done * run.world)).tolist()))
     bad = [key for key, value in means.items() if not math.isfinite(value)]
     if bad:
         where = f"step {int(first_bad) + 1}/{run.steps}" if first_bad >= 0 else "a step of another process"
