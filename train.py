@@ -6,10 +6,10 @@
     python train.py --arch resnet18 --dataset cifar100 --resume            # continue OUT/last.pt
     torchrun --standalone --nproc_per_node=8 train.py --arch resnet50 --dataset imagenet --data DIR
 
-Top to bottom: arguments; the method's pieces (schedule, objective, one step, SPEC sections 5-9); the
-run (setup, the loop, the end of an epoch, the summary). Plumbing lives in runtime.py and checkpoints.py.
-A run writes into --out: metrics.jsonl (a line per epoch), last.pt (every epoch, atomically), best.pt
-(best backbone top-1), deploy.pt (the backbone alone) and summary.json (the headline: final backbone top-1).
+Top to bottom: arguments; the method (schedule, objective, optimiser; SPEC sections 5-9); the run (setup,
+one step, the loop, the end of an epoch, the summary). Plumbing: runtime.py, checkpoints.py. A run writes
+into --out: metrics.jsonl (a line per epoch), last.pt (every epoch, atomically), best.pt (best backbone
+top-1), deploy.pt (the backbone alone) and summary.json (the headline: final backbone top-1).
 """
 import argparse
 import json
