@@ -97,13 +97,14 @@ def plot_runs(run_dirs, out):
         raise UserError("--plot needs matplotlib, an optional dependency: pip install matplotlib") from None
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     runs = sorted_runs(run_dirs)
-    colours, seen = {}, {}
-    for args, records in runs:  # one colour per method, one line style per seed
+    colours, seen, archs = {}, {}, {args["arch"] for args, _ in runs}
+    for args, records in runs:  # one colour per method, one line style per seed (and arch, when several)
         label = method_label(args)
         colour = colours.setdefault(label, f"C{len(colours)}")
         seen[label] = seen.get(label, -1) + 1
+        name = f"{args['arch']} {label}" if len(archs) > 1 else label
         acc_ax.plot([r["epoch"] + 1 for r in records], [r["test"]["backbone"]["top1"] for r in records], lw=1,
-                    color=colour, ls=("-", "--", ":", "-.")[seen[label] % 4], label=f"{label} seed {args['seed']}")
+                    color=colour, ls=("-", "--", ":", "-.")[seen[label] % 4], label=f"{name} seed {args['seed']}")
     acc_ax.set(xlabel="epoch", ylabel="test top-1 of the backbone (%)", title="deployed network, every run")
     acc_ax.legend(fontsize=7, ncol=2)
     mixskd = [run for run in runs if run[0]["method"] == "mixskd"]
