@@ -116,17 +116,20 @@ def check_run_folder(args):
 
 @contextlib.contextmanager
 def cleanup_failed_start(out, rank):
-    """A run that fails or is interrupted before its first checkpoint removes what it wrote: the folder
-    when it made the folder, else its metrics.jsonl. A folder that holds a run (last.pt) is never touched."""
+    """A run that fails or is interrupted before its first checkpoint undoes what it wrote: removes the
+    folder when it made it, else puts metrics.jsonl back as it was. A folder holding last.pt is not touched."""
     made, metrics = not os.path.exists(out), os.path.join(out, "metrics.jsonl")
-    had_metrics = os.path.exists(metrics)
+    kept = open(metrics, "rb").read() if os.path.exists(metrics) else None  # setup truncates it
     try:
         yield
     except BaseException:
         if rank == 0 and not os.path.exists(os.path.join(out, "last.pt")):
             if made:
                 shutil.rmtree(out, ignore_errors=True)
-            elif not had_metrics and os.path.exists(metrics):
+            elif kept is not None:
+                with open(metrics, "wb") as f:
+                    f.write(kept)
+            elif os.path.exists(metrics):
                 os.remove(metrics)
         raise
 
@@ -143,9 +146,9 @@ def interrupted(args, argv):
             done = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
         except Exception:
             done = "?"
-        world = world_size()
-        launcher = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else ["python"]
-        command = shlex.join([*launcher, "train.py", *(a for a in argv if a != "--resume"), "--resume"])
+        world = world_size()  # the script as it was given (sys.argv[0]): the line works where the run started
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else [sys.executable]
+        command = shlex.join([*launcher, sys.argv[0], *(a for a in argv if a != "--resume"), "--resume"])
         line = f"interrupted after {done} of {args.epochs} epochs: {last} holds them; resume with: {command}"
     print(line, file=sys.stderr, flush=True)
     return 130

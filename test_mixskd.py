@@ -717,7 +717,7 @@ def test_alpha_defaults_are_the_spec_and_released_ones(argv, alpha):
 @pytest.mark.parametrize("argv, warmup, milestones", [
     (["--epochs", "205"], 5, [105, 155]), (["--epochs", "90"], 2, [46, 68]), (["--epochs", "2"], 0, [1, 2]),
     (["--epochs", "2", "--warmup-epochs", "1"], 1, [1, 2]), (["--epochs", "3", "--milestones", "1", "2"], 0, [1, 2]),
-    (["--dataset", "imagenet", "--epochs", "61"], 1, [31, 46]),
+    (["--dataset", "imagenet", "--epochs", "61"], 1, [31, 46]), (["--epochs", "1"], 0, [1]),  # one decay, after the end
 ])
 def test_short_runs_shorten_the_warmup_like_the_milestones(argv, warmup, milestones):
     """Below the SPEC's 205 (ImageNet 305) epochs, the 5 warmup epochs shrink by the same factor as the
@@ -1302,20 +1302,22 @@ def test_resume_with_another_seed_is_refused(kept_run, tiny_npz):
 
 
 @slow
-def test_nan_stop_names_every_non_finite_term_and_the_step(tiny_npz, tmp_path, monkeypatch):
-    """L_feat turns NaN on the third step: the stop names L_feat (not the finite terms) and step 3."""
+@pytest.mark.parametrize("term, recipe, named", [("feat", "paper", "L_total, L_feat"), ("mix", "official", "L_mix")])
+def test_nan_stop_names_every_non_finite_term_and_the_step(term, recipe, named, tiny_npz, tmp_path, monkeypatch):
+    """A term turns NaN on the third step: the stop names it (not the finite terms) and step 3, also when
+    the term is logged but not in the total (L_mix under `official`)."""
     import losses
 
-    calls, real = [], losses.loss_feat
+    calls, real = [], getattr(losses, f"loss_{term}")
 
     def nan_on_third_step(*args):
         calls.append(1)
         return real(*args) * (float("nan") if len(calls) == 3 else 1.0)
 
-    monkeypatch.setattr(losses, "loss_feat", nan_on_third_step)
+    monkeypatch.setattr(losses, f"loss_{term}", nan_on_third_step)
     with pytest.raises(data.UserError) as e:
-        tiny_run(tiny_npz, tmp_path / "nan", "--epochs", "1", "--log-every", "1")
-    assert "non-finite loss from step 3/8 of epoch 1/1 on (L_total, L_feat)" in str(e.value)
+        tiny_run(tiny_npz, tmp_path / "nan", "--epochs", "1", "--log-every", "1", "--recipe", recipe)
+    assert f"non-finite loss from step 3/8 of epoch 1/1 on ({named})" in str(e.value)
     assert not (tmp_path / "nan").exists()  # a first epoch that fails leaves no folder behind
 
 
@@ -1419,6 +1421,10 @@ def test_failed_start_leaves_no_folder_behind(tiny_npz, tmp_path):
     with pytest.raises(data.UserError, match="non-finite loss"):
         tiny_run(tiny_npz, tmp_path / "mine", "--epochs", "1", "--lr", "1e30", "--log-every", "1")
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    (tmp_path / "mine" / "metrics.jsonl").write_text('{"epoch": 0}\n')  # an old run's log, no last.pt
+    with pytest.raises(data.UserError, match="non-finite loss from step 2/"):
+        tiny_run(tiny_npz, tmp_path / "mine", "--epochs", "1", "--lr", "1e30", "--log-every", "1")
+    assert (tmp_path / "mine" / "metrics.jsonl").read_text() == '{"epoch": 0}\n'
 
 
 @slow
@@ -1439,9 +1445,9 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_npz, tmp_path):
     assert process.returncode == 130
     line, = stderr.strip().splitlines()
     assert line.startswith("interrupted after ") and f" of 500 epochs: {out / 'last.pt'} holds them;" in line
-    command = line.split("resume with: ")[1]
-    assert shlex.split(command) == ["python", "train.py", *argv, "--resume"]
-    assert train.parse_args(shlex.split(command)[2:]).resume
+    command = shlex.split(line.split("resume with: ")[1])
+    assert command == [sys.executable, str(HERE / "train.py"), *argv, "--resume"]
+    assert train.parse_args(command[2:]).resume  # and the script as given works from where the run started
 
 
 @slow

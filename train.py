@@ -133,8 +133,8 @@ def parse_args(argv=None):
     if args.dataset not in DATASETS and not args.dataset.endswith(".npz"):
         parser.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet or the path of an .npz file")
     if not hasattr(args, "milestones"):
-        args.milestones = [round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES]
-        if not imagenet and args.milestones[0] == args.milestones[1] < args.epochs:
+        args.milestones = sorted({round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES})
+        if not imagenet and len(args.milestones) == 1 and args.milestones[0] < args.epochs:
             parser.error(f"--epochs {args.epochs} is too short to scale the SPEC's decays at epochs 105 and 155 "
                          f"(both fall on epoch {args.milestones[0]}): pass --milestones")
     recipe = f"-{args.recipe}" if args.method == "mixskd" else ""
@@ -238,8 +238,9 @@ def setup(args, rank, world, device):
 
 def train_step(objective, opt, speed, x, y, args):
     """One step on a clean batch (x, y): mix (Eq. (1)), forward and loss in one call of the objective
-    (Eqs. (5)-(10), or a baseline's), backward, SGD. Returns loss, terms and correct predictions on the
-    device, never waiting for it; lam goes in as a 0-d device tensor, so a new lam neither recompiles nor syncs."""
+    (losses.MixSKDObjective: the network, then mixskd_loss, Eqs. (5)-(10); or a baseline's), backward, SGD.
+    Returns loss, terms and correct predictions on the device, never waiting for it; lam goes in as a 0-d
+    device tensor, so a new lam neither recompiles nor syncs."""
     inputs, lam, perm = x, None, None
     if args.method != "ce":
         x_mix, perm, lam = mix_batch(x, args.alpha, args.mix if args.method == "mixskd" else args.method)
@@ -276,8 +277,8 @@ def train(run):
                 group["lr"] = lr
             total, terms, hits = train_step(run.step_fn, opt, run.speed, x, y, args)
             logged = {"total": total, **terms, "hits": hits}
-            sums = sums + torch.stack([value.float() for value in logged.values()])  # one add a step
-            first_bad = torch.where(torch.isfinite(total) | (first_bad >= 0), first_bad, i)  # stays on the device
+            values = torch.stack([value.float() for value in logged.values()])  # all on the device, no sync
+            sums, first_bad = sums + values, torch.where(torch.isfinite(values).all() | (first_bad >= 0), first_bad, i)
             if (i + 1) % args.log_every == 0:  # the only host sync inside an epoch
                 means = epoch_means(run, epoch, logged, sums, first_bad, i + 1)
                 if run.live or (run.main and time.time() - last_progress > 60):
