@@ -226,8 +226,9 @@ def main(argv=None):
     if args.json:
         print(json.dumps(report))
         return
-    print(f"{name}, torch {torch.__version__}: {args.method} {args.recipe} {args.arch} width {args.width}, "
-          f"{'its own' if ':' in args.arch else args.stem} stem, {args.image_size} px, "
+    ours = ":" not in args.arch  # width and stem are our ResNets' settings
+    print(f"{name}, torch {torch.__version__}: {args.method} {args.recipe} {args.arch}"
+          f"{f' width {args.width}, {args.stem} stem' if ours else ''}, {args.image_size} px, "
           f"batch {args.batch_size}, {steps} timed step{'s' * (steps > 1)} after {warmup}")
     for mode, r in results.items():
         print(f"{mode:<9} {r['ms_per_step']:9.1f} ms/step {r['images_per_s']:8.0f} img/s  "

@@ -190,12 +190,13 @@ def model_from_checkpoint(ckpt, path):
 
 def init_from(path, model, teacher):
     """Copy a checkpoint's weights into model (and the self-teacher): ours, the released script's, or a
-    plain state dict of the backbone (torchvision's, for instance). A MixSKD network started from a
-    backbone alone (deploy.pt, a state dict) gets it in its backbone, and its branches start as copies
-    of the backbone's later stages, as pretrained backbones do (README, "MixSKD on your own network").
-    A backbone for another class count loads all but its classifier, which stays fresh (fine-tuning)."""
+    plain state dict of the backbone (torchvision's, say). From a backbone alone (deploy.pt, a state dict)
+    the branches start as copies of its later stages (README, "MixSKD on your own network"); one trained
+    for another class count loads all but its classifier, which stays fresh (fine-tuning)."""
     ckpt = read_checkpoint(path)
     plain = isinstance(ckpt, dict) and bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+    if plain:  # torchvision's published DenseNet files keep old names ("norm.1"), which its own loader renames
+        ckpt = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.", r"\1\2.", k): v for k, v in ckpt.items()}
     source, source_teacher, meta = (None, None, {}) if plain else model_from_checkpoint(ckpt, path)
     own_relu = getattr(getattr(model, "backbone", model), "stem_relu", None)
     if None not in (meta.get("stem_relu"), own_relu) and meta["stem_relu"] != own_relu:
@@ -209,11 +210,11 @@ def init_from(path, model, teacher):
     target = model.backbone if hasattr(model, "branches") and not whole else model
     own = target.state_dict()
     classifier = list(own)[-2:]  # the last layer's weight and bias, in torchvision's networks and ours
-    if not whole and any(k in state and len(state[k]) != len(own[k]) for k in classifier):
+    fresh = not whole and any(k in state and len(state[k]) != len(own[k]) for k in classifier)
+    load_state(target, {**state, **{k: own[k] for k in classifier}} if fresh else state, f"--init-from {path}")
+    if fresh:  # said once the rest has loaded
         print(f"note: --init-from {path} has {len(state[classifier[-1]])} classes, this run {len(own[classifier[-1]])}:"
               f" the classifier ({', '.join(classifier)}) starts fresh, every other weight is loaded")
-        state.update({k: own[k] for k in classifier})
-    load_state(target, state, f"--init-from {path}")
     if target is not model:
         model.branches_from_backbone()
     if teacher is not None and source_teacher is not None:

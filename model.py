@@ -277,8 +277,11 @@ class StagedMixSKDNet(nn.Module):
         self.layout = layout_of(self.backbone)
         if len(self.layout.stages) < 2:
             raise ValueError("a MixSKD network needs at least two stages: one branch after the first")
-        self.branches = nn.ModuleList(LayoutBranch(make_backbone(), self.layout, k)
-                                      for k in range(1, len(self.layout.stages)))
+        nets = [make_backbone() for _ in self.layout.stages[1:]]
+        if len({id(net) for net in [self.backbone, *nets]}) <= len(nets):  # branches would rebuild the backbone
+            raise ValueError("make_backbone must build a new network on each call: for a model you already "
+                             "have, pass lambda: copy.deepcopy(model)")
+        self.branches = nn.ModuleList(LayoutBranch(net, self.layout, k) for k, net in enumerate(nets, 1))
         with probing(self.backbone) as device:
             self.feature_channels = run_part(self.backbone, self.layout.post,
                                         self.trunk(torch.zeros(1, 3, 64, 64, device=device))).shape[1]
