@@ -1,10 +1,9 @@
 """How a run runs: on which device and processes, from which random state, how fast; how it starts and stops.
 
-Plumbing for train.py and bench.py, not the method: the run folder checked before a start and cleaned
-after a failed one, Ctrl-C answered with the resume command; under torchrun one process group (NCCL on
-CUDA, gloo on CPU), one DistributedDataParallel wrapper and gathers across ranks; every random generator
-seeded, captured and restored (exact resume); `--amp`, `--channels-last`, `--compile` resolved from
-`auto` (the README's Performance section has the measurements behind each choice).
+Plumbing for train.py and bench.py: the run folder checked before a start and cleaned after a failed one, Ctrl-C
+answered with the resume command; under torchrun one process group (NCCL on CUDA, gloo on CPU), one
+DistributedDataParallel wrapper and gathers across ranks; every random generator seeded, captured and restored
+(exact resume); `--amp`, `--channels-last`, `--compile` resolved from `auto` (measured: README, Performance).
 """
 import contextlib
 import hashlib
@@ -119,7 +118,10 @@ def cleanup_failed_start(out, rank):
     """A run that fails or is interrupted before its first checkpoint undoes what it wrote: removes the
     folder when it made it, else puts metrics.jsonl back as it was. A folder holding last.pt is not touched."""
     made, metrics = not os.path.exists(out), os.path.join(out, "metrics.jsonl")
-    kept = open(metrics, "rb").read() if os.path.exists(metrics) else None  # setup truncates it
+    kept = None
+    if os.path.exists(metrics):  # setup truncates it: a failed start puts it back
+        with open(metrics, "rb") as f:
+            kept = f.read()
     try:
         yield
     except BaseException:
@@ -158,8 +160,7 @@ def check_writable(out, rank=0):
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test-{rank}")
-        with open(probe, "w"):
-            pass
+        open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") from None
@@ -207,8 +208,7 @@ def speed_settings(args, device):
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
     dtype = autocast_dtype(args.amp, device)
     return SimpleNamespace(
-        dtype=dtype,
-        amp={torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype],
+        dtype=dtype, amp={torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype],
         memory_format=torch.channels_last if channels_last else torch.contiguous_format,
         autocast=torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
