@@ -25,15 +25,19 @@ def check_recipe(recipe):
 
 
 def kd(student, teacher, temperature):
-    """KD(s || t) = T^2 * KL(softmax(sg(t) / T) || softmax(s / T)), batch mean (SPEC section 5)."""
-    log_p_student = F.log_softmax(student / temperature, dim=1)
-    p_teacher = F.softmax(teacher.detach() / temperature, dim=1)
+    """KD(s || t) = T^2 * KL(softmax(sg(t) / T) || softmax(s / T)), batch mean (SPEC section 5).
+
+    In float32 whatever the logits' dtype: softmaxes in bf16 under autocast make the KL come out
+    negative (-0.05 measured on CPU).
+    """
+    log_p_student = F.log_softmax(student.float() / temperature, dim=1)
+    p_teacher = F.softmax(teacher.detach().float() / temperature, dim=1)
     return temperature**2 * F.kl_div(log_p_student, p_teacher, reduction="batchmean")
 
 
 def loss_ce(logits_clean, y):
-    """Task loss on clean images, SPEC Eq. (5): sum over heads of CE(z_k(x), y)."""
-    return sum(F.cross_entropy(z, y) for z in logits_clean)
+    """Task loss on clean images, SPEC Eq. (5): sum over heads of CE(z_k(x), y), in float32."""
+    return sum(F.cross_entropy(z.float(), y) for z in logits_clean)
 
 
 def loss_mix(logits_mixed, teacher_interp, teacher_mixed, y, lam, perm):
@@ -100,7 +104,7 @@ def loss_adv(discs, feats_interp, feats_mixed, reverse):
         pooled = torch.cat([f_bar.mean((2, 3)), f_tilde.mean((2, 3))])
         if reverse:
             pooled = GradReverse.apply(pooled)
-        total = total + F.binary_cross_entropy_with_logits(disc(pooled), targets)
+        total = total + F.binary_cross_entropy_with_logits(disc(pooled).float(), targets)
     return total
 
 
@@ -193,7 +197,7 @@ class BaselineObjective(nn.Module):
     def forward(self, inputs, y, lam, perm):
         logits = self.net(inputs)
         if lam is None:
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits.float(), y)
             return loss, {"ce": loss.detach()}, logits
         loss = mix_ce(logits, y, lam, perm)
         return loss, {"mix": loss.detach()}, logits

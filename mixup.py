@@ -78,5 +78,7 @@ def interp(t, lam, perm):
 
 
 def mix_ce(logits, y, lam, perm):
-    """Mixed cross-entropy, SPEC Eq. (3): lam * CE(z, y) + (1 - lam) * CE(z, y[perm])."""
+    """Mixed cross-entropy, SPEC Eq. (3): lam * CE(z, y) + (1 - lam) * CE(z, y[perm]), in float32
+    whatever the logits' dtype (autocast)."""
+    logits = logits.float()
     return lam * F.cross_entropy(logits, y) + (1.0 - lam) * F.cross_entropy(logits, y[perm])

@@ -519,6 +519,30 @@ def test_kd_no_gradient_reaches_teacher():
     assert t.grad is None and s.grad.abs().sum() > 0
 
 
+def test_kd_and_cross_entropies_run_in_float32_under_bf16_autocast():
+    """bf16 softmaxes made a logged KL negative (-0.05 on CPU): KD, CE, mixed CE and the BCE of Eq. (9)
+    compute in float32 from the bf16 logits, as they would from the same values in float32."""
+    torch.manual_seed(0)
+    linear, disc = torch.nn.Linear(64, 100), discriminator(64)
+    x, y, perm = 3 * torch.randn(2, 32, 64), torch.randint(0, 100, (32,)), torch.randperm(32)
+    feat = torch.randn(32, 64, 2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s, t = linear(x[0]), linear(x[1])
+        assert s.dtype == torch.bfloat16
+        terms = (kd(s, s, 3.0), kd(s, t, 3.0), loss_ce([s], y), mix_ce(s, y, 0.3, perm),
+                 loss_adv([disc], [feat], [feat + 1], reverse=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        disc_out = disc(torch.cat([feat.mean((2, 3)), (feat + 1).mean((2, 3))]))
+    s32, t32 = s.float(), t.float()
+    targets = torch.cat([torch.tensor([[1.0, 0.0]]).expand(32, 2), torch.tensor([[0.0, 1.0]]).expand(32, 2)])
+    expected = (torch.zeros(()), kd(s32, t32, 3.0), F.cross_entropy(s32, y), mix_ce(s32, y, 0.3, perm),
+                F.binary_cross_entropy_with_logits(disc_out.float(), targets))
+    assert all(term.dtype == torch.float32 for term in terms)
+    assert terms[0].item() > -1e-6  # float32 rounding; in bf16 it was -1.4e-3 here
+    for term, want in zip(terms, expected):
+        torch.testing.assert_close(term, want, rtol=1e-6, atol=1e-6)
+
+
 def test_eq5_ce_sums_heads_on_clean_images():
     zs, y = [torch.randn(BATCH, CLASSES) for _ in range(4)], torch.tensor([0, 1, 2, 3])
     torch.testing.assert_close(loss_ce(zs, y), sum(F.cross_entropy(z, y) for z in zs))
