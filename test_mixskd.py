@@ -776,16 +776,26 @@ def test_alpha_defaults_are_the_spec_and_released_ones(argv, alpha):
     assert train.parse_args(argv).alpha == alpha
 
 
-@pytest.mark.parametrize("argv, warmup, milestones", [
-    (["--epochs", "205"], 5, [105, 155]), (["--epochs", "90"], 2, [46, 68]), (["--epochs", "2"], 0, [1, 2]),
-    (["--epochs", "2", "--warmup-epochs", "1"], 1, [1, 2]), (["--epochs", "3", "--milestones", "1", "2"], 0, [1, 2]),
-    (["--dataset", "imagenet", "--epochs", "61"], 1, [31, 46]), (["--epochs", "1"], 0, [1]),  # one decay, after the end
+@pytest.mark.parametrize("argv, steps, warmup, clip", [
+    ([], 781, 3905, 0.0),  # the SPEC's CIFAR-100 run: 5 epochs of 781 iterations, no clip
+    (["--dataset", "imagenet"], 10009, 5 * 10009, 0.0),  # SPEC section 9
+    (["--epochs", "90"], 156, round(5 * 156 * 90 / 205), 0.0),  # 342 iterations < the floor: the floor
+    (["--epochs", "10"], 10, 50, 2.0),  # 100 iterations in all: half of them, and clipped
+    (["--epochs", "205"], 10, 500, 0.0),  # a full-length run of a small dataset: the floor
+    (["--epochs", "1"], 16, 8, 2.0),
+    (["--epochs", "2", "--warmup-epochs", "1"], 16, 16, 2.0),  # the user's warmup is kept
+    (["--epochs", "10", "--clip-grad", "0"], 10, 50, 0.0),  # and the user's clip
+    (["--epochs", "10", "--method", "ce"], 10, 50, 0.0),  # the baselines are never clipped by default
 ])
-def test_short_runs_shorten_the_warmup_like_the_milestones(argv, warmup, milestones):
-    """Below the SPEC's 205 (ImageNet 305) epochs, the 5 warmup epochs shrink by the same factor as the
-    milestones, so a short run is not all warmup; an explicit --warmup-epochs is kept."""
+def test_warmup_has_a_floor_and_only_runs_too_short_for_it_are_clipped(argv, steps, warmup, clip):
+    """README, Stability: the SPEC's 5 warmup epochs, scaled with a shorter run, but at least 500 iterations
+    or half of a shorter run; MixSKD runs that cannot warm up for 500 iterations clip the gradient norm."""
     args = train.parse_args(argv)
-    assert (args.warmup_epochs, args.milestones) == (warmup, milestones)
+    expected = 500 if argv == ["--epochs", "90"] else warmup
+    assert train.warmup_iterations(args, steps) == expected
+    assert train.clip_norm(args, steps) == clip
+    assert train.lr_at(expected - 1, steps, args) == pytest.approx(args.lr)
+    assert train.lr_at(0, steps, args) == pytest.approx(args.lr / expected)
 
 
 def test_milestones_that_would_collide_are_refused(capsys):
@@ -1388,6 +1398,57 @@ def test_nan_stop_names_every_non_finite_term_and_the_step(term, recipe, named, 
         tiny_run(tiny_npz, tmp_path / "nan", "--epochs", "1", "--log-every", "1", "--recipe", recipe)
     assert f"non-finite loss from step 3/8 of epoch 1/1 on ({named})" in str(e.value)
     assert not (tmp_path / "nan").exists()  # a first epoch that fails leaves no folder behind
+
+
+@slow
+@pytest.mark.skipif(not SHARED_NPZ.exists(), reason="the divergence is measured on real images")
+def test_the_smallest_run_that_diverged_now_trains_finite(tiny_npz):
+    """README, Stability: width 16, batch 8, lr 0.1 from the first step made the self-teacher's weights grow
+    without bound (non-finite at step 12 on the first 256 real images); the default warmup and clip keep
+    every loss, weight and BatchNorm statistic finite over the same 16 steps."""
+    import stability
+
+    dataset = data.load_dataset(tiny_npz)
+    finite = {}
+    for extra in ("--warmup-epochs 0 --clip-grad 0", ""):
+        args = stability.case_args("resnet18/16", 8, 1, "off", tiny_npz, extra)
+        args.steps_to_run = 16
+        finite[extra] = stability.run_case(args, dataset, torch.device("cpu"))["finite"]
+    assert finite == {"--warmup-epochs 0 --clip-grad 0": False, "": True}
+
+
+@slow
+@pytest.mark.parametrize("broken", ["test_nll", "batchnorm"])
+def test_a_network_with_non_finite_outputs_is_never_saved(broken, tiny_npz, tmp_path, monkeypatch):
+    """A finite loss can hide a broken network (a diverged run's deploy.pt gave NaN for every input): a test
+    NLL or a BatchNorm statistic that is not finite stops the run before any checkpoint, naming what was
+    measured and, where the user's --warmup-epochs 0 is the cause, that flag."""
+    if broken == "test_nll":
+        real = train.evaluate
+
+        def nan_nll(*args, **kwargs):
+            test = real(*args, **kwargs)
+            test["backbone"]["nll"] = float("nan")
+            return test
+
+        monkeypatch.setattr(train, "evaluate", nan_nll)
+        what = "test NLL of backbone"
+    else:
+        real_step = train.train_step
+
+        def corrupt_batchnorm(objective, *args):
+            out = real_step(objective, *args)
+            objective.net.backbone.bn1.running_var.fill_(float("inf"))
+            return out
+
+        monkeypatch.setattr(train, "train_step", corrupt_batchnorm)
+        what = "1 weights or BatchNorm statistics (net.backbone.bn1.running_var, ...)"
+    with pytest.raises(data.UserError) as e:
+        train.main(["--dataset", tiny_npz, "--width", "4", "--batch-size", "32", "--epochs", "2", "--milestones", "1",
+                    "--warmup-epochs", "0", "--out", str(tmp_path / "run")])
+    assert f"epoch 1/2: the network's outputs are not finite ({what}): stopped before saving it" in str(e.value)
+    assert "--warmup-epochs 0 gives 0 warmup iterations where the default gives 8: drop the flag" in str(e.value)
+    assert not (tmp_path / "run").exists()
 
 
 @slow

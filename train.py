@@ -34,7 +34,8 @@ from self_teacher import SelfTeacher
 
 METHODS = ("mixskd", "ce", "mixup", "cutmix")
 CLEAR_LINE = "\r\033[K"  # back to the start of the terminal line and erase it
-SPEC_EPOCHS, SPEC_MILESTONES = 205, (105, 155)
+SPEC_EPOCHS, SPEC_MILESTONES, SPEC_WARMUP_EPOCHS = 205, (105, 155), 5
+WARMUP_FLOOR, WARMUP_FLOOR_SHARE, CLIP_NORM = 500, 0.5, 2.0  # measured: README, Stability
 # the flags whose SPEC values differ between CIFAR (section 7) and ImageNet (section 9); ImageNet's
 # batch is 128 in total across processes. The CutMix baseline draws lam with alpha 1.0 (section 7).
 CIFAR_DEFAULTS = {"epochs": SPEC_EPOCHS, "weight_decay": 5e-4, "alpha": 0.4, "batch_size": 64}
@@ -76,8 +77,9 @@ for term in TERMS:
     g.add_argument(f"--w-{term}", type=float, default=1.0, help=f"weight of L_{term} (0 disables it)")
 g = parser.add_argument_group("optimisation (SPEC sections 7 and 9)")
 g.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 205; 305 on ImageNet)")
-g.add_argument("--warmup-epochs", type=int, default=argparse.SUPPRESS, help="linear warmup, per iteration (default "
-               "5, times --epochs/205 (305 on ImageNet) when --epochs is shorter)")
+g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup, per iteration (default: the SPEC's 5 "
+               "epochs, times --epochs/205 (305 on ImageNet) when --epochs is shorter, and at least "
+               f"{WARMUP_FLOOR} iterations or {WARMUP_FLOOR_SHARE:.0%} of a shorter run: README, Stability)")
 g.add_argument("--milestones", type=int, nargs="*", default=argparse.SUPPRESS,
                help="CIFAR: absolute epochs where lr is multiplied by 0.1 (default: 105 155, scaled by --epochs/205 "
                     "when --epochs differs); ImageNet decays by a cosine instead")
@@ -86,6 +88,9 @@ g.add_argument("--weight-decay", type=float, default=argparse.SUPPRESS,
                help="on every trained parameter (default 5e-4; 1e-4 on ImageNet)")
 g.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="clean images per step and process; "
                "MixSKD forwards twice as many (default 64; on ImageNet 128 divided by the number of processes)")
+g.add_argument("--clip-grad", type=float, default=None, help="clip the norm of all trained gradients to this value, 0 "
+               f"= never (default: {CLIP_NORM} for a MixSKD run too short to warm up for {WARMUP_FLOOR} iterations, "
+               "else never, as the SPEC: README, Stability)")
 g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation, mixing")
 g = parser.add_argument_group("speed")
 g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -115,14 +120,12 @@ def parse_args(argv=None):
         if not hasattr(args, key):
             setattr(args, key, value // runtime.world_size() if key == "batch_size" and imagenet else value)
     args.stem, args.schedule, args.nesterov = ("imagenet", "cosine", False) if imagenet else ("cifar", "step", True)
-    if not hasattr(args, "warmup_epochs"):  # the SPEC's 5 warmup epochs, shortened with a shorter run
-        args.warmup_epochs = round(5 * min(args.epochs, spec["epochs"]) / spec["epochs"])
     if not args.alpha > 0:
         parser.error(f"--alpha must be > 0, got {args.alpha}")
     if args.batch_size < 2:
         parser.error(f"--batch-size must be at least 2 (mixup pairs images, BatchNorm needs a batch), "
                      f"got {args.batch_size}")
-    if args.width < 1 or args.epochs < 1 or args.warmup_epochs < 0 or args.log_every < 1:
+    if args.width < 1 or args.epochs < 1 or (args.warmup_epochs or 0) < 0 or args.log_every < 1:
         parser.error("--width, --epochs and --log-every must be positive and --warmup-epochs non-negative")
     try:
         check_arch(args.arch)
@@ -146,16 +149,45 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- the method: schedule, objective
 
 
+def default_warmup_iterations(args, steps_per_epoch):
+    """The SPEC's 5 warmup epochs (sections 7 and 9), shortened by --epochs / 205 (305 on ImageNet) in a
+    shorter run, but never below WARMUP_FLOOR iterations, or WARMUP_FLOOR_SHARE of a run shorter than
+    that: a warmup that rounds to a few iterations lets the self-teacher diverge (README, Stability). The
+    SPEC's full runs (3,905 iterations on CIFAR) are above the floor, so they warm up exactly as specified."""
+    spec_epochs = IMAGENET_DEFAULTS["epochs"] if args.stem == "imagenet" else SPEC_EPOCHS
+    spec = SPEC_WARMUP_EPOCHS * steps_per_epoch * min(args.epochs, spec_epochs) / spec_epochs
+    floor = min(WARMUP_FLOOR, WARMUP_FLOOR_SHARE * args.epochs * steps_per_epoch)
+    return round(max(spec, floor))
+
+
+def warmup_iterations(args, steps_per_epoch):
+    """Iterations of linear warmup: --warmup-epochs when given, else default_warmup_iterations."""
+    if args.warmup_epochs is None:
+        return default_warmup_iterations(args, steps_per_epoch)
+    return round(args.warmup_epochs * steps_per_epoch)
+
+
+def clip_norm(args, steps_per_epoch):
+    """The gradient-norm clip of a run, 0 for none: --clip-grad when given; else CLIP_NORM for a MixSKD run
+    whose warmup is shorter than WARMUP_FLOOR iterations, where the self-teacher's weights and gradients
+    grow without bound at the base lr (README, Stability), and none otherwise, as the SPEC."""
+    if args.clip_grad is not None:
+        return args.clip_grad
+    short = warmup_iterations(args, steps_per_epoch) < WARMUP_FLOOR
+    return CLIP_NORM if args.method == "mixskd" and short else 0.0
+
+
 def lr_at(step, steps_per_epoch, args):
     """SPEC section 7: lr_i = lr (i + 1) / (warmup iterations) during warmup, then lr times 0.1 for
     every milestone epoch reached. SPEC section 9 (ImageNet): after the warmup, per epoch,
     lr 0.5 (1 + cos(pi (epoch - warmup) / (epochs - warmup)))."""
-    warmup = args.warmup_epochs * steps_per_epoch
+    warmup = warmup_iterations(args, steps_per_epoch)
     if step < warmup:
         return args.lr * (step + 1) / warmup
     epoch = step // steps_per_epoch
     if args.schedule == "cosine":
-        progress = (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)
+        warmup_epochs = warmup / steps_per_epoch
+        progress = (epoch - warmup_epochs) / (args.epochs - warmup_epochs)
         return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
     return args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)
 
@@ -218,6 +250,7 @@ def setup(args, rank, world, device):
     if run.main:
         checkpoints.restart_metrics(run.metrics, run.start_epoch)
     run.steps = steps_per_epoch(data, args.batch_size, world)
+    run.clip = clip_norm(args, run.steps)
     # the header line: what trains, on what, how fast, for how long
     run.images = args.batch_size * world  # clean images per step
     run.n_trained = sum(p.numel() for p in run.objective.parameters() if p.requires_grad)
@@ -231,14 +264,16 @@ def setup(args, rank, world, device):
           f"{data.n_test} test, {data.num_classes} classes) | {run.world} x {run.device.type} amp {run.speed.amp} "
           f"channels_last {run.speed.memory_format == torch.channels_last} compile {args.compile} | batch "
           f"{args.batch_size} per process, {run.images} in all{spec_batch} | {run.n_trained:,} trained params, "
-          f"{run.n_deployed:,} deployed | epochs {run.start_epoch + 1}..{args.epochs}, "
+          f"{run.n_deployed:,} deployed | epochs {run.start_epoch + 1}..{args.epochs}, warmup "
+          f"{warmup_iterations(args, run.steps)} iterations,{f' gradient norm clipped to {run.clip:g},' * bool(run.clip)} "
           f"{'milestones ' + str(args.milestones) if args.schedule == 'step' else 'cosine schedule'}", flush=True)
     return run
 
 
-def train_step(objective, opt, speed, x, y, args):
+def train_step(objective, opt, speed, x, y, args, clip=0.0):
     """One step on a clean batch (x, y): mix (Eq. (1)), forward and loss in one call of the objective
-    (losses.MixSKDObjective: the network, then mixskd_loss, Eqs. (5)-(10); or a baseline's), backward, SGD.
+    (losses.MixSKDObjective: the network, then mixskd_loss, Eqs. (5)-(10); or a baseline's), backward, the
+    gradient norm clipped to `clip` when it is not 0 (clip_norm), SGD.
     Returns loss, terms and correct predictions on the device, never waiting for it; lam goes in as a 0-d
     device tensor, so a new lam neither recompiles nor syncs."""
     inputs, lam, perm = x, None, None
@@ -253,6 +288,9 @@ def train_step(objective, opt, speed, x, y, args):
         total, terms, logits = objective(inputs.contiguous(memory_format=speed.memory_format), y, lam, perm)
     opt.zero_grad(set_to_none=True)
     speed.scaler.scale(total).backward()
+    if clip:  # on the device, no sync: the norm and the scale factor never leave it
+        speed.scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], clip)
     speed.scaler.step(opt)
     speed.scaler.update()
     # train top-1: the clean images for mixskd and ce; a mixed image counts lam and 1 - lam for its labels
@@ -275,7 +313,7 @@ def train(run):
             lr = lr_at(epoch * steps + i, steps, args)
             for group in opt.param_groups:
                 group["lr"] = lr
-            total, terms, hits = train_step(run.step_fn, opt, run.speed, x, y, args)
+            total, terms, hits = train_step(run.step_fn, opt, run.speed, x, y, args, run.clip)
             logged = {"total": total, **terms, "hits": hits}
             values = torch.stack([value.float() for value in logged.values()])  # all on the device, no sync
             sums, first_bad = sums + values, torch.where(torch.isfinite(values).all() | (first_bad >= 0), first_bad, i)
@@ -298,10 +336,39 @@ def epoch_means(run, epoch, keys, sums, first_bad, steps_done):
     bad = [key for key, value in means.items() if not math.isfinite(value)]
     if bad:
         where = f"step {int(first_bad) + 1}/{run.steps}" if first_bad >= 0 else "a step of another process"
-        kept = f"{run.last} from the previous epoch is kept" if os.path.exists(run.last) else "nothing was saved"
         raise UserError(f"non-finite loss from {where} of epoch {epoch + 1}/{run.args.epochs} on "
-                        f"(L_{', L_'.join(bad)}): stopped, {kept}; lower --lr or try --amp off")
+                        f"(L_{', L_'.join(bad)}): stopped, {kept_checkpoint(run)}; {divergence_hint(run)}")
     return means
+
+
+def check_finite(run, epoch, test):
+    """Stop before a checkpoint when the network is broken though its loss was finite: a test NLL or a
+    weight or BatchNorm statistic that is not finite (a diverged run's deploy.pt gave NaN for every input)."""
+    heads = [head for head, m in test.items() if not math.isfinite(m["nll"])]
+    tensors = [name for name, t in [*run.objective.named_parameters(), *run.objective.named_buffers()]
+               if t.is_floating_point() and not torch.isfinite(t).all()]
+    if heads or tensors:
+        what = "; ".join(([f"test NLL of {', '.join(heads)}"] if heads else []) +
+                         ([f"{len(tensors)} weights or BatchNorm statistics ({tensors[0]}, ...)"] if tensors else []))
+        raise UserError(f"epoch {epoch + 1}/{run.args.epochs}: the network's outputs are not finite ({what}): "
+                        f"stopped before saving it, {kept_checkpoint(run)}; {divergence_hint(run)}")
+
+
+def kept_checkpoint(run):
+    return f"{run.last} from the previous epoch is kept" if os.path.exists(run.last) else "nothing was saved"
+
+
+def divergence_hint(run):
+    """The lever that helps a diverged run: the user's own warmup or lr where they are the cause."""
+    args, default = run.args, default_warmup_iterations(run.args, run.steps)
+    warmup = warmup_iterations(args, run.steps)
+    if warmup < default:
+        return (f"--warmup-epochs {args.warmup_epochs:g} gives {warmup} warmup iterations where the default gives "
+                f"{default}: drop the flag")
+    if args.lr > parser.get_default("lr"):
+        return f"--lr {args.lr:g} is above the SPEC's {parser.get_default('lr')}: lower it"
+    return ("a longer --warmup-epochs or a lower --lr help (README, Stability)"
+            + ("; fp16 overflows where bf16 does not: try --amp bf16 or off" if run.speed.amp == "fp16" else ""))
 
 
 def end_epoch(run, epoch, means, lr, epoch_time):
@@ -315,6 +382,7 @@ def end_epoch(run, epoch, means, lr, epoch_time):
     # eval.py on the checkpoint reproduces these numbers
     net, teacher = run.objective.net, getattr(run.objective, "self_teacher", None)
     test = evaluate(net, teacher, run.data, channels_last=run.speed.memory_format == torch.channels_last)
+    check_finite(run, epoch, test)
     record = {"epoch": epoch, "lr": lr, "loss": loss, "train_top1": 100.0 * means["hits"] / args.batch_size,
               "test": test, "epoch_time": epoch_time, "img_per_s": run.steps * run.images / epoch_time}
     with open(run.metrics, "a") as f:

@@ -1,0 +1,126 @@
+"""Stability benchmark: the first steps of real runs over a grid of settings (README, "Stability").
+
+    python stability.py                                      # the README's grid on the real CIFAR-10 subset
+    python stability.py --nets resnet18/64 --batch-sizes 64 --epochs 10 --amps off --steps 100 --trace
+
+Each case is a run as a user starts it: train.py's arguments parsed from the case's flags (so the defaults
+apply, the warmup among them), train.py's objective and optimiser, data.train_batches on real images,
+train.lr_at and train.train_step, for the first --steps steps (or the whole run when it is shorter). It
+reports per case the warmup in iterations, the largest and the last loss, the self-teacher h's weight norms
+(its 1x1 conv and its classifier, SPEC Eq. (4)) at the start, largest and last, the largest norm of h's
+gradient, and whether every loss, weight and BatchNorm statistic stayed finite. This is a measurement, not a
+test: it reads the device every step.
+"""
+import argparse
+import itertools
+import json
+import math
+import time
+
+import torch
+
+import runtime
+import train
+from data import load_dataset, steps_per_epoch, train_batches
+
+GRID = {"nets": ["resnet18/64", "resnet18/16", "torchvision:resnet18", "torchvision:mobilenet_v3_small",
+                 "torchvision:convnext_tiny"], "batch_sizes": [16, 64], "epochs": [1, 10, 205], "amps": ["off", "bf16"]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=train.HelpFormatter)
+    p.add_argument("--dataset", default="../shared/data/cifar10_q75_10k.npz", help="an .npz, as train.py's")
+    p.add_argument("--train-images", type=int, default=1280, help="the first N training images (0: all)")
+    p.add_argument("--nets", nargs="+", default=GRID["nets"], help="ARCH/WIDTH for ours, or torchvision:NAME")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=GRID["batch_sizes"])
+    p.add_argument("--epochs", nargs="+", type=int, default=GRID["epochs"], help="the runs' --epochs")
+    p.add_argument("--amps", nargs="+", default=GRID["amps"], choices=("off", "bf16"))
+    p.add_argument("--steps", type=int, default=60, help="steps per case (fewer when the run is shorter)")
+    p.add_argument("--extra", default="", help="more train.py flags for every case, e.g. '--lr 0.05'")
+    p.add_argument("--trace", action="store_true", help="print every step's loss terms and h's norms")
+    p.add_argument("--json", default=None, help="append one JSON line per case to this file")
+    return p.parse_args(argv)
+
+
+def case_args(net, batch_size, epochs, amp, dataset, extra):
+    arch, _, width = net.partition("/")
+    argv = ["--arch", arch, "--batch-size", str(batch_size), "--epochs", str(epochs), "--amp", amp,
+            "--dataset", dataset, "--compile", "off", "--out", "/nonexistent", *extra.split()]
+    return train.parse_args(argv + (["--width", width] if width else []))
+
+
+def norms(teacher):
+    """Frobenius norms of h's 1x1 conv and classifier weights, and of their gradients."""
+    grad = lambda p: p.grad.norm().item() if p.grad is not None else 0.0
+    conv, fc = teacher.conv.weight, teacher.fc.weight
+    return conv.norm().item(), fc.norm().item(), math.hypot(grad(conv), grad(fc))
+
+
+def all_finite(module):
+    return all(torch.isfinite(t).all() for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point())
+
+
+def run_case(args, data, device, trace=False):
+    """The first args.steps steps of the run `args` describes; returns the case's record."""
+    speed = runtime.speed_settings(args, device)
+    runtime.seed_all(args.seed)
+    objective, opt = train.build(args, data.num_classes, device, speed.memory_format)
+    steps = steps_per_epoch(data, args.batch_size)
+    total_steps = min(args.steps_to_run, steps * args.epochs)
+    teacher = objective.self_teacher
+    conv0, fc0, _ = norms(teacher)
+    losses, conv_max, fc_max, grad_max, net_grad_max, start = [], conv0, fc0, 0.0, 0.0, time.time()
+    for step in range(total_steps):
+        epoch, i = divmod(step, steps)
+        if i == 0:
+            batches = train_batches(data, args.batch_size, args.seed, epoch)
+        x, y = next(batches)
+        lr = train.lr_at(step, steps, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        total, terms, _ = train.train_step(objective, opt, speed, x, y, args, train.clip_norm(args, steps))
+        conv, fc, grad = norms(teacher)
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        net_grad_max = max(net_grad_max, torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        losses.append(total.item())
+        conv_max, fc_max, grad_max = max(conv_max, conv), max(fc_max, fc), max(grad_max, grad)
+        if trace:
+            print(f"  step {step + 1} lr {lr:.4f} loss {losses[-1]:.4g} "
+                  + " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+                  + f" | h conv {conv:.4g} fc {fc:.4g} grad {grad:.4g} | all grads {net_grad_max:.4g}", flush=True)
+        if not math.isfinite(losses[-1]):
+            break
+    finite = all(map(math.isfinite, losses)) and all_finite(objective)
+    return {"warmup_iters": train.warmup_iterations(args, steps), "steps": len(losses), "run_steps": steps * args.epochs,
+            "loss_first": losses[0], "loss_max": max(losses), "loss_last": losses[-1],
+            "h_conv": [conv0, conv_max, conv], "h_fc": [fc0, fc_max, fc], "h_grad_max": grad_max, "grad_max": net_grad_max,
+            "finite": finite, "seconds": time.time() - start}
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    device = torch.device("cpu")
+    data = load_dataset(opts.dataset, device=device)
+    if opts.train_images:
+        data.x_train, data.y_train = data.x_train[:opts.train_images], data.y_train[:opts.train_images]
+        data.n_train = len(data.y_train)
+    print(f"{data.name}: first {data.n_train} training images, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; up to {opts.steps} steps per case")
+    print(f"{'net':<31}{'batch':>6}{'epochs':>7}{'amp':>5}{'warmup':>7}{'steps':>10}{'loss max':>10}"
+          f"{'last':>9}{'h conv 0/max/last':>22}{'h fc 0/max/last':>20}{'grad max':>9}  finite")
+    for net, batch_size, epochs, amp in itertools.product(opts.nets, opts.batch_sizes, opts.epochs, opts.amps):
+        args = case_args(net, batch_size, epochs, amp, opts.dataset, opts.extra)
+        args.steps_to_run = opts.steps
+        r = run_case(args, data, device, opts.trace)
+        h = lambda v: "/".join(f"{x:.3g}" for x in v)
+        print(f"{net:<31}{batch_size:>6}{epochs:>7}{amp:>5}{r['warmup_iters']:>7}{r['steps']:>5}/{r['run_steps']:<4}"
+              f"{r['loss_max']:>10.4g}{r['loss_last']:>9.4g}{h(r['h_conv']):>22}{h(r['h_fc']):>20}"
+              f"{r['h_grad_max']:>9.3g}  {'yes' if r['finite'] else 'NO'}", flush=True)
+        if opts.json:
+            with open(opts.json, "a") as f:
+                f.write(json.dumps({"net": net, "batch_size": batch_size, "epochs": epochs, "amp": amp,
+                                    "extra": opts.extra, **r}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
