@@ -1389,8 +1389,12 @@ def test_tensorboard_holds_every_number_of_metrics_jsonl(val_run):
 
 @slow
 def test_resume_with_a_validation_split_is_bitwise_exact(val_run, tiny_npz, tmp_path):
-    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--val-split", "64")
-    tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--val-split", "64", "--resume", "--extend")
+    """...and TensorBoard, like metrics.jsonl, drops what a process logged after the checkpoint it resumes."""
+    tensorboard = pytest.importorskip("torch.utils.tensorboard")
+    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--val-split", "64", "--tensorboard")
+    with tensorboard.SummaryWriter(str(tmp_path)) as stale:  # as if a process had died after logging epoch 2
+        stale.add_scalar("lr", 123.0, 2)
+    tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--val-split", "64", "--resume", "--extend", "--tensorboard")
     for name in ("last.pt", "best.pt"):
         straight = torch.load(val_run / name, weights_only=True)
         resumed = torch.load(tmp_path / name, weights_only=True)
@@ -1399,6 +1403,12 @@ def test_resume_with_a_validation_split_is_bitwise_exact(val_run, tiny_npz, tmp_
             for k, v in straight[part].items():
                 assert torch.equal(v, resumed[part][k]), f"{name}: {part}.{k} differs after resume"
     assert [without_timing(r) for r in metric_lines(val_run)] == [without_timing(r) for r in metric_lines(tmp_path)]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("lr")] == [(r["epoch"] + 1, pytest.approx(r["lr"]))
+                                                                 for r in metric_lines(val_run)]
 
 
 @pytest.fixture(scope="module")
@@ -1791,7 +1801,7 @@ def torchrun(npz, out, *extra):
 @pytest.fixture(scope="module")
 def ddp_run(tiny_npz, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "two-epochs"
-    stdout = torchrun(tiny_npz, out, "--epochs", "2")
+    stdout = torchrun(tiny_npz, out, "--epochs", "2", "--val-split", "32", "--tensorboard")
     return out, stdout
 
 
@@ -1805,12 +1815,14 @@ def test_torchrun_replicas_agree_and_eval_matches(ddp_run, capsys):
     evaluation.main([str(out / "last.pt"), "--json"])
     assert json.loads(capsys.readouterr().out)["heads"] == metric_lines(out)[-1]["test"]
     assert metric_lines(out)[-1]["img_per_s"] > 0 and len(metric_lines(out)) == 2
+    assert "224 train, 32 validation" in stdout and "val" in metric_lines(out)[-1]  # every rank holds out the same
+    assert len([f for f in os.listdir(out) if f.startswith("events.out.tfevents")]) == 1  # rank 0 alone logs
 
 
 @slow
 def test_torchrun_resume_continues_from_saved_epoch(ddp_run, tiny_npz, tmp_path):
-    torchrun(tiny_npz, tmp_path, "--epochs", "1")
-    stdout = torchrun(tiny_npz, tmp_path, "--epochs", "2", "--resume", "--extend")
+    torchrun(tiny_npz, tmp_path, "--epochs", "1", "--val-split", "32")
+    stdout = torchrun(tiny_npz, tmp_path, "--epochs", "2", "--val-split", "32", "--resume", "--extend")
     assert "epochs 2..2" in stdout
     assert [r["epoch"] for r in metric_lines(tmp_path)] == [0, 1]
     straight = torch.load(ddp_run[0] / "last.pt", weights_only=True)

@@ -79,7 +79,7 @@ g.add_argument("--workers", type=int, default=8, help="ImageNet DataLoader worke
 g.add_argument("--val-split", type=count_or_fraction, default=0, metavar="N", help="hold out N training images "
                "(a fraction of them when below 1), stratified by class and drawn from --seed, as a validation split: "
                "evaluated every epoch, it chooses best.pt, and the test set chooses nothing. On an ImageNet folder "
-               "they come from train/ too, since val/ is the test set (default 0: none)")
+               "they come from train/ too, since val/ is the test set; 0: none")
 g.add_argument("--method", default="mixskd", choices=METHODS,
                help="mixskd; or a baseline on the backbone alone: ce (clean images), mixup, cutmix")
 g.add_argument("--recipe", default="paper", choices=RECIPES[:2],
