@@ -134,7 +134,7 @@ def predict(model, meta, paths, device, top_k=5, batch_size=500):
                 with Image.open(path) as image:
                     images[path] = transform(image.convert("RGB"))
             except Exception as e:
-                errors[path] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                errors[path] = " ".join(f"{type(e).__name__}: {e}".split())[:200]  # one line
         top = {}
         if images:
             out = model(normalize(torch.stack(list(images.values())).to(device), stats))

@@ -1362,6 +1362,7 @@ def test_validation_split_chooses_best_pt_and_the_test_set_chooses_nothing(val_r
     assert (summary["best_epoch_chosen_on"], summary["best_backbone_epoch"]) == ("val", best_epoch)
     assert summary["best_backbone_top1"] == records[best_epoch]["test"]["backbone"]["top1"]
     assert summary["final_val"] == records[-1]["val"] and summary["args"]["val_split"] == 64
+    assert "| best-epoch backbone top-1 (epoch chosen on val) |" in report.results_table([str(val_run)])
 
 
 @slow
@@ -1690,6 +1691,16 @@ def test_readme_first_try_is_one_valid_command_of_train_eval_and_plot():
     assert (args.method, args.epochs, args.out) == ("mixskd", 2, "runs/first-try") and args.dataset.endswith(".npz")
     assert evaluation.parse_args(eval_cmd[2:]).checkpoint == "runs/first-try/deploy.pt"
     assert evaluation.parse_args(plot_cmd[2:]).plot == ["runs/first-try"]
+
+
+def test_readme_model_selection_commands_are_valid_and_name_the_run_folder():
+    block = readme_block("### Model selection without the test set", "bash")
+    train_cmd, tensorboard_cmd, *eval_cmds = (shlex.split(line.split("  #")[0]) for line in block.splitlines())
+    args = train.parse_args(train_cmd[2:])
+    assert (args.val_split, args.tensorboard, tensorboard_cmd) == (1000, True, ["tensorboard", "--logdir", "runs"])
+    parsed = [evaluation.parse_args(cmd[2:]) for cmd in eval_cmds]
+    assert [p.checkpoint or p.plot[0] for p in parsed] == [f"{args.out}/deploy.pt", args.out, f"{args.out}/deploy.pt"]
+    assert parsed[0].per_class and parsed[1].per_class and parsed[2].predict
 
 
 def test_help_shows_each_default_once_and_every_flag_has_help():
