@@ -380,9 +380,9 @@ def finish(run):
     checkpoints.write_json_atomic(s, f"{args.out}/summary.json")
     if run.tensorboard:
         run.tensorboard.close()
-    print(f"final backbone top-1 {s['headline_final_backbone_top1']:.2f} (headline) | best "
-          f"{s['best_backbone_top1']:.2f} at epoch {s['best_backbone_epoch'] + 1} (chosen on "
-          f"{s['best_epoch_chosen_on']}) | released code's metric "
+    print(f"final backbone top-1 {s['headline_final_backbone_top1']:.2f} (headline) | best epoch "
+          f"{s['best_backbone_epoch'] + 1} (chosen on {s['best_epoch_chosen_on']}): test top-1 "
+          f"{s['best_backbone_top1']:.2f} | released code's metric "
           f"{s['released_code_metric_max_over_heads_and_epochs']:.2f} ({s['released_code_metric_head']}, epoch "
           f"{s['released_code_metric_epoch'] + 1}, max over heads and epochs on the test set) | {args.out}")
 
