@@ -1254,8 +1254,9 @@ def tiny_run(npz, out, *extra):
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_npz, tmp_path_factory):
+    """Two epochs, 64 of the 256 training images held out for validation, logged to TensorBoard (when installed)."""
     out = tmp_path_factory.mktemp("runs") / "two-epochs"
-    tiny_run(tiny_npz, out, "--epochs", "2")
+    tiny_run(tiny_npz, out, "--epochs", "2", "--val-split", "64", *TENSORBOARD)
     return out
 
 
@@ -1277,7 +1278,6 @@ def test_two_epoch_run_writes_every_output(run_dir):
     assert {"top1", "top5", "nll", "ece"} == set(lines[-1]["test"]["backbone"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["headline_final_backbone_top1"] == lines[-1]["test"]["backbone"]["top1"]
-    assert summary["best_backbone_top1"] == max(r["test"]["backbone"]["top1"] for r in lines)
     assert summary["released_code_metric_max_over_heads_and_epochs"] == max(
         m["top1"] for r in lines for h, m in r["test"].items() if h != "self_teacher")
     assert summary["deployed_params"] < summary["trained_params"]
@@ -1333,49 +1333,29 @@ def test_eval_prints_backbone_row_first(run_dir, capsys):
 
 
 @slow
-def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path):
-    tiny_run(tiny_npz, tmp_path, "--epochs", "1")
-    tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--resume", "--extend")
-    straight = torch.load(run_dir / "last.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "last.pt", weights_only=True)
-    for part in ("model", "self_teacher", "discriminators"):
-        for k, v in straight[part].items():
-            assert torch.equal(v, resumed[part][k]), f"{part}.{k} differs after resume"
-    assert [without_timing(r) for r in metric_lines(run_dir)] == [without_timing(r) for r in metric_lines(tmp_path)]
-
-
-@pytest.fixture(scope="module")
-def val_run(tiny_npz, tmp_path_factory):
-    """Two epochs with 64 of the 256 training images held out for validation, logged to TensorBoard."""
-    out = tmp_path_factory.mktemp("runs") / "validation"
-    tiny_run(tiny_npz, out, "--epochs", "2", "--val-split", "64", *TENSORBOARD)
-    return out
-
-
-@slow
-def test_validation_split_chooses_best_pt_and_the_test_set_chooses_nothing(val_run):
-    records = metric_lines(val_run)
+def test_validation_split_chooses_best_pt_and_the_test_set_chooses_nothing(run_dir):
+    records = metric_lines(run_dir)
     assert all(list(r["val"]) == list(r["test"]) for r in records)  # every head on both splits
     assert all((r["val"]["backbone"]["top1"] * 64 / 100).is_integer() for r in records)  # of 64 images
     val_top1 = [r["val"]["backbone"]["top1"] for r in records]
     best_epoch = val_top1.index(max(val_top1))
-    best = torch.load(val_run / "best.pt", weights_only=True)
+    best = torch.load(run_dir / "best.pt", weights_only=True)
     assert best["epoch"] == best_epoch and best["best"] == {"epoch": best_epoch, "top1": max(val_top1), "split": "val"}
-    summary = json.loads((val_run / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["best_epoch_chosen_on"], summary["best_backbone_epoch"]) == ("val", best_epoch)
     assert summary["best_backbone_top1"] == records[best_epoch]["test"]["backbone"]["top1"]
     assert summary["final_val"] == records[-1]["val"] and summary["args"]["val_split"] == 64
-    assert "| best-epoch backbone top-1 (epoch chosen on val) |" in report.results_table([str(val_run)])
+    assert "| best-epoch backbone top-1 (epoch chosen on val) |" in report.results_table([str(run_dir)])
 
 
 @slow
-def test_tensorboard_holds_every_number_of_metrics_jsonl(val_run):
+def test_tensorboard_holds_every_number_of_metrics_jsonl(run_dir):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(val_run))
+    events = EventAccumulator(str(run_dir))
     events.Reload()
-    records = metric_lines(val_run)
+    records = metric_lines(run_dir)
     heads = ["backbone", "branch1", "branch2", "branch3", "self_teacher"]
     expected = {"lr", "train_top1", "epoch_time", "img_per_s", *(f"loss/{term}" for term in ("total", *TERMS)),
                 *(f"{split}/{head}/{m}" for split in ("val", "test") for head in heads for m in ("top1", "top5", "nll",
@@ -1392,8 +1372,9 @@ def test_tensorboard_holds_every_number_of_metrics_jsonl(val_run):
 
 
 @slow
-def test_resume_with_a_validation_split_is_bitwise_exact(val_run, tiny_npz, tmp_path):
-    """...and TensorBoard, like metrics.jsonl, drops what a process logged after the checkpoint it resumes."""
+def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path):
+    """The same validation split, weights and metrics; TensorBoard, like metrics.jsonl, drops what a process
+    logged after the checkpoint it resumes."""
     tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--val-split", "64", *TENSORBOARD)
     if HAS_TENSORBOARD:
         from torch.utils.tensorboard import SummaryWriter
@@ -1402,13 +1383,13 @@ def test_resume_with_a_validation_split_is_bitwise_exact(val_run, tiny_npz, tmp_
             stale.add_scalar("lr", 123.0, 2)
     tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--val-split", "64", "--resume", "--extend", *TENSORBOARD)
     for name in ("last.pt", "best.pt"):
-        straight = torch.load(val_run / name, weights_only=True)
+        straight = torch.load(run_dir / name, weights_only=True)
         resumed = torch.load(tmp_path / name, weights_only=True)
         assert straight["epoch"] == resumed["epoch"]
         for part in ("model", "self_teacher", "discriminators"):
             for k, v in straight[part].items():
                 assert torch.equal(v, resumed[part][k]), f"{name}: {part}.{k} differs after resume"
-    assert [without_timing(r) for r in metric_lines(val_run)] == [without_timing(r) for r in metric_lines(tmp_path)]
+    assert [without_timing(r) for r in metric_lines(run_dir)] == [without_timing(r) for r in metric_lines(tmp_path)]
     if not HAS_TENSORBOARD:
         return
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -1416,7 +1397,7 @@ def test_resume_with_a_validation_split_is_bitwise_exact(val_run, tiny_npz, tmp_
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("lr")] == [(r["epoch"] + 1, pytest.approx(r["lr"]))
-                                                                 for r in metric_lines(val_run)]
+                                                                 for r in metric_lines(run_dir)]
 
 
 @pytest.fixture(scope="module")
@@ -1517,6 +1498,7 @@ def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path, capsys):
     assert header.endswith("epochs 1..1, milestones [1]") and epoch_line.startswith("epoch 1/1 loss ")
     assert (f" alpha {alpha} " in header) if alpha else (" alpha " not in header)
     assert json.loads((tmp_path / "summary.json").read_text())["args"]["alpha"] == alpha or alpha is None
+    assert json.loads((tmp_path / "summary.json").read_text())["best_epoch_chosen_on"] == "test"  # no --val-split
     record = metric_lines(tmp_path)[-1]
     assert list(record["test"]) == ["backbone"]
     assert set(record["loss"]) == {"total", "ce" if method == "ce" else "mix"}
