@@ -104,8 +104,9 @@ def results_table(run_dirs):
     return "\n".join(rows)
 
 
-def plot_runs(run_dirs, out):
-    """Test top-1 of the backbone per epoch for every run; the loss terms of the first MixSKD run."""
+def pyplot():
+    """matplotlib.pyplot, drawing into files only. matplotlib is optional: without it, one line says how to
+    install it."""
     try:
         import matplotlib
 
@@ -113,6 +114,12 @@ def plot_runs(run_dirs, out):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--plot needs matplotlib, an optional dependency: pip install matplotlib") from None
+    return plt
+
+
+def plot_runs(run_dirs, out):
+    """Test top-1 of the backbone per epoch for every run; the loss terms of the first MixSKD run."""
+    plt = pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     runs = sorted_runs(run_dirs)
     colours, seen, archs = {}, {}, {args["arch"] for args, _ in runs}
@@ -141,13 +148,7 @@ def plot_runs(run_dirs, out):
 
 def plot_confusion(classes, out, title):
     """The confusion matrix of eval.per_class as an image: each row (true class) as fractions of its images."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib, an optional dependency: pip install matplotlib") from None
+    plt = pyplot()
     counts = np.array(classes["confusion"], dtype=float)
     rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     n = len(rows)
