@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, read safely, mapped from other layouts, resumed exactly.
 
-Plumbing for train.py and eval.py, not the method. Every file is read with
-`torch.load(..., weights_only=True)` onto the CPU and every mistake becomes a one-line UserError.
+Plumbing for train.py and eval.py, not the method; also what a run logs beside them (metrics.jsonl,
+TensorBoard). Every file is read with `torch.load(..., weights_only=True)` onto the CPU and every
+mistake becomes a one-line UserError.
 Three layouts are understood: this project's (last.pt, best.pt, deploy.pt, with a `meta` record),
 the released MixSKD scripts' `{'net': state_dict, ...}` (SPEC section 11, mapped by name), and a
 plain torchvision ResNet state dict (the backbone alone). A resumed run gets back every weight, the
@@ -52,6 +53,36 @@ def restart_metrics(path, start_epoch):
     kept = read_metrics(path, start_epoch)
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+def tensorboard_writer(out, start_epoch):
+    """A TensorBoard SummaryWriter into the run folder (`tensorboard --logdir runs` shows each run under its
+    folder's name). A resumed run drops what an earlier process logged from start_epoch on, as restart_metrics
+    does for metrics.jsonl. The tensorboard package is optional: without it, one line says how to install it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package, an optional dependency: pip install tensorboard "
+                        "(or leave --tensorboard out: metrics.jsonl holds the same numbers)") from None
+    return SummaryWriter(out, purge_step=start_epoch + 1 if start_epoch else None)
+
+
+def flat_numbers(record, prefix=""):
+    """(name, number) for every number of a nested metrics.jsonl record, the keys joined by "/"."""
+    for key, value in record.items():
+        if isinstance(value, dict):
+            yield from flat_numbers(value, f"{prefix}{key}/")
+        else:
+            yield prefix + key, value
+
+
+def write_tensorboard(writer, record):
+    """Every number of a metrics.jsonl record as a scalar at step epoch + 1 (epochs done), named by its keys:
+    lr, loss/<term>, train_top1, val/<head>/<metric>, test/<head>/<metric>, epoch_time, img_per_s."""
+    for name, value in flat_numbers(record):
+        if name != "epoch":
+            writer.add_scalar(name, value, record["epoch"] + 1)
+    writer.flush()  # an epoch's numbers are on disk when the epoch ends, as metrics.jsonl's are
 
 
 def run_meta(args, data, backbone):

@@ -12,7 +12,11 @@ ImageNet (SPEC section 9) does not fit on the device: `DIR/train` and `DIR/val` 
 ImageFolder layout are read by a DataLoader with workers, RandomResizedCrop + flip for training and
 Resize(256) + CenterCrop(224) for evaluation, as uint8 into pinned memory, copied without blocking,
 and normalised on the device.
+
+A validation split (train.py --val-split) is held out of the training set, stratified by class and
+drawn from the seed alone (hold_out), so that a model can be selected without the test set.
 """
+import copy
 import os
 import sys
 from types import SimpleNamespace
@@ -106,11 +110,9 @@ def load_image_folder(root, device, image_size, workers):
     if missing:
         raise UserError(f"imagenet: {missing[0]} does not exist; --data must hold train/ and val/ in "
                         f"torchvision ImageFolder layout (one folder of images per class)")
-    resize = round(image_size * 256 / 224)  # Resize(256) + CenterCrop(224) at the SPEC's size
     train = torchvision.datasets.ImageFolder(folders[0], T.Compose(
         [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()]))
-    test = torchvision.datasets.ImageFolder(folders[1], T.Compose(
-        [T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()]))
+    test = torchvision.datasets.ImageFolder(folders[1], test_transform(image_size, "imagenet"))
     if train.classes != test.classes:
         raise UserError(f"imagenet: {folders[0]} and {folders[1]} hold different class folders")
     mean, std = STATS["imagenet"]
@@ -118,6 +120,16 @@ def load_image_folder(root, device, image_size, workers):
                            num_classes=len(train.classes), image_size=image_size, class_names=train.classes,
                            mean=mean, std=std, device=torch.device(device), workers=workers,
                            stats=pixel_stats(mean, std, device))
+
+
+def test_transform(image_size, stem):
+    """A PIL image to the uint8 3 x image_size x image_size tensor that a run's test set feeds: on ImageNet
+    (stem "imagenet") Resize(256) + CenterCrop(224) at the SPEC's size (section 9); on CIFAR, whose test
+    images are used as they are, Resize + CenterCrop to image_size, which leaves an image of that size unchanged."""
+    import torchvision.transforms as T
+
+    resize = round(image_size * 256 / 224) if stem == "imagenet" else image_size
+    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])
 
 
 def class_count(arrays):
@@ -157,6 +169,55 @@ def load_npz(path):
         raise UserError(f"{path}: train images {arrays['x_train'].shape[1:]} and test images "
                         f"{arrays['x_test'].shape[1:]} differ in size")
     return arrays
+
+
+# ----------------------------------------------------------------------------- validation split
+
+
+def stratified_sample(labels, n, seed):
+    """n indices into `labels` (int array), sorted: each class gets its share of n in proportion to its
+    images (largest remainder, ties to the lower class), drawn without replacement by a generator of
+    `seed` alone, so the same (seed, labels) always give the same indices."""
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / counts.sum()
+    share = np.floor(quota).astype(np.int64)
+    share[np.argsort(-(quota - share), kind="stable")[:n - share.sum()]] += 1
+    generator = epoch_generator(seed, -1, "cpu")  # epoch -1: a stream that no epoch's order draws from
+    picked = []
+    for c, k in zip(classes, share):
+        members = np.flatnonzero(labels == c)
+        picked.append(members[torch.randperm(len(members), generator=generator)[:k].numpy()])
+    return np.sort(np.concatenate(picked))
+
+
+def hold_out(data, val_split, seed):
+    """Move a validation split out of the training set (in place; returns data). val_split: a number of
+    images, or a fraction of the training set when below 1; 0 holds nothing out. The images are a
+    stratified_sample of (seed, training labels), so a resumed run holds out the same ones, and
+    train_batches never sees them. Sets n_val, val_index and train_index (positions in the training set
+    as loaded), and x_val, y_val (tensors) or val_set (an ImageFolder subset read with the test transform)."""
+    data.n_val = 0
+    if not val_split:
+        return data
+    folder = hasattr(data, "train_set")
+    labels = np.asarray(data.train_set.targets) if folder else data.y_train.cpu().numpy()
+    n = round(val_split * len(labels)) if val_split < 1 else int(val_split)
+    if not 0 < n < len(labels):
+        raise UserError(f"--val-split {val_split} holds out {n} of the {len(labels)} training images: give a number "
+                        f"from 1 to {len(labels) - 1}, or a fraction between 0 and 1")
+    data.val_index = stratified_sample(labels, n, seed)
+    data.train_index = np.setdiff1d(np.arange(len(labels)), data.val_index)
+    data.n_train, data.n_val = len(data.train_index), n
+    if folder:  # the same files, read for validation as the test set is read
+        val_set = copy.copy(data.train_set)
+        val_set.transform = data.test_set.transform
+        data.val_set = torch.utils.data.Subset(val_set, data.val_index.tolist())
+        data.train_set = torch.utils.data.Subset(data.train_set, data.train_index.tolist())
+        return data
+    val, train = (torch.from_numpy(i).to(data.x_train.device) for i in (data.val_index, data.train_index))
+    data.x_val, data.y_val = data.x_train[val], data.y_train[val]
+    data.x_train, data.y_train = data.x_train[train], data.y_train[train]
+    return data
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -222,13 +283,15 @@ def steps_per_epoch(data, batch_size, world_size=1):
     return steps
 
 
-def eval_batches(data, batch_size):
-    """The test set in order, normalised, in batches of batch_size (the last may be smaller)."""
-    if hasattr(data, "test_set"):
-        yield from folder_batches(data, data.test_set, batch_size, 0, 0, 0, 1, train=False)
+def eval_batches(data, batch_size, split="test"):
+    """The test set (or the validation split, split="val") in order, normalised, in batches of batch_size
+    (the last may be smaller)."""
+    if hasattr(data, f"{split}_set"):
+        yield from folder_batches(data, getattr(data, f"{split}_set"), batch_size, 0, 0, 0, 1, train=False)
         return
-    for i in range(0, data.x_test.shape[0], batch_size):
-        yield normalize(data.x_test[i:i + batch_size], data.stats), data.y_test[i:i + batch_size]
+    x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
+    for i in range(0, x.shape[0], batch_size):
+        yield normalize(x[i:i + batch_size], data.stats), y[i:i + batch_size]
 
 
 def folder_batches(data, dataset, batch_size, seed, epoch, rank, world_size, train):

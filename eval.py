@@ -1,7 +1,10 @@
-"""Evaluate a checkpoint: top-1, top-5, NLL and ECE of every head, backbone first.
+"""Evaluate a checkpoint: top-1, top-5, NLL and ECE of every head, backbone first; per class; on image files.
 
     python eval.py runs/cifar100-resnet18-mixskd-paper-seed0/last.pt
     python eval.py deploy.pt --dataset cifar100 --json
+    python eval.py deploy.pt --per-class                        # top-1 per class, confusion matrix
+    python eval.py deploy.pt --predict my_images/               # top-5 classes of every image file
+    python eval.py --plot runs/cifar100-resnet18-mixskd-paper-seed0 --per-class   # confusion matrix figure
     python eval.py released_ckpt.pth.tar --dataset cifar100     # the authors' released CIFAR script
     python eval.py --table runs/*/                              # markdown table over seeds
     python eval.py --plot runs/*/ --out results.png             # curves (needs matplotlib)
@@ -14,13 +17,14 @@ first and is the headline. `--table` and `--plot` hand run folders to report.py.
 import argparse
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
 import report
 from checkpoints import model_from_checkpoint, read_checkpoint
-from data import UserError, eval_batches, load_dataset, pixel_stats, run_cli
+from data import UserError, eval_batches, load_dataset, normalize, pixel_stats, run_cli, test_transform
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -48,8 +52,9 @@ def head_metrics(logits, y):
 
 
 @torch.no_grad()
-def evaluate(model, self_teacher, data, batch_size=500, channels_last=False):
-    """Metrics of every head on the test set, in fp32, model in eval mode: {head: {top1, ...}}.
+def head_logits(model, self_teacher, data, batch_size=500, channels_last=False, split="test"):
+    """Logits of every head on the test set (split="val": the validation split), in fp32 on the CPU, model in
+    eval mode, and the labels: ({head: N x C}, y of N), the backbone first.
 
     model: a MixSKD network (every head, and the self-teacher on clean-image features when given) or a
     plain network (the backbone row only). Restores the model's train/eval mode afterwards.
@@ -57,7 +62,7 @@ def evaluate(model, self_teacher, data, batch_size=500, channels_last=False):
     was_training = model.training
     model.eval()
     outputs, labels = {}, []
-    for x, y in eval_batches(data, batch_size):
+    for x, y in eval_batches(data, batch_size, split):
         labels.append(y.cpu())
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -71,8 +76,77 @@ def evaluate(model, self_teacher, data, batch_size=500, channels_last=False):
         for name, z in heads.items():
             outputs.setdefault(name, []).append(z.float().cpu())
     model.train(was_training)
-    y = torch.cat(labels)
-    return {name: head_metrics(torch.cat(z), y) for name, z in outputs.items()}
+    return {name: torch.cat(z) for name, z in outputs.items()}, torch.cat(labels)
+
+
+def evaluate(model, self_teacher, data, batch_size=500, channels_last=False, split="test"):
+    """Metrics of every head on the test set (or split="val"): {head: {top1, top5, nll, ece}}, as head_logits."""
+    outputs, y = head_logits(model, self_teacher, data, batch_size, channels_last, split)
+    return {name: head_metrics(z, y) for name, z in outputs.items()}
+
+
+def per_class(logits, y, class_names=None):
+    """One head's results per class: the images of each class, its top-1 in percent (None without images),
+    and the confusion matrix (counts; row: true class, column: predicted class), as lists for JSON."""
+    c = logits.shape[1]
+    confusion = torch.bincount(y * c + logits.argmax(1), minlength=c * c).view(c, c)
+    images, hits = confusion.sum(1).tolist(), confusion.diag().tolist()
+    return {"class_names": list(class_names or [str(k) for k in range(c)]), "images": images,
+            "top1": [100.0 * hit / n if n else None for hit, n in zip(hits, images)], "confusion": confusion.tolist()}
+
+
+# ----------------------------------------------------------------------------- predictions on image files
+
+
+def image_files(path):
+    """The image files to predict: path itself when it is a file, else every file under it whose name ends
+    in an image extension torchvision knows (.png, .jpg, ...), sorted."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"--predict {path}: no such file or folder")
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                   if name.lower().endswith(IMG_EXTENSIONS))
+    if not files:
+        raise UserError(f"--predict {path}: no image files in it (names ending in {', '.join(IMG_EXTENSIONS)})")
+    return files
+
+
+@torch.no_grad()
+def predict(model, meta, paths, device, top_k=5, batch_size=500):
+    """The top_k classes of each image file with their probabilities, the image prepared as the run's test
+    set was: data.test_transform at meta's image size and stem (as is at the trained size on CIFAR; Resize
+    + CenterCrop on ImageNet), normalised with meta's mean and std. Yields, in order of paths, one
+    {"image": path, "top": [{"class", "index", "probability"}, ...]} per image, or {"image": path,
+    "error": why} for a file that cannot be read as an image. model: model_from_checkpoint's, on device."""
+    from PIL import Image
+
+    transform = test_transform(meta["image_size"], meta.get("stem"))
+    stats = pixel_stats(meta["mean"], meta["std"], device)
+    names = meta.get("class_names") or [str(k) for k in range(meta["num_classes"])]
+    model.eval()
+    for start in range(0, len(paths), batch_size):
+        images, errors = {}, {}
+        for path in paths[start:start + batch_size]:
+            try:  # whatever fails in reading or decoding one file is that file's problem alone
+                with Image.open(path) as image:
+                    images[path] = transform(image.convert("RGB"))
+            except Exception as e:
+                errors[path] = " ".join(f"{type(e).__name__}: {e}".split())[:200]  # one line
+        top = {}
+        if images:
+            out = model(normalize(torch.stack(list(images.values())).to(device), stats))
+            logits = out[1][-1] if hasattr(model, "branches") else out  # a MixSKD network: the backbone's head
+            probs, indices = logits.float().softmax(1).topk(min(top_k, logits.shape[1]))
+            top = dict(zip(images, zip(probs.tolist(), indices.tolist())))
+        for path in paths[start:start + batch_size]:
+            if path in errors:
+                yield {"image": path, "error": errors[path]}
+            else:
+                yield {"image": path, "top": [{"class": names[k], "index": k, "probability": p}
+                                              for p, k in zip(*top[path])]}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -85,22 +159,45 @@ def format_table(metrics):
     return "\n".join(lines)
 
 
+def format_per_class(classes):
+    """per_class's result as text: top-1 per class, then the confusion matrix, its columns numbered as the rows."""
+    labels = [f"{k} {name}"[:16] for k, name in enumerate(classes["class_names"])]
+    lines = [f"{'backbone per class':<18}{'images':>8}{'top-1':>8}"]
+    for label, n, top1 in zip(labels, classes["images"], classes["top1"]):
+        lines.append(f"{label:<18}{n:>8}{'-' if top1 is None else f'{top1:.2f}':>8}")
+    cell = max(len(str(len(labels) - 1)), *(len(str(v)) for row in classes["confusion"] for v in row)) + 1
+    lines += ["", "confusion matrix of the backbone (rows: true class, columns: predicted class)",
+              " " * 18 + "".join(f"{k:>{cell}}" for k in range(len(labels)))]
+    lines += [f"{label:<18}" + "".join(f"{v:>{cell}}" for v in row) for label, row in zip(labels, classes["confusion"])]
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a MixSKD checkpoint (last.pt, best.pt, deploy.pt or the "
                                             "released code's) on the test set: top-1, top-5, NLL, ECE per head.")
     p.add_argument("checkpoint", nargs="?", help="path of the checkpoint")
     p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print a markdown table of finished runs instead")
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
-                   help="draw test top-1 per epoch of these runs and a MixSKD run's loss terms (needs matplotlib)")
-    p.add_argument("--out", default=None, help="image file that --plot writes (default: results.png in the first "
-                                               "run folder)")
+                   help="draw test top-1 per epoch of these runs and a MixSKD run's loss terms (needs matplotlib); "
+                        "with --per-class, the confusion matrix of one run's deploy.pt on its test set")
+    p.add_argument("--out", default=None, help="image file that --plot writes (default: results.png, with "
+                                               "--per-class confusion.png, in the first run folder)")
+    p.add_argument("--per-class", action="store_true", help="also top-1 per class and the confusion matrix of the "
+                                                            "backbone, with class names (in --json too)")
+    p.add_argument("--predict", metavar="IMAGE_OR_FOLDER", help="the checkpoint's top-k classes for an image file, or "
+                   "every image file in a folder and below, prepared as the run's test set was (resized to its image "
+                   "size as its test transform does, normalised with its mean and std)")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image that --predict prints (default 5)")
     p.add_argument("--dataset", default=None, help="cifar10, cifar100 or PATH.npz (default: the one it was trained on)")
     p.add_argument("--data", default="./data", help="torchvision dataset root (default ./data)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers for ImageNet (default 8)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        p.error("--top-k and --batch-size must be positive")
+    return args
 
 
 def recorded_dataset(path, meta):
@@ -116,20 +213,48 @@ def recorded_dataset(path, meta):
     return dataset
 
 
+def print_predictions(model, meta, args, device):
+    """--predict: a line per image (top-k classes and probabilities), a line on stderr per unreadable file."""
+    if "mean" not in meta or "image_size" not in meta:
+        raise UserError(f"{args.checkpoint} does not record the image size and normalisation it was trained with: "
+                        f"--predict needs a checkpoint written by train.py")
+    model.to(device)
+    results = []
+    for result in predict(model, meta, image_files(args.predict), device, args.top_k, args.batch_size):
+        results.append(result)
+        if args.json:
+            continue
+        if "error" in result:
+            print(f"{result['image']}: cannot read it as an image ({result['error']}), skipped", file=sys.stderr)
+        else:
+            print(f"{result['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%"
+                                                     for t in result["top"]), flush=True)
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "predictions": results}))
+    if all("error" in r for r in results):
+        raise UserError(f"--predict {args.predict}: no image could be read from it")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.table:
         print(report.results_table(args.table))
         return
-    if args.plot:
+    if args.plot and not args.per_class:
         out = report.plot_runs(args.plot, args.out or os.path.join(args.plot[0], "results.png"))
         print(f"figure written to {out}")
         return
+    if args.plot:  # the confusion matrix of one run: its deployed network
+        if len(args.plot) != 1:
+            raise UserError("--plot with --per-class draws the confusion matrix of one run: name one run folder")
+        args.checkpoint = os.path.join(args.plot[0], "deploy.pt")
     if args.checkpoint is None:
         raise UserError("name a checkpoint to evaluate, or pass --table / --plot with run folders")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = read_checkpoint(args.checkpoint)
     model, teacher, meta = model_from_checkpoint(ckpt, args.checkpoint)
+    if args.predict:
+        return print_predictions(model, meta, args, device)
     dataset = args.dataset or recorded_dataset(args.checkpoint, meta)
     data = load_dataset(dataset, args.data, device, meta.get("image_size", 224), args.workers)
     if data.num_classes > meta["num_classes"]:
@@ -142,12 +267,21 @@ def main(argv=None):
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if teacher is not None:
         teacher.to(device)
-    metrics = evaluate(model, teacher, data, args.batch_size, channels_last)
-    if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "dataset": dataset, "heads": metrics}))
+    outputs, y = head_logits(model, teacher, data, args.batch_size, channels_last)
+    metrics = {name: head_metrics(z, y) for name, z in outputs.items()}
+    classes = per_class(outputs["backbone"], y, meta.get("class_names") or data.class_names) if args.per_class else None
+    if args.plot:
+        out = report.plot_confusion(classes, args.out or os.path.join(args.plot[0], "confusion.png"),
+                                    f"{args.checkpoint} on {data.name} ({data.n_test} test images)")
+        print(f"figure written to {out}")
+    elif args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "dataset": dataset, "heads": metrics,
+                          **({"per_class": classes} if classes else {})}))
     else:
         print(f"{args.checkpoint} on {data.name} ({data.n_test} test images)")
         print(format_table(metrics))
+        if classes:
+            print("\n" + format_per_class(classes))
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
     python eval.py --table runs/*/                  # one row per method, mean +- std over seeds
     python eval.py --plot runs/*/ --out fig.png     # backbone test top-1 per epoch, MixSKD loss terms
+    python eval.py --plot RUN --per-class           # the confusion matrix of one run (plot_confusion)
 
-SPEC section 8: every number is labelled by what it is: the headline (final backbone top-1), the
-best epoch, and the released code's way (max over heads and epochs, chosen on the test set).
-Reads only run folders (metrics.jsonl, summary.json); matplotlib is needed for the figure alone.
+SPEC section 8: every number is labelled by what it is and the split it comes from: the headline
+(final backbone top-1 on the test set, selection-free), the best epoch (chosen on the validation split
+when the run has one, else on the test set), and the released code's way (max over heads and epochs,
+chosen on the test set). Reads only run folders (metrics.jsonl, summary.json); matplotlib is needed
+for the figures alone.
 """
 import json
 import os
@@ -17,17 +20,30 @@ from data import UserError
 
 
 def summarise(records):
-    """The labelled numbers of a run (SPEC section 8): the headline is the final backbone top-1; the
-    best epoch and the released code's metric (max over heads and epochs) are chosen on the test set."""
+    """The labelled numbers of a run (SPEC section 8): the headline is the final backbone top-1 on the test
+    set, chosen by nothing; the best epoch is chosen on the validation split when the run has one
+    (train.py --val-split), else on the test set; the released code's metric (max over heads and epochs)
+    is always chosen on the test set. `splits` names the split behind every number."""
     final = records[-1]
-    best = max(records, key=lambda r: r["test"]["backbone"]["top1"])
+    chosen_on = "val" if "val" in final else "test"
+    best = max(records, key=lambda r: r[chosen_on]["backbone"]["top1"])
     released = max(((m["top1"], h, r["epoch"]) for r in records for h, m in r["test"].items() if h != "self_teacher"),
                    key=lambda t: t[0])
+    splits = {"headline_final_backbone_top1": "test, final epoch (selection-free)", "final_test": "test",
+              "best_backbone_epoch": f"chosen on {chosen_on}",
+              "best_backbone_top1": f"test, at the epoch chosen on {chosen_on}"
+                                    f"{' (selection-free)' if chosen_on == 'val' else ''}",
+              "released_code_metric_max_over_heads_and_epochs": "test, max over heads and epochs chosen on test"}
+    val = {}
+    if chosen_on == "val":
+        val = {"final_val": final["val"], "best_backbone_val_top1": best["val"]["backbone"]["top1"]}
+        splits.update(final_val="val", best_backbone_val_top1="val, at the epoch chosen on val")
     return {"headline_final_backbone_top1": final["test"]["backbone"]["top1"], "final_epoch": final["epoch"],
             "final_test": final["test"], "best_backbone_top1": best["test"]["backbone"]["top1"],
-            "best_backbone_epoch": best["epoch"], "released_code_metric_max_over_heads_and_epochs": released[0],
+            "best_backbone_epoch": best["epoch"], "best_epoch_chosen_on": chosen_on, **val,
+            "released_code_metric_max_over_heads_and_epochs": released[0],
             "released_code_metric_head": released[1], "released_code_metric_epoch": released[2],
-            "train_time_s": sum(r["epoch_time"] for r in records)}
+            "splits": splits, "train_time_s": sum(r["epoch_time"] for r in records)}
 
 
 def read_run(run_dir):
@@ -70,7 +86,9 @@ def results_table(run_dirs):
     groups = {}
     for args, records in sorted_runs(run_dirs):
         groups.setdefault(method_label(args), []).append(records)
-    rows = ["| method | seeds | epochs | final backbone top-1 (headline) | best-epoch backbone top-1 | "
+    chosen_on = "/".join(sorted({"val" if "val" in r[-1] else "test" for runs in groups.values() for r in runs}))
+    rows = ["| method | seeds | epochs | final backbone top-1 (headline) | best-epoch backbone top-1 "
+            f"(epoch chosen on {chosen_on}) | "
             "max over heads and epochs (released code's way) | self-teacher top-1 | backbone ECE | "
             "training time per run (min) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, runs in groups.items():
@@ -86,8 +104,9 @@ def results_table(run_dirs):
     return "\n".join(rows)
 
 
-def plot_runs(run_dirs, out):
-    """Test top-1 of the backbone per epoch for every run; the loss terms of the first MixSKD run."""
+def pyplot():
+    """matplotlib.pyplot, drawing into files only. matplotlib is optional: without it, one line says how to
+    install it."""
     try:
         import matplotlib
 
@@ -95,6 +114,12 @@ def plot_runs(run_dirs, out):
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("--plot needs matplotlib, an optional dependency: pip install matplotlib") from None
+    return plt
+
+
+def plot_runs(run_dirs, out):
+    """Test top-1 of the backbone per epoch for every run; the loss terms of the first MixSKD run."""
+    plt = pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     runs = sorted_runs(run_dirs)
     colours, seen, archs = {}, {}, {args["arch"] for args, _ in runs}
@@ -118,4 +143,27 @@ def plot_runs(run_dirs, out):
         loss_ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
+    return out
+
+
+def plot_confusion(classes, out, title):
+    """The confusion matrix of eval.per_class as an image: each row (true class) as fractions of its images."""
+    plt = pyplot()
+    counts = np.array(classes["confusion"], dtype=float)
+    rows = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(min(4 + 0.35 * n, 30), min(3.5 + 0.35 * n, 30)))
+    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class's images")
+    if n <= 40:  # names and counts stay legible up to about 40 classes
+        ax.set_xticks(range(n), classes["class_names"], rotation=90, fontsize=7)
+        ax.set_yticks(range(n), classes["class_names"], fontsize=7)
+        for i, j in zip(*np.nonzero(counts)):
+            ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=6,
+                    color="white" if rows[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    ax.title.set_fontsize(8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
     return out

@@ -5,6 +5,7 @@ multi-process runs come last and are marked slow, so `pytest -m "not slow"` is t
 """
 import ast
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -34,6 +36,8 @@ from model import ARCHS, MixSKDNet, ResNet, StagedMixSKDNet, check_arch, network
 from self_teacher import SelfTeacher
 
 WIDTH, CLASSES, BATCH = 4, 10, 4
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None  # optional: its checks skip without it
+TENSORBOARD = ["--tensorboard"] if HAS_TENSORBOARD else []
 slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
 
 
@@ -856,6 +860,77 @@ def test_ranks_get_disjoint_shards_covering_the_epoch(tiny_npz):
     assert sorted(torch.cat(seen).tolist()) == list(range(256))
 
 
+def test_schedule_defaults_are_the_spec_and_cifar_can_take_a_cosine():
+    """--schedule: step on CIFAR and .npz (section 7), cosine on ImageNet (section 9) by default; cosine on
+    CIFAR decays per epoch from lr after the warmup towards 0 at the last epoch; milestones have no place in it."""
+    assert [train.parse_args(a).schedule for a in ([], ["--dataset", "x.npz"], ["--dataset", "imagenet"])] == [
+        "step", "step", "cosine"]
+    args = train.parse_args(["--schedule", "cosine", "--epochs", "10", "--warmup-epochs", "2"])
+    assert (args.nesterov, args.weight_decay) == (True, 5e-4)  # the rest of the CIFAR recipe stays
+    steps = 50
+    assert train.lr_at(2 * steps - 1, steps, args) == pytest.approx(0.1)
+    assert train.lr_at(2 * steps, steps, args) == pytest.approx(0.1)
+    assert train.lr_at(6 * steps + 7, steps, args) == pytest.approx(0.05)  # halfway through the 8 epochs of cosine
+    assert train.lr_at(9 * steps, steps, args) == pytest.approx(0.05 * (1 + np.cos(np.pi * 7 / 8)))
+    imagenet_step = train.parse_args(["--dataset", "imagenet", "--schedule", "step", "--milestones", "6",
+                                      "--warmup-epochs", "5"])
+    assert train.lr_at(6 * 10 - 1, 10, imagenet_step) == pytest.approx(0.1)
+    assert train.lr_at(6 * 10, 10, imagenet_step) == pytest.approx(0.01)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--schedule", "cosine", "--milestones", "3"])
+    assert train.parse_args(["--schedule", "cosine", "--epochs", "3"]).schedule == "cosine"  # no milestones to collide
+
+
+@pytest.mark.parametrize("text, value", [("1000", 1000), ("0.1", 0.1), ("0", 0), ("1.5", None), ("-3", None),
+                                         ("ten", None)])
+def test_val_split_is_a_count_or_a_fraction(text, value):
+    if value is None:
+        with pytest.raises(SystemExit):
+            train.parse_args(["--val-split", text])
+    else:
+        assert train.parse_args(["--val-split", text]).val_split == value
+
+
+def test_hold_out_is_stratified_and_a_function_of_seed_and_labels():
+    labels = np.repeat([0, 1, 2], [60, 30, 10])  # 60%, 30%, 10% of the images
+    picked = data.stratified_sample(labels, 20, seed=3)
+    assert np.bincount(labels[picked]).tolist() == [12, 6, 2] and len(set(picked)) == 20
+    assert np.array_equal(picked, data.stratified_sample(labels, 20, seed=3))
+    assert not np.array_equal(picked, data.stratified_sample(labels, 20, seed=4))
+    assert np.bincount(labels[data.stratified_sample(labels, 7, seed=0)]).tolist() == [4, 2, 1]  # largest remainder
+    d = SimpleNamespace(x_train=torch.arange(100).view(100, 1, 1, 1), y_train=torch.from_numpy(labels))
+    data.hold_out(d, 0.25, seed=0)  # a fraction of the training set
+    assert (d.n_val, d.n_train) == (25, 75) and d.x_val.flatten().tolist() == d.val_index.tolist()
+    assert sorted(d.x_train.flatten().tolist() + d.x_val.flatten().tolist()) == list(range(100))
+    with pytest.raises(data.UserError, match="--val-split 100 holds out 100 of the 100 training images"):
+        data.hold_out(SimpleNamespace(x_train=torch.zeros(100), y_train=torch.from_numpy(labels)), 100, seed=0)
+
+
+def test_validation_images_never_train_in_any_epoch():
+    """Acceptance of --val-split 1000 on the 10k CIFAR-10 subset (synthetic labels without it): 100 images of
+    each class held out, the same ones for the same seed; every image is tagged with its index in its pixels,
+    and no training batch of any epoch holds a held-out one, while every other image trains each epoch."""
+    if SHARED_NPZ.exists():
+        d = data.load_dataset(str(SHARED_NPZ))
+    else:
+        d = SimpleNamespace(y_train=torch.arange(10_000) % 10, n_train=10_000,
+                            stats=data.pixel_stats((0.5,) * 3, (0.25,) * 3, "cpu"))
+    index = torch.arange(10_000)
+    d.x_train = torch.stack([index // 256, index % 256, index % 7], 1).to(torch.uint8).view(-1, 3, 1, 1).expand(
+        -1, 3, 32, 32).contiguous()  # image i: every pixel holds (i // 256, i % 256, i % 7)
+    labels = d.y_train.numpy()
+    data.hold_out(d, 1000, seed=0)
+    assert np.bincount(labels[d.val_index]).tolist() == [100] * 10
+    assert np.array_equal(d.val_index, data.stratified_sample(labels, 1000, seed=0))
+    tag = lambda x: ((x[:, :2, 16, 16] * d.stats[1][0, :2, 0, 0] + d.stats[0][0, :2, 0, 0]).round().long() *
+                     torch.tensor([256, 1])).sum(1)  # the centre pixel survives any crop and flip
+    assert np.array_equal(tag(data.normalize(d.x_val, d.stats)).numpy(), d.val_index)
+    for epoch in (0, 204):
+        seen = torch.cat([tag(x) for x, _ in data.train_batches(d, 500, 0, epoch)]).numpy()
+        assert not set(seen) & set(d.val_index.tolist())
+        assert np.array_equal(np.sort(seen), d.train_index)  # 18 batches of 500: all 9,000 others, once
+
+
 @pytest.mark.parametrize("method, recipe", [("mixskd", "paper"), ("mixskd", "official"), ("mixup", "paper"),
                                             ("ce", "paper")])
 def test_fast_step_matches_the_reference(method, recipe):
@@ -936,6 +1011,47 @@ def test_metrics_of_a_diverged_head_do_not_crash():
     logits = torch.full((4, CLASSES), float("nan"))
     metrics = evaluation.head_metrics(logits, torch.arange(4))
     assert np.isnan(metrics["nll"]) and 0 <= metrics["ece"] <= 1
+
+
+def test_best_epoch_is_chosen_on_validation_and_every_number_names_its_split():
+    record = lambda epoch, val, test: {"epoch": epoch, "val": {"backbone": {"top1": val}}, "epoch_time": 1.0,
+                                       "test": {"backbone": {"top1": test}, "branch1": {"top1": test + 1}}}
+    records = [record(0, 50.0, 70.0), record(1, 60.0, 65.0), record(2, 55.0, 60.0)]
+    s = report.summarise(records)
+    assert (s["best_epoch_chosen_on"], s["best_backbone_epoch"], s["best_backbone_top1"]) == ("val", 1, 65.0)
+    assert (s["best_backbone_val_top1"], s["final_val"], s["headline_final_backbone_top1"]) == (60.0, records[2]["val"],
+                                                                                               60.0)
+    assert s["released_code_metric_max_over_heads_and_epochs"] == 71.0  # chosen on the test set, labelled so
+    assert set(s["splits"]) <= set(s) and "selection-free" in s["splits"]["best_backbone_top1"]
+    without = report.summarise([{k: v for k, v in r.items() if k != "val"} for r in records])
+    assert (without["best_epoch_chosen_on"], without["best_backbone_epoch"], without["best_backbone_top1"]) == (
+        "test", 0, 70.0)
+    assert "final_val" not in without and "selection-free" not in without["splits"]["best_backbone_top1"]
+
+
+def test_per_class_top1_and_confusion_matrix_of_a_known_case():
+    y, predicted = torch.tensor([0, 0, 1, 1, 1, 2]), torch.tensor([0, 1, 1, 1, 0, 2])
+    classes = evaluation.per_class(F.one_hot(predicted, 4).float(), y, ["cat", "dog", "emu", "yak"])
+    assert classes["confusion"] == [[1, 1, 0, 0], [1, 2, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]  # row: true class
+    assert classes["images"] == [2, 3, 1, 0] and classes["top1"] == [50.0, pytest.approx(200 / 3), 100.0, None]
+    rows = evaluation.format_per_class(classes).splitlines()
+    assert rows[1].split() == ["0", "cat", "2", "50.00"] and rows[4].split() == ["3", "yak", "0", "-"]
+    assert rows[-3].split() == ["1", "dog", "1", "2", "0", "0"]
+
+
+def test_tensorboard_without_the_package_gives_a_one_line_hint(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if "tensorboard" in name:
+            raise ImportError("No module named 'tensorboard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(data.UserError, match="pip install tensorboard"):
+        checkpoints.tensorboard_writer(str(tmp_path), 0)
 
 
 # -------------------------------------------------------------------------- SPEC section 9: ImageNet
@@ -1173,8 +1289,9 @@ def tiny_run(npz, out, *extra):
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_npz, tmp_path_factory):
+    """Two epochs, 64 of the 256 training images held out for validation, logged to TensorBoard (when installed)."""
     out = tmp_path_factory.mktemp("runs") / "two-epochs"
-    tiny_run(tiny_npz, out, "--epochs", "2")
+    tiny_run(tiny_npz, out, "--epochs", "2", "--val-split", "64", *TENSORBOARD)
     return out
 
 
@@ -1196,7 +1313,6 @@ def test_two_epoch_run_writes_every_output(run_dir):
     assert {"top1", "top5", "nll", "ece"} == set(lines[-1]["test"]["backbone"])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["headline_final_backbone_top1"] == lines[-1]["test"]["backbone"]["top1"]
-    assert summary["best_backbone_top1"] == max(r["test"]["backbone"]["top1"] for r in lines)
     assert summary["released_code_metric_max_over_heads_and_epochs"] == max(
         m["top1"] for r in lines for h, m in r["test"].items() if h != "self_teacher")
     assert summary["deployed_params"] < summary["trained_params"]
@@ -1252,15 +1368,159 @@ def test_eval_prints_backbone_row_first(run_dir, capsys):
 
 
 @slow
+def test_validation_split_chooses_best_pt_and_the_test_set_chooses_nothing(run_dir):
+    records = metric_lines(run_dir)
+    assert all(list(r["val"]) == list(r["test"]) for r in records)  # every head on both splits
+    assert all((r["val"]["backbone"]["top1"] * 64 / 100).is_integer() for r in records)  # of 64 images
+    val_top1 = [r["val"]["backbone"]["top1"] for r in records]
+    best_epoch = val_top1.index(max(val_top1))
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    assert best["epoch"] == best_epoch and best["best"] == {"epoch": best_epoch, "top1": max(val_top1), "split": "val"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["best_epoch_chosen_on"], summary["best_backbone_epoch"]) == ("val", best_epoch)
+    assert summary["best_backbone_top1"] == records[best_epoch]["test"]["backbone"]["top1"]
+    assert summary["final_val"] == records[-1]["val"] and summary["args"]["val_split"] == 64
+    assert "| best-epoch backbone top-1 (epoch chosen on val) |" in report.results_table([str(run_dir)])
+
+
+@slow
+def test_tensorboard_holds_every_number_of_metrics_jsonl(run_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    records = metric_lines(run_dir)
+    heads = ["backbone", "branch1", "branch2", "branch3", "self_teacher"]
+    expected = {"lr", "train_top1", "epoch_time", "img_per_s", *(f"loss/{term}" for term in ("total", *TERMS)),
+                *(f"{split}/{head}/{m}" for split in ("val", "test") for head in heads for m in ("top1", "top5", "nll",
+                                                                                                 "ece"))}
+    assert set(events.Tags()["scalars"]) == expected
+    for tag in expected:
+        logged = events.Scalars(tag)
+        assert [e.step for e in logged] == [r["epoch"] + 1 for r in records]
+        for event, record in zip(logged, records):
+            value = record
+            for key in tag.split("/"):
+                value = value[key]
+            assert event.value == pytest.approx(value, rel=1e-6), tag  # TensorBoard keeps float32
+
+
+@slow
 def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path):
-    tiny_run(tiny_npz, tmp_path, "--epochs", "1")
-    tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--resume", "--extend")
-    straight = torch.load(run_dir / "last.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "last.pt", weights_only=True)
-    for part in ("model", "self_teacher", "discriminators"):
-        for k, v in straight[part].items():
-            assert torch.equal(v, resumed[part][k]), f"{part}.{k} differs after resume"
+    """The same validation split, weights and metrics; TensorBoard, like metrics.jsonl, drops what a process
+    logged after the checkpoint it resumes."""
+    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--val-split", "64", *TENSORBOARD)
+    if HAS_TENSORBOARD:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(tmp_path)) as stale:  # as if a process had died after logging epoch 2
+            stale.add_scalar("lr", 123.0, 2)
+    tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--val-split", "64", "--resume", "--extend", *TENSORBOARD)
+    for name in ("last.pt", "best.pt"):
+        straight = torch.load(run_dir / name, weights_only=True)
+        resumed = torch.load(tmp_path / name, weights_only=True)
+        assert straight["epoch"] == resumed["epoch"]
+        for part in ("model", "self_teacher", "discriminators"):
+            for k, v in straight[part].items():
+                assert torch.equal(v, resumed[part][k]), f"{name}: {part}.{k} differs after resume"
     assert [without_timing(r) for r in metric_lines(run_dir)] == [without_timing(r) for r in metric_lines(tmp_path)]
+    if not HAS_TENSORBOARD:
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("lr")] == [(r["epoch"] + 1, pytest.approx(r["lr"]))
+                                                                 for r in metric_lines(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def image_dir(tiny_npz, tmp_path_factory):
+    """The tiny test set as image files: png/000.png ... (with a file that is no image, and a text file), jpeg/."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    with np.load(tiny_npz) as f:
+        x_test = f["x_test"]
+    (root / "png").mkdir()
+    (root / "jpeg").mkdir()
+    for i, x in enumerate(x_test):
+        Image.fromarray(x).save(root / "png" / f"{i:03d}.png")
+        Image.fromarray(x).save(root / "jpeg" / f"{i:03d}.jpg", quality=90)
+    (root / "png" / "broken.png").write_bytes(b"not an image")
+    (root / "png" / "notes.txt").write_text("not named as an image")
+    return root
+
+
+def predicted(argv, capsys):
+    """eval.py --predict ... --json: its predictions."""
+    evaluation.main([*argv, "--json"])
+    return json.loads(capsys.readouterr().out)["predictions"]
+
+
+def backbone_logits(checkpoint, dataset):
+    """The backbone's logits on a dataset's test images as eval.py computes them."""
+    model, _, meta = checkpoints.model_from_checkpoint(torch.load(checkpoint, weights_only=True), str(checkpoint))
+    d = data.load_dataset(dataset, image_size=meta["image_size"], workers=0)
+    d.stats = data.pixel_stats(meta["mean"], meta["std"], "cpu")
+    return evaluation.head_logits(model, None, d)[0]["backbone"]
+
+
+@slow
+def test_predict_on_png_files_gives_the_top1_of_eval(run_dir, image_dir, tiny_npz, capsys):
+    """deploy.pt --predict on the test images written as PNG (lossless): the same class per image as
+    eval.py's network on the .npz, so the same top-1; a file that is no image gets one line, the rest go on."""
+    deploy = run_dir / "deploy.pt"
+    predictions = predicted([str(deploy), "--predict", str(image_dir / "png"), "--top-k", "3"], capsys)
+    assert [Path(p["image"]).name for p in predictions] == [f"{i:03d}.png" for i in range(128)] + ["broken.png"]
+    assert "UnidentifiedImageError" in predictions[-1]["error"]
+    top = [p["top"] for p in predictions[:-1]]
+    logits = backbone_logits(deploy, tiny_npz)
+    assert [t[0]["index"] for t in top] == logits.argmax(1).tolist()
+    assert [t[0]["probability"] for t in top] == pytest.approx(logits.softmax(1).max(1).values.tolist(), rel=1e-5)
+    assert all(len(t) == 3 and t[0]["probability"] >= t[1]["probability"] >= t[2]["probability"] for t in top)
+    with np.load(tiny_npz) as f:
+        top1 = 100.0 * sum(t[0]["index"] == y for t, y in zip(top, f["y_test"])) / 128
+    assert top1 == metric_lines(run_dir)[-1]["test"]["backbone"]["top1"]
+    evaluation.main([str(deploy), "--predict", str(image_dir / "png")])
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 128 and out.splitlines()[0].startswith(f"{image_dir / 'png' / '000.png'}: ")
+    assert len(err.splitlines()) == 1 and "broken.png: cannot read it as an image" in err
+
+
+@slow
+def test_predict_on_jpeg_files_gives_the_top1_of_eval_on_their_pixels(run_dir, image_dir, tiny_npz, tmp_path, capsys):
+    """JPEG is lossy: its files hold other pixels than the .npz, so what must agree is eval.py on the pixels
+    decoded from them (written to an .npz): the same class per image and the same top-1."""
+    from PIL import Image
+
+    decoded = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((image_dir / "jpeg").iterdir())])
+    with np.load(tiny_npz) as f:
+        arrays = {k: f[k] for k in f.files}
+    assert not np.array_equal(decoded, arrays["x_test"])  # lossy indeed
+    arrays["x_test"] = decoded
+    np.savez(tmp_path / "decoded.npz", **arrays)
+    deploy = run_dir / "deploy.pt"
+    top = [p["top"][0]["index"] for p in predicted([str(deploy), "--predict", str(image_dir / "jpeg")], capsys)]
+    assert top == backbone_logits(deploy, str(tmp_path / "decoded.npz")).argmax(1).tolist()
+    evaluation.main([str(deploy), "--dataset", str(tmp_path / "decoded.npz"), "--json"])
+    expected = json.loads(capsys.readouterr().out)["heads"]["backbone"]["top1"]
+    assert 100.0 * sum(k == y for k, y in zip(top, arrays["y_test"])) / 128 == expected
+
+
+@slow
+def test_eval_per_class_gives_top1_per_class_and_the_confusion_matrix(run_dir, tiny_npz, capsys):
+    evaluation.main([str(run_dir / "deploy.pt"), "--per-class", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    classes, confusion = printed["per_class"], np.array(printed["per_class"]["confusion"])
+    assert classes["class_names"] == torch.load(run_dir / "deploy.pt", weights_only=True)["meta"]["class_names"]
+    with np.load(tiny_npz) as f:
+        assert classes["images"] == confusion.sum(1).tolist() == np.bincount(f["y_test"], minlength=10).tolist()
+    assert 100.0 * np.trace(confusion) / 128 == printed["heads"]["backbone"]["top1"]
+    evaluation.main([str(run_dir / "deploy.pt"), "--per-class"])
+    out = capsys.readouterr().out
+    assert "confusion matrix of the backbone" in out and all(name[:14] in out for name in classes["class_names"])
 
 
 @slow
@@ -1273,6 +1533,7 @@ def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path, capsys):
     assert header.endswith("epochs 1..1, milestones [1]") and epoch_line.startswith("epoch 1/1 loss ")
     assert (f" alpha {alpha} " in header) if alpha else (" alpha " not in header)
     assert json.loads((tmp_path / "summary.json").read_text())["args"]["alpha"] == alpha or alpha is None
+    assert json.loads((tmp_path / "summary.json").read_text())["best_epoch_chosen_on"] == "test"  # no --val-split
     record = metric_lines(tmp_path)[-1]
     assert list(record["test"]) == ["backbone"]
     assert set(record["loss"]) == {"total", "ce" if method == "ce" else "mix"}
@@ -1281,7 +1542,7 @@ def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path, capsys):
 
 
 @slow
-def test_torchvision_arch_runs_from_the_command_line_and_deploys(tiny_npz, tmp_path, capsys):
+def test_torchvision_arch_runs_from_the_command_line_and_deploys(tiny_npz, image_dir, tmp_path, capsys):
     tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--arch", "torchvision:mobilenet_v3_small")
     assert {"metrics.jsonl", "last.pt", "best.pt", "deploy.pt", "summary.json"} <= set(os.listdir(tmp_path))
     logged = metric_lines(tmp_path)[-1]["test"]
@@ -1289,6 +1550,9 @@ def test_torchvision_arch_runs_from_the_command_line_and_deploys(tiny_npz, tmp_p
     capsys.readouterr()
     evaluation.main([str(tmp_path / "deploy.pt"), "--json"])
     assert json.loads(capsys.readouterr().out)["heads"]["backbone"] == logged["backbone"]
+    top = [p["top"][0]["index"] for p in predicted([str(tmp_path / "deploy.pt"), "--predict", str(image_dir / "png")],
+                                                    capsys)[:-1]]  # the last is the file that is no image
+    assert top == backbone_logits(tmp_path / "deploy.pt", tiny_npz).argmax(1).tolist()
 
 
 @slow
@@ -1504,6 +1768,16 @@ def test_readme_first_try_is_one_valid_command_of_train_eval_and_plot():
     assert evaluation.parse_args(plot_cmd[2:]).plot == ["runs/first-try"]
 
 
+def test_readme_model_selection_commands_are_valid_and_name_the_run_folder():
+    block = readme_block("### Model selection without the test set", "bash")
+    train_cmd, tensorboard_cmd, *eval_cmds = (shlex.split(line.split("  #")[0]) for line in block.splitlines())
+    args = train.parse_args(train_cmd[2:])
+    assert (args.val_split, args.tensorboard, tensorboard_cmd) == (1000, True, ["tensorboard", "--logdir", "runs"])
+    parsed = [evaluation.parse_args(cmd[2:]) for cmd in eval_cmds]
+    assert [p.checkpoint or p.plot[0] for p in parsed] == [f"{args.out}/deploy.pt", args.out, f"{args.out}/deploy.pt"]
+    assert parsed[0].per_class and parsed[1].per_class and parsed[2].predict
+
+
 def test_help_shows_each_default_once_and_every_flag_has_help():
     for parser in (train.parser, bench.parser()):
         text = " ".join(parser.format_help().split())
@@ -1613,7 +1887,7 @@ def torchrun(npz, out, *extra):
 @pytest.fixture(scope="module")
 def ddp_run(tiny_npz, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "two-epochs"
-    stdout = torchrun(tiny_npz, out, "--epochs", "2")
+    stdout = torchrun(tiny_npz, out, "--epochs", "2", "--val-split", "32", *TENSORBOARD)
     return out, stdout
 
 
@@ -1627,12 +1901,14 @@ def test_torchrun_replicas_agree_and_eval_matches(ddp_run, capsys):
     evaluation.main([str(out / "last.pt"), "--json"])
     assert json.loads(capsys.readouterr().out)["heads"] == metric_lines(out)[-1]["test"]
     assert metric_lines(out)[-1]["img_per_s"] > 0 and len(metric_lines(out)) == 2
+    assert "224 train, 32 validation" in stdout and "val" in metric_lines(out)[-1]  # every rank holds out the same
+    assert len([f for f in os.listdir(out) if f.startswith("events.out.tfevents")]) == HAS_TENSORBOARD  # rank 0
 
 
 @slow
 def test_torchrun_resume_continues_from_saved_epoch(ddp_run, tiny_npz, tmp_path):
-    torchrun(tiny_npz, tmp_path, "--epochs", "1")
-    stdout = torchrun(tiny_npz, tmp_path, "--epochs", "2", "--resume", "--extend")
+    torchrun(tiny_npz, tmp_path, "--epochs", "1", "--val-split", "32")
+    stdout = torchrun(tiny_npz, tmp_path, "--epochs", "2", "--val-split", "32", "--resume", "--extend")
     assert "epochs 2..2" in stdout
     assert [r["epoch"] for r in metric_lines(tmp_path)] == [0, 1]
     straight = torch.load(ddp_run[0] / "last.pt", weights_only=True)
@@ -1679,6 +1955,16 @@ def test_plot_writes_a_small_png(run_dir, tmp_path):
     out = tmp_path / "curves.png"
     evaluation.main(["--plot", str(run_dir), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size < 200 * 1024
+
+
+@slow
+def test_plot_draws_the_confusion_matrix_of_one_run(run_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "confusion.png"
+    evaluation.main(["--plot", str(run_dir), "--per-class", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size < 200 * 1024
+    with pytest.raises(data.UserError, match="confusion matrix of one run"):
+        evaluation.main(["--plot", str(run_dir), str(run_dir), "--per-class"])
 
 
 @slow
@@ -1762,16 +2048,24 @@ def test_npz_written_as_an_image_folder_keeps_images_labels_and_class_order(tiny
 
 @slow
 def test_imagenet_folder_trains_one_epoch_and_evaluates(image_folder, tmp_path, capsys):
+    """One epoch with a quarter of train/ held out for validation (val/ is the test set); eval.py reproduces
+    the test metrics, and --predict on val/'s 40 x 40 files (Resize + CenterCrop to 32) gives the same classes."""
     out = tmp_path / "run"
     train.main(["--dataset", "imagenet", "--data", str(image_folder), "--image-size", "32", "--width", "4",
-                "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--workers", "0", "--out", str(out)])
+                "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--workers", "0", "--out", str(out),
+                "--val-split", "0.25"])
+    assert "(18 train, 6 validation, 12 test, 3 classes)" in capsys.readouterr().out  # 2 of each class's 8
     record = metric_lines(out)[-1]
     assert record["epoch"] == 0
-    assert list(record["test"]) == ["backbone", "branch1", "branch2", "branch3", "self_teacher"]
-    capsys.readouterr()
+    assert list(record["test"]) == list(record["val"]) == ["backbone", "branch1", "branch2", "branch3", "self_teacher"]
     evaluation.main([str(out / "last.pt"), "--data", str(image_folder), "--workers", "0", "--json"])
     assert json.loads(capsys.readouterr().out)["heads"] == record["test"]
     assert torch.load(out / "deploy.pt", weights_only=True)["meta"]["stem"] == "imagenet"
+    top = [p["top"][0]["index"] for p in predicted([str(out / "deploy.pt"), "--predict", str(image_folder / "val")],
+                                                    capsys)]
+    model, _, meta = checkpoints.model_from_checkpoint(torch.load(out / "deploy.pt", weights_only=True), "deploy.pt")
+    folder = data.load_dataset("imagenet", str(image_folder), image_size=32, workers=0)
+    assert top == evaluation.head_logits(model, None, folder)[0]["backbone"].argmax(1).tolist()
 
 
 def test_imagenet_folder_missing_is_reported(tmp_path):

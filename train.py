@@ -9,7 +9,8 @@
 Top to bottom: arguments; the method (schedule, objective, optimiser; SPEC sections 5-9); the run (setup,
 one step, the loop, the end of an epoch, the summary). Plumbing: runtime.py, checkpoints.py. A run writes
 into --out: metrics.jsonl (a line per epoch), last.pt (every epoch, atomically), best.pt (best backbone
-top-1), deploy.pt (the backbone alone) and summary.json (the headline: final backbone top-1).
+top-1 on the validation split of --val-split, else on the test set), deploy.pt (the backbone alone),
+summary.json (the headline: final backbone top-1) and, with --tensorboard, TensorBoard's event file.
 """
 import argparse
 import json
@@ -25,7 +26,7 @@ import torch
 import checkpoints
 import report
 import runtime
-from data import DATASETS, UserError, dataset_name, load_dataset, run_cli, steps_per_epoch, train_batches
+from data import DATASETS, UserError, dataset_name, hold_out, load_dataset, run_cli, steps_per_epoch, train_batches
 from eval import evaluate
 from losses import RECIPES, TERMS, BaselineObjective, MixSKDObjective, discriminators
 from mixup import MIX_MODES, mix_batch
@@ -38,14 +39,27 @@ SPEC_EPOCHS, SPEC_MILESTONES, SPEC_WARMUP_EPOCHS = 205, (105, 155), 5
 WARMUP_FLOOR, WARMUP_FLOOR_SHARE, CLIP_NORM = 500, 0.5, 2.0  # measured: README, Stability
 # the flags whose SPEC values differ between CIFAR (section 7) and ImageNet (section 9); ImageNet's
 # batch is 128 in total across processes. The CutMix baseline draws lam with alpha 1.0 (section 7).
-CIFAR_DEFAULTS = {"epochs": SPEC_EPOCHS, "weight_decay": 5e-4, "alpha": 0.4, "batch_size": 64}
-IMAGENET_DEFAULTS = {"epochs": 305, "weight_decay": 1e-4, "alpha": 0.2, "batch_size": 128}
+CIFAR_DEFAULTS = {"epochs": SPEC_EPOCHS, "weight_decay": 5e-4, "alpha": 0.4, "batch_size": 64, "schedule": "step"}
+IMAGENET_DEFAULTS = {"epochs": 305, "weight_decay": 1e-4, "alpha": 0.2, "batch_size": 128, "schedule": "cosine"}
 
 # ----------------------------------------------------------------------------- arguments
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # a default where there is one to show; None and False are not
         return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
+def count_or_fraction(text):
+    """--val-split: a whole number of images (0 or more), or a fraction of the training set between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value >= 0 and value.is_integer():
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a number of images nor a fraction between 0 and 1")
 
 
 parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Train "
@@ -63,6 +77,10 @@ g.add_argument("--dataset", default="cifar100", help="cifar10, cifar100 (torchvi
 g.add_argument("--data", default="./data", help="torchvision dataset root, or the ImageNet folder")
 g.add_argument("--image-size", type=int, default=224, help="ImageNet crop size (Resize(size * 256 / 224) to test)")
 g.add_argument("--workers", type=int, default=8, help="ImageNet DataLoader workers per process")
+g.add_argument("--val-split", type=count_or_fraction, default=0, metavar="N", help="hold out N training images "
+               "(a fraction of them when below 1), stratified by class and drawn from --seed, as a validation split: "
+               "evaluated every epoch, it chooses best.pt, and the test set chooses nothing. On an ImageNet folder "
+               "they come from train/ too, since val/ is the test set; 0: none")
 g.add_argument("--method", default="mixskd", choices=METHODS,
                help="mixskd; or a baseline on the backbone alone: ce (clean images), mixup, cutmix")
 g.add_argument("--recipe", default="paper", choices=RECIPES[:2],
@@ -79,10 +97,13 @@ g = parser.add_argument_group("optimisation (SPEC sections 7 and 9)")
 g.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 205; 305 on ImageNet)")
 g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup, per iteration (default: the SPEC's 5 "
                "epochs, times --epochs/205 (305 on ImageNet) when --epochs is shorter, and at least "
-               f"{WARMUP_FLOOR} iterations or {WARMUP_FLOOR_SHARE:.0%} of a shorter run: README, Stability)")
+               f"{WARMUP_FLOOR} iterations, or {WARMUP_FLOOR_SHARE:g} of a shorter run: README, Stability)")
+g.add_argument("--schedule", choices=("step", "cosine"), default=argparse.SUPPRESS, help="after the warmup: step "
+               "decays at --milestones (default on CIFAR and .npz, SPEC section 7) or a cosine to 0 at the last epoch "
+               "(default on ImageNet, SPEC section 9)")
 g.add_argument("--milestones", type=int, nargs="*", default=argparse.SUPPRESS,
-               help="CIFAR: absolute epochs where lr is multiplied by 0.1 (default: 105 155, scaled by --epochs/205 "
-                    "when --epochs differs); ImageNet decays by a cosine instead")
+               help="--schedule step: absolute epochs where lr is multiplied by 0.1 (default: 105 155, scaled by "
+                    "--epochs/205 when --epochs differs)")
 g.add_argument("--lr", type=float, default=0.1, help="base learning rate")
 g.add_argument("--weight-decay", type=float, default=argparse.SUPPRESS,
                help="on every trained parameter (default 5e-4; 1e-4 on ImageNet)")
@@ -109,6 +130,8 @@ g.add_argument("--init-from", default=None,
 g.add_argument("--sync-bn", action="store_true",
                help="under torchrun on CUDA: BatchNorm statistics over all GPUs (off, as in the released code)")
 g.add_argument("--log-every", type=int, default=100, help="steps between progress updates (each one syncs)")
+g.add_argument("--tensorboard", action="store_true", help="also write metrics.jsonl's numbers as TensorBoard scalars "
+               "into --out (needs the tensorboard package): tensorboard --logdir runs")
 
 
 def parse_args(argv=None):
@@ -119,7 +142,7 @@ def parse_args(argv=None):
     for key, value in {**spec, **({"alpha": 1.0} if args.method == "cutmix" else {})}.items():
         if not hasattr(args, key):
             setattr(args, key, value // runtime.world_size() if key == "batch_size" and imagenet else value)
-    args.stem, args.schedule, args.nesterov = ("imagenet", "cosine", False) if imagenet else ("cifar", "step", True)
+    args.stem, args.nesterov = ("imagenet", False) if imagenet else ("cifar", True)
     if not args.alpha > 0:
         parser.error(f"--alpha must be > 0, got {args.alpha}")
     if args.batch_size < 2:
@@ -135,9 +158,11 @@ def parse_args(argv=None):
         parser.error("loss weights must be finite and non-negative")
     if args.dataset not in DATASETS and not args.dataset.endswith(".npz"):
         parser.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet or the path of an .npz file")
+    if hasattr(args, "milestones") and args.schedule == "cosine":
+        parser.error("--milestones place the decays of --schedule step; the cosine schedule has none")
     if not hasattr(args, "milestones"):
         args.milestones = sorted({round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES})
-        if not imagenet and len(args.milestones) == 1 and args.milestones[0] < args.epochs:
+        if args.schedule == "step" and len(args.milestones) == 1 and args.milestones[0] < args.epochs:
             parser.error(f"--epochs {args.epochs} is too short to scale the SPEC's decays at epochs 105 and 155 "
                          f"(both fall on epoch {args.milestones[0]}): pass --milestones")
     recipe = f"-{args.recipe}" if args.method == "mixskd" else ""
@@ -234,7 +259,8 @@ def setup(args, rank, world, device):
                           start_epoch=0, last=os.path.join(args.out, "last.pt"),
                           metrics=os.path.join(args.out, "metrics.jsonl"), speed=runtime.speed_settings(args, device))
     runtime.seed_all(args.seed)  # the same initialisation on every rank (DDP also broadcasts rank 0's)
-    run.data = data = load_dataset(args.dataset, args.data, device, args.image_size, args.workers)
+    run.data = data = hold_out(load_dataset(args.dataset, args.data, device, args.image_size, args.workers),
+                               args.val_split, args.seed)
     runtime.check_writable(args.out, rank)
     run.objective, run.opt = build(args, data.num_classes, device, run.speed.memory_format)
     runtime.seed_all(args.seed + rank)  # each rank draws its own lam and perm for its own batch
@@ -249,6 +275,9 @@ def setup(args, rank, world, device):
     run.step_fn = runtime.wrap(run.objective, args, device, world)
     if run.main:
         checkpoints.restart_metrics(run.metrics, run.start_epoch)
+    run.tensorboard = None  # rank 0 alone writes files
+    if args.tensorboard and run.main:
+        run.tensorboard = checkpoints.tensorboard_writer(args.out, run.start_epoch)
     run.steps = steps_per_epoch(data, args.batch_size, world)
     run.clip = clip_norm(args, run.steps)
     # the header line: what trains, on what, how fast, for how long
@@ -261,7 +290,8 @@ def setup(args, rank, world, device):
     print(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''}"
           f"{'' if args.method == 'ce' else f' alpha {args.alpha}'} {args.arch}"
           f"{'' if ':' in args.arch else f' width {args.width}'} on {data.name} ({data.n_train} train, "
-          f"{data.n_test} test, {data.num_classes} classes) | {run.world} x {run.device.type} amp {run.speed.amp} "
+          f"{f'{data.n_val} validation, ' if data.n_val else ''}{data.n_test} test, {data.num_classes} classes) | "
+          f"{run.world} x {run.device.type} amp {run.speed.amp} "
           f"channels_last {run.speed.memory_format == torch.channels_last} compile {args.compile} | batch "
           f"{args.batch_size} per process, {run.images} in all{spec_batch} | {run.n_trained:,} trained params, "
           f"{run.n_deployed:,} deployed | epochs {run.start_epoch + 1}..{args.epochs}, warmup "
@@ -372,7 +402,8 @@ def divergence_hint(run):
 
 
 def end_epoch(run, epoch, means, lr, epoch_time):
-    """Evaluate on the test set, append to metrics.jsonl, save last.pt (and best.pt when it is the best)."""
+    """Evaluate on the test set (and the validation split), append to metrics.jsonl (and TensorBoard), save
+    last.pt (and best.pt when its backbone top-1 on the validation split, else on the test set, is the best)."""
     args = run.args
     loss = {key: value for key, value in means.items() if key != "hits"}
     rng = runtime.all_ranks(runtime.rng_state(run.device), run.world)
@@ -381,19 +412,26 @@ def end_epoch(run, epoch, means, lr, epoch_time):
     # rank 0 evaluates the whole test set with the weights and BatchNorm statistics it saves, so
     # eval.py on the checkpoint reproduces these numbers
     net, teacher = run.objective.net, getattr(run.objective, "self_teacher", None)
-    test = evaluate(net, teacher, run.data, channels_last=run.speed.memory_format == torch.channels_last)
+    channels_last = run.speed.memory_format == torch.channels_last
+    test = evaluate(net, teacher, run.data, channels_last=channels_last)
     check_finite(run, epoch, test)
+    val = {"val": evaluate(net, teacher, run.data, channels_last=channels_last, split="val")} if run.data.n_val else {}
     record = {"epoch": epoch, "lr": lr, "loss": loss, "train_top1": 100.0 * means["hits"] / args.batch_size,
-              "test": test, "epoch_time": epoch_time, "img_per_s": run.steps * run.images / epoch_time}
+              **val, "test": test, "epoch_time": epoch_time, "img_per_s": run.steps * run.images / epoch_time}
     with open(run.metrics, "a") as f:
         f.write(json.dumps(record) + "\n")
-    top1, paths = test["backbone"]["top1"], [run.last]
+    if run.tensorboard:
+        checkpoints.write_tensorboard(run.tensorboard, record)
+    chosen_on = "val" if val else "test"  # the test set chooses nothing when there is a validation split
+    top1, paths = record[chosen_on]["backbone"]["top1"], [run.last]
     if top1 > run.best["top1"]:
-        run.best, paths = {"epoch": epoch, "top1": top1}, [run.last, os.path.join(args.out, "best.pt")]
+        run.best = {"epoch": epoch, "top1": top1, "split": chosen_on}
+        paths = [run.last, os.path.join(args.out, "best.pt")]
     checkpoints.save_training(paths, run.meta, args, epoch, run.best, run.objective, run.opt, run.speed.scaler, rng)
     heads = " ".join(f"{h} {m['top1']:.2f}" for h, m in test.items() if h != "backbone")
     print(f"{CLEAR_LINE if run.live else ''}epoch {epoch + 1}/{args.epochs} loss {loss['total']:.4f} "
-          f"train {record['train_top1']:.2f} | test backbone {top1:.2f} {heads} | "
+          f"train {record['train_top1']:.2f} | {f'val backbone {top1:.2f} | ' if val else ''}"
+          f"test backbone {test['backbone']['top1']:.2f} {heads} | "
           f"{epoch_time:.1f}s {record['img_per_s']:.0f} img/s", flush=True)
 
 
@@ -408,8 +446,11 @@ def finish(run):
          "deployed_params": run.n_deployed, "wall_time_s_this_process": time.time() - run.start_time,
          "processes": run.world, "parameter_sha256_per_rank": digests, "args": vars(args)}
     checkpoints.write_json_atomic(s, f"{args.out}/summary.json")
-    print(f"final backbone top-1 {s['headline_final_backbone_top1']:.2f} (headline) | best "
-          f"{s['best_backbone_top1']:.2f} at epoch {s['best_backbone_epoch'] + 1} | released code's metric "
+    if run.tensorboard:
+        run.tensorboard.close()
+    print(f"final backbone top-1 {s['headline_final_backbone_top1']:.2f} (headline) | best epoch "
+          f"{s['best_backbone_epoch'] + 1} (chosen on {s['best_epoch_chosen_on']}): test top-1 "
+          f"{s['best_backbone_top1']:.2f} | released code's metric "
           f"{s['released_code_metric_max_over_heads_and_epochs']:.2f} ({s['released_code_metric_head']}, epoch "
           f"{s['released_code_metric_epoch'] + 1}, max over heads and epochs on the test set) | {args.out}")
 
