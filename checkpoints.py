@@ -16,7 +16,8 @@ import re
 import torch
 
 import runtime
-from data import UserError, dataset_name
+from data import dataset_name
+from errors import UserError
 from model import ARCHS, Bottleneck, MixSKDNet, ResNet, network
 from self_teacher import SelfTeacher
 

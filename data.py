@@ -18,11 +18,12 @@ drawn from the seed alone (hold_out), so that a model can be selected without th
 """
 import copy
 import os
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from errors import UserError
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 STATS = {  # per-channel mean and std of the training set, SPEC sections 7 and 9
@@ -32,18 +33,6 @@ STATS = {  # per-channel mean and std of the training set, SPEC sections 7 and 9
 }
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
-
-
-class UserError(Exception):
-    """A problem with the command line or the files it names: reported in one line, no traceback."""
-
-
-def run_cli(main):
-    """Run a command's main(): a UserError ends it with one line on stderr and exit status 1."""
-    try:
-        main()
-    except UserError as e:
-        sys.exit(f"error: {e}")
 
 
 def dataset_name(dataset):

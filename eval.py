@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 import report
 from checkpoints import model_from_checkpoint, read_checkpoint
-from data import UserError, eval_batches, load_dataset, normalize, pixel_stats, run_cli, test_transform
+from data import eval_batches, load_dataset, normalize, pixel_stats, test_transform
+from errors import UserError, run_cli
 
 # ----------------------------------------------------------------------------- metrics
 

@@ -13,7 +13,8 @@ import os
 
 from PIL import Image
 
-from data import UserError, class_count, load_npz, run_cli
+from data import class_count, load_npz
+from errors import UserError, run_cli
 
 
 def write_image_folder(npz, out):

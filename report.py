@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from checkpoints import read_checkpoint, read_metrics
-from data import UserError
+from errors import UserError
 
 
 def summarise(records):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from data import UserError
+from errors import UserError
 from losses import TERMS
 
 # ----------------------------------------------------------------------------- processes

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import bench
 import checkpoints
 import data
+import errors
 import eval as evaluation
 import report
 import runtime
@@ -355,7 +356,7 @@ def test_init_from_reads_torchvisions_densenet_files_and_refuses_another_family_
     checkpoints.init_from(str(tmp_path / "densenet121.pth"), net, None)
     assert all(torch.equal(net.state_dict()[k], v) for k, v in source.items())
     torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), tmp_path / "resnet18.pth")
-    with pytest.raises(data.UserError, match="missing"):
+    with pytest.raises(errors.UserError, match="missing"):
         checkpoints.init_from(str(tmp_path / "resnet18.pth"), network("torchvision:resnet34", CLASSES), None)
     assert "note" not in capsys.readouterr().out
 
@@ -902,7 +903,7 @@ def test_hold_out_is_stratified_and_a_function_of_seed_and_labels():
     data.hold_out(d, 0.25, seed=0)  # a fraction of the training set
     assert (d.n_val, d.n_train) == (25, 75) and d.x_val.flatten().tolist() == d.val_index.tolist()
     assert sorted(d.x_train.flatten().tolist() + d.x_val.flatten().tolist()) == list(range(100))
-    with pytest.raises(data.UserError, match="--val-split 100 holds out 100 of the 100 training images"):
+    with pytest.raises(errors.UserError, match="--val-split 100 holds out 100 of the 100 training images"):
         data.hold_out(SimpleNamespace(x_train=torch.zeros(100), y_train=torch.from_numpy(labels)), 100, seed=0)
 
 
@@ -1050,7 +1051,7 @@ def test_tensorboard_without_the_package_gives_a_one_line_hint(tmp_path, monkeyp
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    with pytest.raises(data.UserError, match="pip install tensorboard"):
+    with pytest.raises(errors.UserError, match="pip install tensorboard"):
         checkpoints.tensorboard_writer(str(tmp_path), 0)
 
 
@@ -1221,7 +1222,7 @@ def test_a_pickle_with_python_objects_is_refused_in_one_line(tmp_path):
 
     path = tmp_path / "unsafe.pt"
     torch.save({"args": argparse.Namespace(lr=0.1)}, path)
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         checkpoints.read_checkpoint(path)
     assert str(e.value) == (f"{path} is not a plain checkpoint: it holds Python objects that torch.load(..., "
                             f"weights_only=True) will not run, so it was not loaded")
@@ -1233,7 +1234,7 @@ def test_released_checkpoint_with_unknown_key_is_refused(tmp_path):
     ckpt["net"]["module.auxiliary_classifier.fc4.weight"] = torch.zeros(1)
     path = tmp_path / "released.pth.tar"
     torch.save(ckpt, path)
-    with pytest.raises(data.UserError, match="fc4.weight.*does not map"):
+    with pytest.raises(errors.UserError, match="fc4.weight.*does not map"):
         checkpoints.model_from_checkpoint(checkpoints.read_checkpoint(path), path)
 
 
@@ -1251,7 +1252,7 @@ def test_init_from_released_checkpoint(tiny_npz, tmp_path):
     assert torch.equal(own_teacher.conv.weight, teacher.conv.weight)
     # into recipe paper, whose stem has the ReLU, the released weights would compute another function
     paper, _ = train.build(train.parse_args(["--width", "4"]), 10, torch.device("cpu"), torch.contiguous_format)
-    with pytest.raises(data.UserError, match="no stem ReLU, this run's has one.*use --recipe official"):
+    with pytest.raises(errors.UserError, match="no stem ReLU, this run's has one.*use --recipe official"):
         checkpoints.init_from(str(path), paper.net, paper.self_teacher)
 
 
@@ -1590,7 +1591,7 @@ def test_missing_dataset_offline_names_folder_and_url(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", offline)
-    with pytest.raises(data.UserError, match=r"cifar-100-python.*https://www\.cs\.toronto\.edu/~kriz/cifar-100-python"):
+    with pytest.raises(errors.UserError, match=r"cifar-100-python.*https://www\.cs\.toronto\.edu/~kriz/cifar-100-python"):
         data.load_dataset("cifar100", str(tmp_path))
 
 
@@ -1612,7 +1613,7 @@ def test_missing_dataset_offline_names_folder_and_url(tmp_path, monkeypatch):
 def test_bad_npz_is_reported(arrays, message, tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
-    with pytest.raises(data.UserError, match=message):
+    with pytest.raises(errors.UserError, match=message):
         data.load_dataset(str(path))
 
 
@@ -1628,19 +1629,19 @@ def kept_run(run_dir, tmp_path):
 
 @slow
 def test_existing_run_without_resume_is_refused(kept_run, tiny_npz):
-    with pytest.raises(data.UserError, match="already holds a run"):
+    with pytest.raises(errors.UserError, match="already holds a run"):
         tiny_run(tiny_npz, kept_run, "--epochs", "3")
 
 
 @slow
 def test_resume_with_another_width_is_refused(kept_run, tiny_npz):
-    with pytest.raises(data.UserError, match="width=4.*8"):
+    with pytest.raises(errors.UserError, match="width=4.*8"):
         train.main(["--dataset", tiny_npz, "--width", "8", "--out", str(kept_run), "--resume"])
 
 
 @slow
 def test_resume_with_another_seed_is_refused(kept_run, tiny_npz):
-    with pytest.raises(data.UserError, match="seed=0, this run has 1"):
+    with pytest.raises(errors.UserError, match="seed=0, this run has 1"):
         tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--seed", "1")
 
 
@@ -1658,7 +1659,7 @@ def test_nan_stop_names_every_non_finite_term_and_the_step(term, recipe, named, 
         return real(*args) * (float("nan") if len(calls) == 3 else 1.0)
 
     monkeypatch.setattr(losses, f"loss_{term}", nan_on_third_step)
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         tiny_run(tiny_npz, tmp_path / "nan", "--epochs", "1", "--log-every", "1", "--recipe", recipe)
     assert f"non-finite loss from step 3/8 of epoch 1/1 on ({named})" in str(e.value)
     assert not (tmp_path / "nan").exists()  # a first epoch that fails leaves no folder behind
@@ -1707,7 +1708,7 @@ def test_a_network_with_non_finite_outputs_is_never_saved(broken, tiny_npz, tmp_
 
         monkeypatch.setattr(train, "train_step", corrupt_batchnorm)
         what = "1 weights or BatchNorm statistics (net.backbone.bn1.running_var, ...)"
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(errors.UserError) as e:
         train.main(["--dataset", tiny_npz, "--width", "4", "--batch-size", "32", "--epochs", "2", "--milestones", "1",
                     "--warmup-epochs", "0", "--out", str(tmp_path / "run")])
     assert f"epoch 1/2: the network's outputs are not finite ({what}): stopped before saving it" in str(e.value)
@@ -1718,7 +1719,7 @@ def test_a_network_with_non_finite_outputs_is_never_saved(broken, tiny_npz, tmp_
 @slow
 def test_non_finite_loss_stops_naming_the_term_and_keeps_last_checkpoint(kept_run, tiny_npz):
     kept = r"non-finite loss from step 2/8 of epoch 3/3 on \(L_.*last.pt from the previous epoch is kept"
-    with pytest.raises(data.UserError, match=kept):
+    with pytest.raises(errors.UserError, match=kept):
         tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--extend", "--lr", "1e30", "--log-every", "2")
 
 
@@ -1726,15 +1727,15 @@ def test_non_finite_loss_stops_naming_the_term_and_keeps_last_checkpoint(kept_ru
 def test_truncated_checkpoint_is_reported(kept_run, tiny_npz):
     broken = kept_run / "broken.pt"
     broken.write_bytes((kept_run / "last.pt").read_bytes()[:5000])
-    with pytest.raises(data.UserError, match="truncated, corrupt or not a PyTorch checkpoint"):
+    with pytest.raises(errors.UserError, match="truncated, corrupt or not a PyTorch checkpoint"):
         evaluation.main([str(broken)])
-    with pytest.raises(data.UserError, match="truncated, corrupt"):
+    with pytest.raises(errors.UserError, match="truncated, corrupt"):
         tiny_run(tiny_npz, kept_run.parent / "fresh", "--epochs", "1", "--init-from", str(broken))
 
 
 @slow
 def test_init_from_checkpoint_of_another_width_is_refused(kept_run, tiny_npz, tmp_path):
-    with pytest.raises(data.UserError, match="does not fit the model.*another arch, width or class count"):
+    with pytest.raises(errors.UserError, match="does not fit the model.*another arch, width or class count"):
         train.main(["--dataset", tiny_npz, "--width", "8", "--epochs", "1", "--out", str(tmp_path / "w8"),
                     "--init-from", str(kept_run / "last.pt")])
 
@@ -1742,7 +1743,7 @@ def test_init_from_checkpoint_of_another_width_is_refused(kept_run, tiny_npz, tm
 @slow
 def test_unwritable_output_folder_is_reported(tiny_npz, tmp_path):
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(data.UserError, match="cannot write to output folder"):
+    with pytest.raises(errors.UserError, match="cannot write to output folder"):
         tiny_run(tiny_npz, tmp_path / "a-file" / "run", "--epochs", "1")
 
 
@@ -1803,31 +1804,31 @@ def test_resume_of_a_finished_run_changes_nothing(run_dir, tiny_npz, tmp_path, c
     files = {p.name: p.read_bytes() for p in run.iterdir()}
     tiny_run(tiny_npz, run, "--epochs", "2", "--resume")
     assert "is complete (2 of 2 epochs): nothing to do, no file changed" in capsys.readouterr().out
-    with pytest.raises(data.UserError, match="belongs to a run of 2 epochs.*add --extend"):
+    with pytest.raises(errors.UserError, match="belongs to a run of 2 epochs.*add --extend"):
         tiny_run(tiny_npz, run, "--epochs", "3", "--resume")
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files
     tiny_run(tiny_npz, run, "--epochs", "3", "--resume", "--extend")  # asked for explicitly
     assert [r["epoch"] for r in metric_lines(run)] == [0, 1, 2]
     # an extension stopped before its summary: the old summary.json must not make it look complete
     (run / "summary.json").write_bytes(files["summary.json"])
-    with pytest.raises(data.UserError, match="belongs to a run of 3 epochs"):
+    with pytest.raises(errors.UserError, match="belongs to a run of 3 epochs"):
         tiny_run(tiny_npz, run, "--epochs", "2", "--resume")
-    with pytest.raises(data.UserError, match="--extend continues a run: pass it together with --resume"):
+    with pytest.raises(errors.UserError, match="--extend continues a run: pass it together with --resume"):
         tiny_run(tiny_npz, tmp_path / "new", "--epochs", "2", "--extend")
 
 
 @slow
 def test_failed_start_leaves_no_folder_behind(tiny_npz, tmp_path):
-    with pytest.raises(data.UserError, match="does not exist"):
+    with pytest.raises(errors.UserError, match="does not exist"):
         tiny_run(tiny_npz, tmp_path / "new", "--epochs", "1", "--init-from", str(tmp_path / "missing.pt"))
     assert not (tmp_path / "new").exists()
     (tmp_path / "mine").mkdir()  # a folder the user made: kept as it was
     (tmp_path / "mine" / "notes.txt").write_text("mine")
-    with pytest.raises(data.UserError, match="non-finite loss"):
+    with pytest.raises(errors.UserError, match="non-finite loss"):
         tiny_run(tiny_npz, tmp_path / "mine", "--epochs", "1", "--lr", "1e30", "--log-every", "1")
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
     (tmp_path / "mine" / "metrics.jsonl").write_text('{"epoch": 0}\n')  # an old run's log, no last.pt
-    with pytest.raises(data.UserError, match="non-finite loss from step 2/"):
+    with pytest.raises(errors.UserError, match="non-finite loss from step 2/"):
         tiny_run(tiny_npz, tmp_path / "mine", "--epochs", "1", "--lr", "1e30", "--log-every", "1")
     assert (tmp_path / "mine" / "metrics.jsonl").read_text() == '{"epoch": 0}\n'
 
@@ -1922,7 +1923,7 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(data.UserError, match="more processes on this node than its 1 GPU"):
+    with pytest.raises(errors.UserError, match="more processes on this node than its 1 GPU"):
         runtime.setup_distributed(train.parse_args(["--device", "cuda"]))
 
 
@@ -1963,7 +1964,7 @@ def test_plot_draws_the_confusion_matrix_of_one_run(run_dir, tmp_path, capsys):
     out = tmp_path / "confusion.png"
     evaluation.main(["--plot", str(run_dir), "--per-class", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size < 200 * 1024
-    with pytest.raises(data.UserError, match="confusion matrix of one run"):
+    with pytest.raises(errors.UserError, match="confusion matrix of one run"):
         evaluation.main(["--plot", str(run_dir), str(run_dir), "--per-class"])
 
 
@@ -1988,7 +1989,7 @@ def test_eval_finds_the_dataset_from_another_directory(run_dir, tmp_path, monkey
     assert json.loads(capsys.readouterr().out)["heads"]["backbone"] == metric_lines(run_dir)[-1]["test"]["backbone"]
     ckpt["meta"]["dataset_path"] = str(tmp_path / "moved.npz")
     torch.save(ckpt, tmp_path / "deploy.pt")
-    with pytest.raises(data.UserError, match=r"not found from here.*pass --dataset PATH.npz"):
+    with pytest.raises(errors.UserError, match=r"not found from here.*pass --dataset PATH.npz"):
         evaluation.main(["deploy.pt"])
 
 
@@ -2004,7 +2005,7 @@ def test_plot_without_matplotlib_gives_a_one_line_hint(run_dir, tmp_path, monkey
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(data.UserError, match="pip install matplotlib"):
+    with pytest.raises(errors.UserError, match="pip install matplotlib"):
         evaluation.main(["--plot", str(run_dir), "--out", str(tmp_path / "x.png")])
 
 
@@ -2042,7 +2043,7 @@ def test_npz_written_as_an_image_folder_keeps_images_labels_and_class_order(tiny
         for path, label in folder.test_set.samples[::20]:  # each PNG holds its image, unchanged, under its label
             i = int(Path(path).stem)
             assert label == f["y_test"][i] and np.array_equal(np.asarray(Image.open(path)), f["x_test"][i])
-    with pytest.raises(data.UserError, match="already exists"):
+    with pytest.raises(errors.UserError, match="already exists"):
         npz_to_imagefolder.main([tiny_npz, str(tmp_path / "folder")])
 
 
@@ -2069,6 +2070,6 @@ def test_imagenet_folder_trains_one_epoch_and_evaluates(image_folder, tmp_path, 
 
 
 def test_imagenet_folder_missing_is_reported(tmp_path):
-    with pytest.raises(data.UserError, match="train/ and val/ in torchvision ImageFolder layout"):
+    with pytest.raises(errors.UserError, match="train/ and val/ in torchvision ImageFolder layout"):
         data.load_dataset("imagenet", str(tmp_path))
 

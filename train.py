@@ -26,7 +26,8 @@ import torch
 import checkpoints
 import report
 import runtime
-from data import DATASETS, UserError, dataset_name, hold_out, load_dataset, run_cli, steps_per_epoch, train_batches
+from data import DATASETS, dataset_name, hold_out, load_dataset, steps_per_epoch, train_batches
+from errors import UserError, run_cli
 from eval import evaluate
 from losses import RECIPES, TERMS, BaselineObjective, MixSKDObjective, discriminators
 from mixup import MIX_MODES, mix_batch
