@@ -21,6 +21,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 import runtime
+from errors import run_cli
 import train
 from data import STATS, pixel_stats, train_batches
 from losses import RECIPES
@@ -59,7 +60,8 @@ def parse_args(argv=None):
 
 def train_args(args):
     """train.py's arguments for this benchmark: the SPEC's defaults plus the speed flags."""
-    return train.parse_args(["--arch", args.arch, "--width", str(args.width), "--batch-size", str(args.batch_size),
+    width = [] if ":" in args.arch else ["--width", str(args.width)]  # library networks have their own widths
+    return train.parse_args(["--arch", args.arch, *width, "--batch-size", str(args.batch_size),
                              "--method", args.method, "--recipe", args.recipe, "--amp", args.amp,
                              "--channels-last", args.channels_last, "--compile", args.compile,
                              "--dataset", "imagenet" if args.stem == "imagenet" else "cifar100"])
@@ -195,7 +197,7 @@ def plain_stepper(targs, data, device, workers):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = runtime.pick_device(args.device)
     cuda = device.type == "cuda"
     warmup = args.warmup if args.warmup is not None else (20 if cuda else 2)
     steps = args.steps if args.steps is not None else (50 if cuda else 4)
@@ -240,4 +242,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

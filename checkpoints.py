@@ -9,6 +9,7 @@ plain torchvision ResNet state dict (the backbone alone). A resumed run gets bac
 optimiser, the GradScaler and every random generator (runtime.rng_state), so it continues bit for bit.
 """
 import json
+import math
 import os
 import pickle
 import re
@@ -16,7 +17,7 @@ import re
 import torch
 
 import runtime
-from data import dataset_name
+from data import DATASETS, dataset_name
 from errors import UserError
 from model import ARCHS, Bottleneck, MixSKDNet, ResNet, network
 from self_teacher import SelfTeacher
@@ -34,9 +35,20 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def json_safe(obj):
+    """obj with every NaN or infinity as None, so that the file is JSON (which has no NaN) and reads as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(obj, path):
     with open(f"{path}.tmp", "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(json_safe(obj), f, indent=2, allow_nan=False)
     os.replace(f"{path}.tmp", path)
 
 
@@ -88,11 +100,13 @@ def write_tensorboard(writer, record):
 
 def run_meta(args, data, backbone):
     """What every checkpoint of a run records about it: enough to rebuild the network and its inputs."""
+    ours = ":" not in args.arch  # width, stem and stem ReLU describe our ResNets alone
     return {"arch": args.arch, "num_classes": data.num_classes, "width": args.width,
             "stem_relu": getattr(backbone, "stem_relu", None),
-            "stem": args.stem, "method": args.method, "recipe": args.recipe, "dataset": args.dataset,
+            "stem": args.stem if ours else None, "method": args.method, "recipe": args.recipe, "dataset": args.dataset,
             # absolute too, so that eval.py finds an .npz from any working directory
-            "dataset_path": os.path.abspath(args.dataset) if args.dataset.endswith(".npz") else None,
+            "dataset_path": os.path.abspath(args.dataset) if args.dataset not in DATASETS else None,
+            "image_pipeline": "folder" if hasattr(data, "train_set") else "tensors",
             "image_size": data.image_size, "class_names": data.class_names, "seed": args.seed,
             "mean": list(data.mean), "std": list(data.std)}
 
@@ -111,22 +125,41 @@ def save_training(paths, meta, args, epoch, best, objective, opt, scaler, rng):
 # ----------------------------------------------------------------------------- reading and mapping
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # nn.DataParallel and DistributedDataParallel; torch.compile
+
+
+def unwrap(state):
+    """A state dict without the prefixes PyTorch's wrappers put on every key (also nested: a compiled DDP
+    model saves "module._orig_mod.")."""
+    while state and (prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
+
+
 def read_checkpoint(path):
     """torch.load(weights_only=True) onto the CPU, with one-line errors for missing, truncated or
-    foreign files. (On the CPU because RNG states must stay there; weights are copied to the model.)"""
+    foreign files; a plain state dict comes back without the prefixes of PyTorch's wrappers (`unwrap`).
+    (On the CPU because RNG states must stay there; weights are copied to the model.)"""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder: name a checkpoint file in it (deploy.pt, last.pt or best.pt)") from None
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):  # a pickle of Python objects, which weights_only refuses to run
-            raise UserError(f"{path} is not a plain checkpoint: it holds Python objects that torch.load(..., "
-                            f"weights_only=True) will not run, so it was not loaded") from None
+            raise UserError(f"{path} is not a plain checkpoint: it holds Python objects (NumPy scalars, say) that "
+                            f"torch.load(..., weights_only=True) will not run, so it was not loaded. If you trust "
+                            f"the file, keep its tensors: python -c \"import torch; c = torch.load('{path}', "
+                            f"weights_only=False); torch.save({{k: v for k, v in c.items() if torch.is_tensor(v) or "
+                            f"isinstance(v, dict)}}, 'plain.pt')\"") from None
         raise UserError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint") from None
     except Exception as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint "
                         f"({reason})") from None
+    plain = isinstance(ckpt, dict) and bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+    return unwrap(ckpt) if plain else ckpt
 
 
 def load_state(module, state, what):
@@ -151,7 +184,7 @@ def released_to_ours(state):
     the released CIFAR network has no stem ReLU (SPEC section 6, item 5), the released ImageNet network
     (7x7 stem conv) has it (SPEC section 9). Any key that does not map raises.
     """
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = unwrap(state)
     net_state, teacher_state = {}, {}
     for key, value in state.items():
         if key.startswith("backbone."):
@@ -204,7 +237,8 @@ def model_from_checkpoint(ckpt, path):
             load_state(teacher, teacher_state, f"released checkpoint {path} (self-teacher)")
         return model, teacher, meta
     if "meta" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this project or of the released code (no 'meta' or 'net')")
+        raise UserError(f"{path} is not a checkpoint of this project or of the released code (no 'meta' or 'net'; "
+                        f"its first key is {next(iter(ckpt), None)!r})")
     meta = ckpt["meta"]
     deploy = "backbone" in ckpt  # deploy.pt: the backbone alone
     model = network(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"], meta.get("stem", "cifar"),
@@ -276,7 +310,11 @@ def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank):
         if module is not None:
             load_state(module, ckpt[key], f"checkpoint {path} ({key})")
     opt.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    if scaler.is_enabled() and not ckpt["scaler"]:  # saved in bf16 or fp32, resumed where autocast picks fp16
+        if rank == 0:
+            print(f"note: {path} was trained without fp16 loss scaling; its fp16 GradScaler starts fresh")
+    else:
+        scaler.load_state_dict(ckpt["scaler"])
     states = ckpt["rng"]  # one per rank; a run resumed on more ranks gives the extra ones rank 0's
     runtime.set_rng_state(states[rank] if rank < len(states) else states[0], device)
     return ckpt["epoch"] + 1, ckpt["best"]

@@ -18,6 +18,7 @@ drawn from the seed alone (hold_out), so that a model can be selected without th
 """
 import copy
 import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,22 +37,26 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def dataset_name(dataset):
-    """Short name of a dataset argument: cifar10, cifar100, or the stem of an .npz path."""
-    return dataset if dataset in DATASETS else os.path.splitext(os.path.basename(dataset))[0]
+    """Short name of a dataset argument: cifar10, cifar100, imagenet, the stem of an .npz path, or the name of
+    an image folder."""
+    return dataset if dataset in DATASETS else os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0]
 
 
-def load_dataset(dataset, root="./data", device="cpu", image_size=224, workers=8):
+def load_dataset(dataset, root="./data", device="cpu", image_size=None, workers=8):
     """Train and test sets as device tensors: x uint8 N x 3 x 32 x 32, y int64, plus num_classes, mean,
-    std; for imagenet, the two ImageFolder datasets that train_batches and eval_batches stream."""
-    if dataset == "imagenet":
-        return load_image_folder(root, device, image_size, workers)
+    std; for imagenet (in root) or a folder of its own (the dataset argument), the two ImageFolder datasets
+    of its train/ and val/ that train_batches and eval_batches stream."""
+    if dataset == "imagenet" or os.path.isdir(dataset):
+        return load_image_folder(root if dataset == "imagenet" else dataset, device, image_size, workers,
+                                 dataset_name(dataset))
     if dataset in DATASETS:
         arrays, stats_key = load_torchvision(dataset, root), dataset
     elif dataset.endswith(".npz"):
         arrays = load_npz(dataset)
         stats_key = "cifar10" if tuple(arrays.get("class_names", ())) == CIFAR10_CLASSES else None
     else:
-        raise UserError(f"unknown dataset {dataset!r}: use cifar10, cifar100 or the path of an .npz file")
+        raise UserError(f"unknown dataset {dataset!r}: use cifar10, cifar100, imagenet, a folder with train/ and val/, "
+                        f"or the path of an .npz file")
     if stats_key:
         mean, std = STATS[stats_key]
     else:  # an unknown dataset: normalise with its own training statistics
@@ -90,22 +95,36 @@ def load_torchvision(dataset, root):
             "y_test": np.array(test.targets), "class_names": np.array(train.classes)}
 
 
-def load_image_folder(root, device, image_size, workers):
+def load_image_folder(root, device, image_size, workers, name="imagenet"):
+    """ImageNet (SPEC section 9), or a folder of one's own in the same layout: RandomResizedCrop + flip to
+    train, Resize + CenterCrop to test, ImageNet's mean and std. image_size None: 224 for ImageNet, the size
+    of a folder's first training image for a folder (its images at their own size). Workers: at most the
+    cores."""
     import torchvision
     import torchvision.transforms as T
+    from PIL import Image
 
     folders = [os.path.join(root, split) for split in ("train", "val")]
     missing = [f for f in folders if not os.path.isdir(f)]
     if missing:
-        raise UserError(f"imagenet: {missing[0]} does not exist; --data must hold train/ and val/ in "
+        where = "--data" if name == "imagenet" else "--dataset FOLDER"
+        raise UserError(f"{name}: {missing[0]} does not exist; {where} must hold train/ and val/ in "
                         f"torchvision ImageFolder layout (one folder of images per class)")
+    if image_size is None and name != "imagenet":
+        first = torchvision.datasets.ImageFolder(folders[0]).samples
+        if not first:
+            raise UserError(f"{name}: {folders[0]} holds no images")
+        with Image.open(first[0][0]) as image:
+            image_size = min(image.size)
+    image_size = image_size or 224
+    workers = min(workers, os.cpu_count() or 1)
     train = torchvision.datasets.ImageFolder(folders[0], T.Compose(
         [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()]))
     test = torchvision.datasets.ImageFolder(folders[1], test_transform(image_size, "imagenet"))
     if train.classes != test.classes:
-        raise UserError(f"imagenet: {folders[0]} and {folders[1]} hold different class folders")
+        raise UserError(f"{name}: {folders[0]} and {folders[1]} hold different class folders")
     mean, std = STATS["imagenet"]
-    return SimpleNamespace(name="imagenet", train_set=train, test_set=test, n_train=len(train), n_test=len(test),
+    return SimpleNamespace(name=name, train_set=train, test_set=test, n_train=len(train), n_test=len(test),
                            num_classes=len(train.classes), image_size=image_size, class_names=train.classes,
                            mean=mean, std=std, device=torch.device(device), workers=workers,
                            stats=pixel_stats(mean, std, device))
@@ -154,6 +173,15 @@ def load_npz(path):
         if len(bad):
             raise UserError(f"{path}: y_{split} holds label {bad[0]}, outside 0..{classes - 1} for the {classes} "
                             f"classes of {source}")
+    empty = sorted(set(range(classes)) - set(arrays["y_train"].tolist()))
+    if empty and source == "the training labels" and 2 * len(empty) > classes:
+        raise UserError(f"{path}: {len(empty)} of the {classes} classes 0..{classes - 1} have no training image "
+                        f"(labels {shown(sorted(set(arrays['y_train'].tolist())))}): relabel them as 0..K-1, or add "
+                        f"class_names to say how many classes there are")
+    if empty:
+        names = [f"{c} ({arrays['class_names'][c]})" if "class_names" in arrays else str(c) for c in empty]
+        print(f"note: {path}: class{'es' * (len(empty) > 1)} {shown(names)} of {classes} "
+              f"ha{'ve' if len(empty) > 1 else 's'} no training image", file=sys.stderr)
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
         raise UserError(f"{path}: train images {arrays['x_train'].shape[1:]} and test images "
                         f"{arrays['x_test'].shape[1:]} differ in size")
@@ -207,6 +235,12 @@ def hold_out(data, val_split, seed):
     data.x_val, data.y_val = data.x_train[val], data.y_train[val]
     data.x_train, data.y_train = data.x_train[train], data.y_train[train]
     return data
+
+
+def shown(items, limit=8):
+    """The first items of a list for a message, and how many more there are."""
+    items = [str(i) for i in items]
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 # ----------------------------------------------------------------------------- augmentation

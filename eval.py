@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 import report
 from checkpoints import model_from_checkpoint, read_checkpoint
-from data import eval_batches, load_dataset, normalize, pixel_stats, test_transform
+from data import DATASETS, eval_batches, load_dataset, normalize, pixel_stats, test_transform
 from errors import UserError, run_cli
+from runtime import pick_device
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -124,7 +125,8 @@ def predict(model, meta, paths, device, top_k=5, batch_size=500):
     "error": why} for a file that cannot be read as an image. model: model_from_checkpoint's, on device."""
     from PIL import Image
 
-    transform = test_transform(meta["image_size"], meta.get("stem"))
+    folder = meta.get("image_pipeline", "folder" if meta.get("dataset") == "imagenet" else "tensors") == "folder"
+    transform = test_transform(meta["image_size"], "imagenet" if folder else "cifar")
     stats = pixel_stats(meta["mean"], meta["std"], device)
     names = meta.get("class_names") or [str(k) for k in range(meta["num_classes"])]
     model.eval()
@@ -196,8 +198,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1:
-        p.error("--top-k and --batch-size must be positive")
+    for flag, value, low in (("--top-k", args.top_k, 1), ("--batch-size", args.batch_size, 1),
+                             ("--workers", args.workers, 0)):
+        if value < low:
+            p.error(f"{flag} must be an integer >= {low}, got {value}")
     return args
 
 
@@ -206,7 +210,7 @@ def recorded_dataset(path, meta):
     dataset = meta.get("dataset")
     if dataset is None:
         raise UserError(f"{path} does not record its dataset: pass --dataset cifar10, cifar100 or PATH.npz")
-    if dataset.endswith(".npz") and not os.path.exists(dataset):
+    if dataset not in DATASETS and not os.path.exists(dataset):  # an .npz or a folder, moved since
         dataset = meta.get("dataset_path") or dataset
         if not os.path.exists(dataset):
             raise UserError(f"{path} was trained on {meta['dataset']}, which is not found from here (nor at "
@@ -251,7 +255,12 @@ def main(argv=None):
         args.checkpoint = os.path.join(args.plot[0], "deploy.pt")
     if args.checkpoint is None:
         raise UserError("name a checkpoint to evaluate, or pass --table / --plot with run folders")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
+    if os.path.isdir(args.checkpoint):  # a run folder: its deployed network, else its last checkpoint
+        found = [f for f in ("deploy.pt", "last.pt") if os.path.exists(os.path.join(args.checkpoint, f))]
+        if not found:
+            raise UserError(f"{args.checkpoint} is a folder without deploy.pt or last.pt: name a checkpoint file")
+        args.checkpoint = os.path.join(args.checkpoint, found[0])
     ckpt = read_checkpoint(args.checkpoint)
     model, teacher, meta = model_from_checkpoint(ckpt, args.checkpoint)
     if args.predict:
@@ -260,6 +269,12 @@ def main(argv=None):
     data = load_dataset(dataset, args.data, device, meta.get("image_size", 224), args.workers)
     if data.num_classes > meta["num_classes"]:
         raise UserError(f"{args.checkpoint} has {meta['num_classes']} classes but {dataset} has {data.num_classes}")
+    trained, named = meta.get("class_names"), data.class_names
+    if trained and named and list(trained) != list(named):
+        first = next((i for i, (a, b) in enumerate(zip(trained, named)) if a != b), min(len(trained), len(named)))
+        raise UserError(f"{args.checkpoint} was trained on other classes than {dataset} holds (class {first}: "
+                        f"{trained[first] if first < len(trained) else None!r} in training, "
+                        f"{named[first] if first < len(named) else None!r} here): its numbers would mean nothing")
     if "mean" in meta:  # normalise as in training, whatever the dataset argument
         data.mean, data.std = meta["mean"], meta["std"]
         data.stats = pixel_stats(meta["mean"], meta["std"], device)

@@ -23,7 +23,8 @@ def summarise(records):
     """The labelled numbers of a run (SPEC section 8): the headline is the final backbone top-1 on the test
     set, chosen by nothing; the best epoch is chosen on the validation split when the run has one
     (train.py --val-split), else on the test set; the released code's metric (max over heads and epochs)
-    is always chosen on the test set. `splits` names the split behind every number."""
+    is always chosen on the test set. `splits` names the split behind every number. Epochs count from 1, as
+    on the screen (metrics.jsonl's "epoch" counts from 0)."""
     final = records[-1]
     chosen_on = "val" if "val" in final else "test"
     best = max(records, key=lambda r: r[chosen_on]["backbone"]["top1"])
@@ -38,11 +39,11 @@ def summarise(records):
     if chosen_on == "val":
         val = {"final_val": final["val"], "best_backbone_val_top1": best["val"]["backbone"]["top1"]}
         splits.update(final_val="val", best_backbone_val_top1="val, at the epoch chosen on val")
-    return {"headline_final_backbone_top1": final["test"]["backbone"]["top1"], "final_epoch": final["epoch"],
+    return {"headline_final_backbone_top1": final["test"]["backbone"]["top1"], "final_epoch": final["epoch"] + 1,
             "final_test": final["test"], "best_backbone_top1": best["test"]["backbone"]["top1"],
-            "best_backbone_epoch": best["epoch"], "best_epoch_chosen_on": chosen_on, **val,
+            "best_backbone_epoch": best["epoch"] + 1, "best_epoch_chosen_on": chosen_on, **val,
             "released_code_metric_max_over_heads_and_epochs": released[0],
-            "released_code_metric_head": released[1], "released_code_metric_epoch": released[2],
+            "released_code_metric_head": released[1], "released_code_metric_epoch": released[2] + 1,
             "splits": splits, "train_time_s": sum(r["epoch_time"] for r in records)}
 
 
@@ -123,24 +124,28 @@ def plot_runs(run_dirs, out):
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     runs = sorted_runs(run_dirs)
     colours, seen, archs = {}, {}, {args["arch"] for args, _ in runs}
+    # a short run's few points stand out as markers; epochs are whole numbers on the axis
+    marker = {"marker": "o", "markersize": 3} if max(len(records) for _, records in runs) <= 30 else {}
     for args, records in runs:  # one colour per method, one line style per seed (and arch, when several)
         label = method_label(args)
         colour = colours.setdefault(label, f"C{len(colours)}")
         seen[label] = seen.get(label, -1) + 1
         name = f"{args['arch']} {label}" if len(archs) > 1 else label
         acc_ax.plot([r["epoch"] + 1 for r in records], [r["test"]["backbone"]["top1"] for r in records], lw=1,
-                    color=colour, ls=("-", "--", ":", "-.")[seen[label] % 4], label=f"{name} seed {args['seed']}")
+                    **marker, color=colour, ls=("-", "--", ":", "-.")[seen[label] % 4], label=f"{name} seed {args['seed']}")
     acc_ax.set(xlabel="epoch", ylabel="test top-1 of the backbone (%)", title="deployed network, every run")
     acc_ax.legend(fontsize=7, ncol=2)
     mixskd = [run for run in runs if run[0]["method"] == "mixskd"]
     if mixskd:  # the paper recipe's run when there is one: its every term is optimised
         args, records = next((run for run in mixskd if run[0]["recipe"] == "paper"), mixskd[0])
         for term in records[0]["loss"]:
-            loss_ax.plot([r["epoch"] + 1 for r in records], [r["loss"][term] for r in records], lw=1,
+            loss_ax.plot([r["epoch"] + 1 for r in records], [r["loss"][term] for r in records], lw=1, **marker,
                          label=term if term == "total" else f"L_{term}")
         loss_ax.set(xlabel="epoch", ylabel="mean over the epoch", yscale="log",
                     title=f"loss terms, {method_label(args)} seed {args['seed']}")
         loss_ax.legend(fontsize=7)
+    for ax in (acc_ax, loss_ax):
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     return out

@@ -30,13 +30,29 @@ def world_size():
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def pick_device(name=None):
+    """--device as a torch.device (default: cuda when available), with one line where it cannot be used."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device PyTorch knows; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: PyTorch sees no CUDA GPU on this machine (torch.cuda.is_available() "
+                        f"is False): use --device cpu, or install a CUDA build of PyTorch")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"--device {name}: this project runs on cuda or cpu")
+    return device
+
+
 def setup_distributed(args):
     """(rank, world size, device). Under torchrun join the process group: NCCL on CUDA, one GPU per
     process; gloo on CPU."""
     world = world_size()
-    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    cuda = pick_device(args.device).type == "cuda"
     if world == 1:
-        return 0, 1, torch.device(args.device or ("cuda" if cuda else "cpu"))
+        return 0, 1, pick_device(args.device)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     device = torch.device("cpu")
     if cuda:
@@ -107,7 +123,7 @@ def check_run_folder(args):
         epochs, final = done["args"]["epochs"], done["final_epoch"]
         with open(os.path.join(args.out, "metrics.jsonl")) as f:  # an --extend under way has logged beyond
             logged = max(json.loads(line)["epoch"] for line in f)
-        if epochs == args.epochs == final + 1 == logged + 1:
+        if epochs == args.epochs == final == logged + 1:
             return (f"{args.out} is complete ({epochs} of {epochs} epochs): nothing to do, no file changed; to "
                     f"train it longer, pass a larger --epochs together with --extend")
     return None
@@ -152,7 +168,8 @@ def interrupted(args, argv):
         launcher = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else [sys.executable]
         command = shlex.join([*launcher, sys.argv[0], *(a for a in argv if a != "--resume"), "--resume"])
         line = f"interrupted after {done} of {args.epochs} epochs: {last} holds them; resume with: {command}"
-    print(line, file=sys.stderr, flush=True)
+    # on a terminal the live progress line has no newline yet: start on a line of our own
+    print(("\n" if sys.stdout.isatty() else "") + line, file=sys.stderr, flush=True)
     return 130
 
 

@@ -3,6 +3,7 @@
 Sections follow the SPEC (1-11). Fast unit tests come first; whole runs of the command line and
 multi-process runs come last and are marked slow, so `pytest -m "not slow"` is the SPEC checklist alone.
 """
+import argparse
 import ast
 import copy
 import importlib.util
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import bench
 import checkpoints
@@ -803,11 +805,80 @@ def test_warmup_has_a_floor_and_only_runs_too_short_for_it_are_clipped(argv, ste
     assert train.lr_at(0, steps, args) == pytest.approx(args.lr / expected)
 
 
-def test_milestones_that_would_collide_are_refused(capsys):
+@pytest.mark.parametrize("epochs, milestones", [(1, [1, 2]), (2, [1, 2]), (3, [2, 3]), (4, [2, 3]), (10, [5, 8]),
+                                               (90, [46, 68]), (205, [105, 155])])
+def test_short_runs_place_two_distinct_milestones(epochs, milestones):
+    """The SPEC's decays at 105 and 155 of 205 epochs, at the same fractions of a shorter run, kept distinct
+    (--epochs 3 was refused when both rounded to epoch 2)."""
+    assert train.parse_args(["--epochs", str(epochs)]).milestones == milestones
+
+
+def test_milestones_after_the_last_epoch_are_noted(capsys):
+    train.parse_args(["--epochs", "10", "--milestones", "5", "12"])
+    assert "note: --milestones 5 12: a decay at epoch 10 or later comes after the last epoch" in capsys.readouterr().err
+    train.parse_args(["--epochs", "10", "--milestones", "5", "8"])
+    assert capsys.readouterr().err == ""
+
+
+BAD_VALUES = {"width": "0", "image_size": "4", "workers": "-1", "alpha": "0", "temperature": "-3",
+              **{f"w_{t}": "-1" for t in TERMS}, "epochs": "0", "warmup_epochs": "nan", "milestones": "0", "lr": "inf",
+              "weight_decay": "nan", "batch_size": "1", "clip_grad": "-1", "seed": str(2**32), "log_every": "0",
+              "val_split": "nan"}
+
+
+def numeric_flags():
+    return [a.dest for a in train.parser._actions if a.type in (int, float) or a.dest == "val_split"]
+
+
+def test_every_numeric_flag_has_a_checked_range():
+    assert sorted(numeric_flags()) == sorted(train.RANGES) == sorted(BAD_VALUES)
+
+
+@pytest.mark.parametrize("key", sorted(train.RANGES))
+def test_a_number_outside_its_range_is_refused_before_any_data(key, capsys):
+    """Each numeric flag, at a value that cannot be meant (--temperature -3 once trained a reversed KD), ends
+    with one line naming the flag and the valid range, exit 2, before any data is read."""
+    flag = "--" + key.replace("_", "-")
+    bad = BAD_VALUES[key]
     with pytest.raises(SystemExit) as e:
-        train.parse_args(["--epochs", "3"])
+        train.parse_args(["--dataset", "missing.npz", flag, bad])
     assert e.value.code == 2
-    assert "--epochs 3 is too short to scale the SPEC's decays at epochs 105 and 155" in capsys.readouterr().err
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert flag in line and bad in line and ("must be" in line or "neither" in line)
+
+
+@pytest.mark.parametrize("value", ["-3", "0", "nan"])
+def test_temperature_must_be_positive_and_finite(value, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args([f"--temperature={value}"])
+    assert f"--temperature must be a finite number > 0, got {float(value)}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, refused", [
+    (["--recipe", "official", "--w-ce", "0", "--w-kd", "0", "--w-feat", "0", "--w-adv", "0"], True),  # L_mix is logged
+    (["--w-ce", "0", "--w-mix", "0", "--w-kd", "0", "--w-feat", "0", "--w-adv", "0"], True),
+    (["--recipe", "official", "--w-ce", "0", "--w-kd", "0", "--w-feat", "0"], False),
+    (["--dataset", "imagenet", "--recipe", "official", "--w-ce", "0", "--w-kd", "0", "--w-feat", "0", "--w-adv", "0"],
+     False),  # the released ImageNet objective optimises L_mix
+])
+def test_every_optimised_weight_at_zero_is_refused(argv, refused, capsys):
+    if not refused:
+        train.parse_args(argv)
+        return
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert "every optimised loss weight is 0" in capsys.readouterr().err
+
+
+def test_width_applies_to_our_resnets_alone(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--arch", "torchvision:resnet18", "--width", "16"])
+    assert "--width sets the channels of our ResNets; torchvision:resnet18 has its own" in capsys.readouterr().err
+    args = train.parse_args(["--arch", "torchvision:resnet18"])
+    dataset = argparse.Namespace(num_classes=10, image_size=32, class_names=None, mean=(0, 0, 0), std=(1, 1, 1))
+    meta = checkpoints.run_meta(args, dataset, torchvision.models.resnet18())
+    assert (meta["width"], meta["stem"], meta["stem_relu"]) == (None, None, None)
+    assert train.parse_args([]).width == 64
 
 
 def test_lr_follows_spec_schedule():
@@ -1019,14 +1090,14 @@ def test_best_epoch_is_chosen_on_validation_and_every_number_names_its_split():
                                        "test": {"backbone": {"top1": test}, "branch1": {"top1": test + 1}}}
     records = [record(0, 50.0, 70.0), record(1, 60.0, 65.0), record(2, 55.0, 60.0)]
     s = report.summarise(records)
-    assert (s["best_epoch_chosen_on"], s["best_backbone_epoch"], s["best_backbone_top1"]) == ("val", 1, 65.0)
+    assert (s["best_epoch_chosen_on"], s["best_backbone_epoch"], s["best_backbone_top1"]) == ("val", 2, 65.0)
     assert (s["best_backbone_val_top1"], s["final_val"], s["headline_final_backbone_top1"]) == (60.0, records[2]["val"],
                                                                                                60.0)
     assert s["released_code_metric_max_over_heads_and_epochs"] == 71.0  # chosen on the test set, labelled so
     assert set(s["splits"]) <= set(s) and "selection-free" in s["splits"]["best_backbone_top1"]
     without = report.summarise([{k: v for k, v in r.items() if k != "val"} for r in records])
     assert (without["best_epoch_chosen_on"], without["best_backbone_epoch"], without["best_backbone_top1"]) == (
-        "test", 0, 70.0)
+        "test", 1, 70.0)
     assert "final_val" not in without and "selection-free" not in without["splits"]["best_backbone_top1"]
 
 
@@ -1224,8 +1295,15 @@ def test_a_pickle_with_python_objects_is_refused_in_one_line(tmp_path):
     torch.save({"args": argparse.Namespace(lr=0.1)}, path)
     with pytest.raises(errors.UserError) as e:
         checkpoints.read_checkpoint(path)
-    assert str(e.value) == (f"{path} is not a plain checkpoint: it holds Python objects that torch.load(..., "
-                            f"weights_only=True) will not run, so it was not loaded")
+    assert str(e.value).startswith(f"{path} is not a plain checkpoint: it holds Python objects (NumPy scalars, "
+                                   f"say) that torch.load(..., weights_only=True) will not run, so it was not loaded.")
+    # and says how to keep its tensors: the command it gives works on a file holding NumPy scalars
+    torch.save({"net": {"w": torch.ones(2)}, "acc": np.float64(76.2)}, path)
+    with pytest.raises(errors.UserError) as e:
+        checkpoints.read_checkpoint(path)
+    command = shlex.split(str(e.value).split("keep its tensors: ")[1])
+    subprocess.run(command, cwd=tmp_path, check=True)
+    assert torch.equal(checkpoints.read_checkpoint(tmp_path / "plain.pt")["net"]["w"], torch.ones(2))
 
 
 def test_released_checkpoint_with_unknown_key_is_refused(tmp_path):
@@ -1378,7 +1456,7 @@ def test_validation_split_chooses_best_pt_and_the_test_set_chooses_nothing(run_d
     best = torch.load(run_dir / "best.pt", weights_only=True)
     assert best["epoch"] == best_epoch and best["best"] == {"epoch": best_epoch, "top1": max(val_top1), "split": "val"}
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (summary["best_epoch_chosen_on"], summary["best_backbone_epoch"]) == ("val", best_epoch)
+    assert (summary["best_epoch_chosen_on"], summary["best_backbone_epoch"]) == ("val", best_epoch + 1)  # from 1
     assert summary["best_backbone_top1"] == records[best_epoch]["test"]["backbone"]["top1"]
     assert summary["final_val"] == records[-1]["val"] and summary["args"]["val_split"] == 64
     assert "| best-epoch backbone top-1 (epoch chosen on val) |" in report.results_table([str(run_dir)])
@@ -1923,6 +2001,7 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(errors.UserError, match="more processes on this node than its 1 GPU"):
         runtime.setup_distributed(train.parse_args(["--device", "cuda"]))
 

@@ -71,12 +71,14 @@ g.add_argument("--arch", default="resnet18", help=f"{', '.join(ARCHS)} (the stem
                "CIFAR, 7x7 + max-pool on ImageNet), or torchvision:NAME, a torchvision classifier of a family that "
                "model.TORCHVISION_FAMILIES lists (ResNet, ResNeXt, Wide-ResNet, RegNet, ConvNeXt, MobileNetV2/V3, "
                "EfficientNet, DenseNet)")
-g.add_argument("--width", type=int, default=64, help="channels of our ResNets' first stage (64 in the paper)")
+g.add_argument("--width", type=int, default=argparse.SUPPRESS, help="channels of our ResNets' first stage (default "
+               "64, as in the paper); library networks (torchvision:NAME) have their own")
 g.add_argument("--dataset", default="cifar100", help="cifar10, cifar100 (torchvision, downloaded into --data), "
                "PATH.npz with x_train, y_train, x_test, y_test (uint8 NHWC images), or imagenet (--data holds train/ "
                "and val/ in ImageFolder layout)")
 g.add_argument("--data", default="./data", help="torchvision dataset root, or the ImageNet folder")
-g.add_argument("--image-size", type=int, default=224, help="ImageNet crop size (Resize(size * 256 / 224) to test)")
+g.add_argument("--image-size", type=int, default=None, help="image folders: the crop size (Resize(size * 256 / 224) "
+               "to test; default 224 on ImageNet, a folder's own image size)")
 g.add_argument("--workers", type=int, default=8, help="ImageNet DataLoader workers per process")
 g.add_argument("--val-split", type=count_or_fraction, default=0, metavar="N", help="hold out N training images "
                "(a fraction of them when below 1), stratified by class and drawn from --seed, as a validation split: "
@@ -138,38 +140,115 @@ g.add_argument("--tensorboard", action="store_true", help="also write metrics.js
 def parse_args(argv=None):
     """The command line, with the dataset's SPEC defaults filled in and every value checked."""
     args = parser.parse_args(argv)
-    imagenet = args.dataset == "imagenet"
+    imagenet = args.dataset == "imagenet" or os.path.isdir(args.dataset)  # a folder: the ImageNet recipe
     spec = IMAGENET_DEFAULTS if imagenet else CIFAR_DEFAULTS
     for key, value in {**spec, **({"alpha": 1.0} if args.method == "cutmix" else {})}.items():
         if not hasattr(args, key):
             setattr(args, key, value // runtime.world_size() if key == "batch_size" and imagenet else value)
     args.stem, args.nesterov = ("imagenet", False) if imagenet else ("cifar", True)
-    if not args.alpha > 0:
-        parser.error(f"--alpha must be > 0, got {args.alpha}")
-    if args.batch_size < 2:
-        parser.error(f"--batch-size must be at least 2 (mixup pairs images, BatchNorm needs a batch), "
-                     f"got {args.batch_size}")
-    if args.width < 1 or args.epochs < 1 or (args.warmup_epochs or 0) < 0 or args.log_every < 1:
-        parser.error("--width, --epochs and --log-every must be positive and --warmup-epochs non-negative")
+    check_numbers(args)
     try:
         check_arch(args.arch)
     except ValueError as e:
         parser.error(str(e))
-    if not all(np.isfinite(getattr(args, f"w_{t}")) and getattr(args, f"w_{t}") >= 0 for t in TERMS):
-        parser.error("loss weights must be finite and non-negative")
-    if args.dataset not in DATASETS and not args.dataset.endswith(".npz"):
-        parser.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet or the path of an .npz file")
+    if ":" in args.arch and hasattr(args, "width"):
+        parser.error(f"--width sets the channels of our ResNets; {args.arch} has its own: drop --width")
+    args.width = None if ":" in args.arch else getattr(args, "width", 64)
+    if args.method == "mixskd" and not any(getattr(args, f"w_{t}") for t in optimised_terms(args)):
+        parser.error(f"every optimised loss weight is 0 (--w-{' --w-'.join(optimised_terms(args))}): nothing to "
+                     f"train; recipe {args.recipe} optimises {', '.join('L_' + t for t in optimised_terms(args))}")
+    if args.dataset not in DATASETS and not args.dataset.endswith(".npz") and not os.path.isdir(args.dataset):
+        parser.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet, the path of an .npz file, "
+                     f"or a folder holding train/ and val/ (ImageFolder layout)")
     if hasattr(args, "milestones") and args.schedule == "cosine":
         parser.error("--milestones place the decays of --schedule step; the cosine schedule has none")
-    if not hasattr(args, "milestones"):
-        args.milestones = sorted({round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES})
-        if args.schedule == "step" and len(args.milestones) == 1 and args.milestones[0] < args.epochs:
-            parser.error(f"--epochs {args.epochs} is too short to scale the SPEC's decays at epochs 105 and 155 "
-                         f"(both fall on epoch {args.milestones[0]}): pass --milestones")
+    if not hasattr(args, "milestones"):  # the SPEC's decays at the same fractions of the run, kept distinct
+        first, second = (round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES)
+        args.milestones = [first, max(second, first + 1)]
+    elif args.schedule == "step" and any(m >= args.epochs for m in args.milestones):
+        print(f"note: --milestones {' '.join(map(str, args.milestones))}: a decay at epoch {args.epochs} or later "
+              f"comes after the last epoch of --epochs {args.epochs}, so the lr never makes it", file=sys.stderr)
     recipe = f"-{args.recipe}" if args.method == "mixskd" else ""
     arch = args.arch.replace(":", "-")
     args.out = args.out or f"runs/{dataset_name(args.dataset)}-{arch}-{args.method}{recipe}-seed{args.seed}"
     return args
+
+
+def finite_at_least(low, strict=False):
+    """A check that a number is finite and >= low (> low when strict), with its text for the error line."""
+    ok = (lambda v: math.isfinite(v) and (v > low if strict else v >= low))
+    return ok, f"a finite number {'>' if strict else '>='} {low:g}"
+
+
+def int_in(low, high=None):
+    return (lambda v: low <= v and (high is None or v < high)), f"an integer >= {low}" + (f" and < {high}" if high else "")
+
+
+# every numeric flag and what it accepts: checked before any data is read
+RANGES = {"width": int_in(1), "image_size": int_in(8), "workers": int_in(0), "alpha": finite_at_least(0, True),
+          "temperature": finite_at_least(0, True), **{f"w_{t}": finite_at_least(0) for t in TERMS},
+          "epochs": int_in(1), "warmup_epochs": finite_at_least(0), "milestones": int_in(1), "lr": finite_at_least(0, True),
+          "weight_decay": finite_at_least(0), "batch_size": int_in(2), "clip_grad": finite_at_least(0),
+          "seed": int_in(0, 2**32), "log_every": int_in(1), "val_split": finite_at_least(0)}
+WHY = {"batch_size": " (mixup pairs images, BatchNorm needs a batch)", "clip_grad": " (0: never clip)",
+       "seed": " (NumPy's generator takes 32 bits)"}
+
+
+def check_numbers(args):
+    """One line naming the flag and its valid range for any numeric value outside it (argparse's exit 2)."""
+    for key, (ok, valid) in RANGES.items():
+        values = getattr(args, key, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not ok(value):
+                parser.error(f"--{key.replace('_', '-')} must be {valid}{WHY.get(key, '')}, got {value}")
+
+
+def optimised_terms(args):
+    """The loss terms a MixSKD recipe optimises: all five, but L_mix only logged under `official` on CIFAR
+    (SPEC Eq. (10'))."""
+    cifar_official = args.recipe == "official" and args.stem != "imagenet"
+    return [t for t in TERMS if not (t == "mix" and cifar_official)]
+
+
+# the arguments that do not change what a run computes: a resume may give them anew
+NOT_TRAINING = {"device", "amp", "channels_last", "compile", "out", "resume", "extend", "init_from", "log_every", "data",
+                "workers", "tensorboard"}
+
+
+def given_flags(argv):
+    """The arguments the command line gave explicitly, as parsed values (no defaults)."""
+    quiet = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"action": type(action)} if not isinstance(action, argparse._StoreAction) else {
+                "type": action.type, "nargs": action.nargs, "choices": action.choices}
+            quiet.add_argument(*action.option_strings, dest=action.dest, **kwargs)
+    return vars(quiet.parse_args(argv))
+
+
+def resume_arguments(args, argv):
+    """--resume continues the run in --out as it was started: every training argument comes from its last.pt,
+    and one given on the command line that differs is refused, naming each. --epochs may differ with
+    --extend (and the schedule is then placed anew for the new length); speed and file flags may differ."""
+    last = os.path.join(args.out, "last.pt")
+    if not os.path.exists(last):
+        raise UserError(f"--resume: no {last} to continue from")
+    saved = checkpoints.read_checkpoint(last).get("args")
+    if not isinstance(saved, dict):
+        raise UserError(f"{last} is not a training checkpoint of this project: --resume needs a last.pt")
+    given = given_flags(sys.argv[1:] if argv is None else argv)
+    renewed = {"epochs", "milestones"} if args.extend else set()
+    differ = [key for key, value in given.items() if key in saved and key not in NOT_TRAINING | renewed
+              and (dataset_name(value) != dataset_name(saved[key]) if key == "dataset" else value != saved[key])]
+    if differ:
+        raise UserError(f"--resume continues {args.out} with the arguments it was started with; these differ: "
+                        + ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run: {saved[k]})" for k in differ)
+                        + ("; --epochs may change with --extend" if "epochs" in differ else "")
+                        + ": drop them, or start a new run in another --out")
+    keep = {key: value for key, value in saved.items() if key not in NOT_TRAINING | renewed}
+    if "dataset" in given:  # the same dataset, perhaps moved: the path as given now
+        keep["dataset"] = given["dataset"]
+    return argparse.Namespace(**{**vars(args), **keep})
 
 
 # ----------------------------------------------------------------------------- the method: schedule, objective
@@ -222,7 +301,7 @@ def build(args, num_classes, device, memory_format):
     """The run's objective (the network; for MixSKD also the self-teacher and the discriminators) and
     one SGD over what it trains (SPEC sections 7 and 9)."""
     # the released ImageNet script optimises L_mix and keeps the stem ReLU, its CIFAR script does neither
-    recipe = "official-imagenet" if args.recipe == "official" and args.dataset == "imagenet" else args.recipe
+    recipe = "official-imagenet" if args.recipe == "official" and args.stem == "imagenet" else args.recipe
     stem_relu = not (args.method == "mixskd" and recipe == "official")  # SPEC section 6, item 5
     net = network(args.arch, num_classes, args.width, stem_relu, args.stem, mixskd=args.method == "mixskd")
     if args.method == "mixskd":
@@ -245,6 +324,8 @@ def build(args, num_classes, device, memory_format):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.resume:
+        args = resume_arguments(args, argv)
     if complete := runtime.check_run_folder(args):  # --resume of a finished run: say so and change nothing
         return print(complete)
     try:
@@ -450,10 +531,10 @@ def finish(run):
     if run.tensorboard:
         run.tensorboard.close()
     print(f"final backbone top-1 {s['headline_final_backbone_top1']:.2f} (headline) | best epoch "
-          f"{s['best_backbone_epoch'] + 1} (chosen on {s['best_epoch_chosen_on']}): test top-1 "
+          f"{s['best_backbone_epoch']} (chosen on {s['best_epoch_chosen_on']}): test top-1 "
           f"{s['best_backbone_top1']:.2f} | released code's metric "
           f"{s['released_code_metric_max_over_heads_and_epochs']:.2f} ({s['released_code_metric_head']}, epoch "
-          f"{s['released_code_metric_epoch'] + 1}, max over heads and epochs on the test set) | {args.out}")
+          f"{s['released_code_metric_epoch']}, max over heads and epochs on the test set) | {args.out}")
 
 
 if __name__ == "__main__":
