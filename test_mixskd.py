@@ -1802,6 +1802,150 @@ def test_non_finite_loss_stops_naming_the_term_and_keeps_last_checkpoint(kept_ru
 
 
 @slow
+def test_resume_takes_every_training_argument_from_last_pt(kept_run, tiny_npz, capsys):
+    """`--out RUN --resume` alone continues the run as it was started (here: says it is complete); a training
+    flag that differs is refused naming each, with the run's value; speed and file flags may differ."""
+    train.main(["--out", str(kept_run), "--resume"])
+    assert "is complete (2 of 2 epochs): nothing to do" in capsys.readouterr().out
+    train.main(["--out", str(kept_run), "--resume", "--amp", "off", "--log-every", "5", "--dataset", tiny_npz])
+    with pytest.raises(errors.UserError) as e:
+        train.main(["--out", str(kept_run), "--resume", "--lr", "0.5", "--alpha", "2", "--temperature", "1",
+                    "--mix", "cutmix", "--w-adv", "0", "--batch-size", "64"])
+    assert str(e.value).startswith(f"--resume continues {kept_run} with the arguments it was started with; these "
+                                   "differ: --lr 0.5 (the run: 0.1), --alpha 2.0 (the run: 0.4), --temperature 1.0 (the "
+                                   "run: 3.0), --mix cutmix (the run: mixup), --w-adv 0.0 (the run: 1.0), --batch-size 64 "
+                                   "(the run: 32)")
+
+
+def test_every_argument_is_either_resumed_or_named_as_not_training():
+    """A new flag cannot slip past the resume check: every one is in last.pt's args (so it is compared and
+    restored) unless it is listed as not changing what a run computes."""
+    args = vars(train.parse_args([]))
+    dests = {a.dest for a in train.parser._actions if a.dest != "help"}
+    assert dests <= set(args) and train.NOT_TRAINING <= dests
+    assert {"lr", "alpha", "temperature", "batch_size", "mix", "epochs", "seed", "val_split", "clip_grad",
+            "warmup_epochs", "schedule"} <= dests - train.NOT_TRAINING
+
+
+@slow
+def test_a_bf16_run_resumed_under_fp16_starts_a_fresh_grad_scaler(run_dir, tmp_path, monkeypatch, capsys):
+    """On CPU the fp16 choice is stood in for by an enabled GradScaler: its empty saved state used to fail with
+    "The source state dict is empty"."""
+    real = runtime.speed_settings
+
+    def fp16_scaler(args, device):
+        speed = real(args, device)
+        speed.scaler = torch.amp.GradScaler("cpu", enabled=True)
+        return speed
+
+    monkeypatch.setattr(runtime, "speed_settings", fp16_scaler)
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    train.main(["--out", str(out), "--resume", "--extend", "--epochs", "3", "--milestones", "1"])
+    assert "was trained without fp16 loss scaling; its fp16 GradScaler starts fresh" in capsys.readouterr().out
+    assert torch.load(out / "last.pt", weights_only=True)["scaler"]  # the new scaler's state is saved
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_wrapper_prefixes_are_removed_from_plain_state_dicts(prefix, tmp_path):
+    """nn.DataParallel / DistributedDataParallel add "module.", torch.compile "_orig_mod."."""
+    net = ResNet("resnet18", CLASSES, WIDTH)
+    path = tmp_path / "wrapped.pt"
+    torch.save({prefix + k: v for k, v in net.state_dict().items()}, path)
+    ckpt = checkpoints.read_checkpoint(path)
+    assert list(ckpt) == list(net.state_dict())
+    model, _, meta = checkpoints.model_from_checkpoint(ckpt, str(path))
+    assert (meta["arch"], meta["width"]) == ("resnet18", WIDTH)
+    torch.save({"features.0.weight": torch.ones(1)}, path)
+    with pytest.raises(errors.UserError, match="its first key is 'features.0.weight'"):
+        checkpoints.model_from_checkpoint(checkpoints.read_checkpoint(path), str(path))
+
+
+@slow
+def test_eval_refuses_a_dataset_with_other_class_names(run_dir, tmp_path):
+    with np.load(json.loads((run_dir / "summary.json").read_text())["args"]["dataset"]) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["class_names"] = np.array([f"other{k}" for k in range(10)])
+    np.savez(tmp_path / "other.npz", **arrays)
+    trained = "airplane" if SHARED_NPZ.exists() else "class0"
+    with pytest.raises(errors.UserError, match=rf"was trained on other classes than .*other.npz holds \(class 0: "
+                                               rf"'{trained}' in training, 'other0' here\)"):
+        evaluation.main([str(run_dir / "deploy.pt"), "--dataset", str(tmp_path / "other.npz")])
+
+
+@slow
+def test_eval_of_a_run_folder_evaluates_its_deploy_pt(run_dir, capsys):
+    evaluation.main([str(run_dir), "--json"])
+    report_ = json.loads(capsys.readouterr().out)
+    assert report_["checkpoint"] == str(run_dir / "deploy.pt")
+    assert report_["heads"]["backbone"] == metric_lines(run_dir)[-1]["test"]["backbone"]
+
+
+@pytest.mark.parametrize("labels, refused, named", [
+    ([0, 3, 7, 12, 40], True, "36 of the 41 classes 0..40 have no training image (labels 0, 3, 7, 12, 40)"),
+    ([1, 2, 3, 4, 5], False, "note: {path}: class 0 of 6 has no training image"),
+])
+def test_labels_with_gaps_are_named_or_refused(labels, refused, named, tmp_path, capsys):
+    path = tmp_path / "gaps.npz"
+    y = np.array(labels * 4)
+    np.savez(path, x_train=np.zeros((len(y), 8, 8, 3), np.uint8), y_train=y, x_test=np.zeros((2, 8, 8, 3), np.uint8),
+             y_test=y[:2])
+    if refused:
+        with pytest.raises(errors.UserError, match=re.escape(named)):
+            data.load_npz(str(path))
+    else:
+        data.load_npz(str(path))
+        assert named.format(path=path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, message", [("cuda", "PyTorch sees no CUDA GPU on this machine"),
+                                             ("gpu", "not a device PyTorch knows")])
+def test_an_unusable_device_is_one_line(device, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(errors.UserError, match=message):
+        runtime.pick_device(device)
+
+
+def test_summary_json_has_null_for_nan(tmp_path):
+    path = tmp_path / "summary.json"
+    checkpoints.write_json_atomic({"nll": float("nan"), "heads": [float("inf"), 1.5]}, str(path))
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"not JSON: {c}")) == {
+        "nll": None, "heads": [None, 1.5]}
+
+
+def test_ctrl_c_line_starts_below_the_live_progress_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    runtime.interrupted(train.parse_args(["--out", str(tmp_path)]), [])
+    assert capsys.readouterr().err.startswith("\ninterrupted before the first epoch ended")
+
+
+@slow
+def test_the_figure_of_a_short_run_has_whole_epochs_and_markers(run_dir, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    report.plot_runs([run_dir], str(tmp_path / "f.png"))
+    for ax in figures[0].axes:
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+        assert all(line.get_marker() == "o" for line in ax.get_lines())
+
+
+@slow
+def test_an_image_folder_is_a_dataset_of_its_own(image_folder, tmp_path, capsys):
+    """--dataset FOLDER: its name in the run files, its images at their own size (40 px), workers at most the cores."""
+    out = tmp_path / "run"
+    train.main(["--dataset", str(image_folder), "--width", "4", "--epochs", "1", "--batch-size", "8", "--workers",
+                "999", "--out", str(out)])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert f"on {image_folder.name} (24 train, 12 test, 3 classes)" in header
+    meta = torch.load(out / "deploy.pt", weights_only=True)["meta"]
+    assert (meta["image_size"], meta["image_pipeline"], meta["stem"]) == (40, "folder", "imagenet")
+    assert data.load_dataset(str(image_folder), workers=999).workers <= os.cpu_count()
+
+
+@slow
 def test_truncated_checkpoint_is_reported(kept_run, tiny_npz):
     broken = kept_run / "broken.pt"
     broken.write_bytes((kept_run / "last.pt").read_bytes()[:5000])
