@@ -1,11 +1,13 @@
 """Checkpoints: written atomically, read safely, mapped from other layouts, resumed exactly.
 
-Plumbing for train.py and eval.py, not the method. Every file is read with
-`torch.load(..., weights_only=True)` onto the CPU and every mistake becomes a one-line UserError.
-Three layouts are understood: this project's (last.pt, best.pt, deploy.pt, with a `meta` record),
-the released MixSKD scripts' `{'net': state_dict, ...}` (SPEC section 11, mapped by name), and a
-plain torchvision ResNet state dict (the backbone alone). A resumed run gets back every weight, the
-optimiser, the GradScaler and every random generator (runtime.rng_state), so it continues bit for bit.
+Plumbing for train.py and eval.py, not the method. Every file is read with `torch.load(...,
+weights_only=True)` (or safetensors) onto the CPU and every mistake becomes a one-line UserError. Three
+layouts are understood: this project's (last.pt, best.pt, deploy.pt, with a `meta` record; a torchvision
+or timm network is rebuilt from meta["model_kwargs"]), the released MixSKD scripts' `{'net': state_dict,
+...}` (SPEC section 11, mapped by name), and a plain state dict of the backbone alone (torchvision's
+ResNet for eval.py; any supported library network's for --init-from, also as .safetensors). A resumed
+run gets back every weight, the optimiser, the GradScaler and every random generator
+(runtime.rng_state), so it continues bit for bit.
 """
 import json
 import os
@@ -16,7 +18,8 @@ import torch
 
 import runtime
 from data import UserError, dataset_name
-from model import ARCHS, Bottleneck, MixSKDNet, ResNet, network
+from layouts import library_network, model_kwargs, timm_checkpoint_filter
+from model import ARCHS, Bottleneck, MixSKDNet, ResNet, library, network
 from self_teacher import SelfTeacher
 
 # ----------------------------------------------------------------------------- writing
@@ -62,7 +65,9 @@ def run_meta(args, data, backbone):
             # absolute too, so that eval.py finds an .npz from any working directory
             "dataset_path": os.path.abspath(args.dataset) if args.dataset.endswith(".npz") else None,
             "image_size": data.image_size, "class_names": data.class_names, "seed": args.seed,
-            "mean": list(data.mean), "std": list(data.std)}
+            "mean": list(data.mean), "std": list(data.std),
+            # a torchvision or timm backbone: what its library builds it from (README, "MixSKD on your own network")
+            "model_kwargs": model_kwargs(args.arch, data.num_classes, data.image_size) if library(args.arch) else None}
 
 
 def save_training(paths, meta, args, epoch, best, objective, opt, scaler, rng):
@@ -82,6 +87,8 @@ def save_training(paths, meta, args, epoch, best, objective, opt, scaler, rng):
 def read_checkpoint(path):
     """torch.load(weights_only=True) onto the CPU, with one-line errors for missing, truncated or
     foreign files. (On the CPU because RNG states must stay there; weights are copied to the model.)"""
+    if str(path).endswith(".safetensors"):
+        return read_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -95,6 +102,21 @@ def read_checkpoint(path):
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path}: truncated, corrupt or not a PyTorch checkpoint "
                         f"({reason})") from None
+
+
+def read_safetensors(path):
+    """A state dict saved as .safetensors (timm's and the Hugging Face Hub's format), onto the CPU."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"reading {path} needs safetensors: pip install safetensors") from None
+    try:
+        return load_file(path, device="cpu")
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise UserError(f"cannot read {path}: truncated, corrupt or not a safetensors file "
+                        f"({type(e).__name__})") from None
 
 
 def load_state(module, state, what):
@@ -175,8 +197,15 @@ def model_from_checkpoint(ckpt, path):
         raise UserError(f"{path} is not a checkpoint of this project or of the released code (no 'meta' or 'net')")
     meta = ckpt["meta"]
     deploy = "backbone" in ckpt  # deploy.pt: the backbone alone
-    model = network(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"], meta.get("stem", "cifar"),
-                    mixskd=meta["method"] == "mixskd" and not deploy)
+    mixskd = meta["method"] == "mixskd" and not deploy
+    try:
+        if meta.get("model_kwargs") is not None:  # a torchvision or timm network, built as its library builds it
+            model = library_network(meta["arch"], meta["model_kwargs"], mixskd)
+        else:
+            model = network(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"],
+                            meta.get("stem", "cifar"), mixskd)
+    except ValueError as e:  # an arch this installation cannot build: timm missing, say
+        raise UserError(f"{path}: {e}") from None
     load_state(model, ckpt["backbone" if deploy else "model"], f"{'deploy ' * deploy}checkpoint {path}")
     teacher = None
     if ckpt.get("self_teacher") is not None:
@@ -190,7 +219,8 @@ def model_from_checkpoint(ckpt, path):
 
 def init_from(path, model, teacher):
     """Copy a checkpoint's weights into model (and the self-teacher): ours, the released script's, or a
-    plain state dict of the backbone (torchvision's, say). From a backbone alone (deploy.pt, a state dict)
+    plain state dict of the backbone (torchvision's or timm's, a torch file or .safetensors; a timm one goes
+    through timm's own checkpoint filter first). From a backbone alone (deploy.pt, a state dict)
     the branches start as copies of its later stages (README, "MixSKD on your own network"); one trained
     for another class count loads all but its classifier, which stays fresh (fine-tuning)."""
     ckpt = read_checkpoint(path)
@@ -208,6 +238,8 @@ def init_from(path, model, teacher):
         source, whole = source.backbone, False
     state = dict(ckpt if plain else source.state_dict())
     target = model.backbone if hasattr(model, "branches") and not whole else model
+    if plain and type(target).__module__.startswith("timm."):  # e.g. a ViT's position embedding resized
+        state = timm_checkpoint_filter(state, target)
     own = target.state_dict()
     classifier = list(own)[-2:]  # the last layer's weight and bias, in torchvision's networks and ours
     fresh = not whole and any(k in state and len(state[k]) != len(own[k]) for k in classifier)

@@ -144,8 +144,8 @@ def torchvision_layout(net):
                        "encoder.dropout"], equal_groups(blocks), ["encoder.ln", tokens_to_map],
                       [map_to_tokens, first_token, "heads"], net.image_size)
     if isinstance(net, tvm.SwinTransformer):  # features: patch embedding, then each stage after its patch merging
-        return Layout(["features.0"], [["features.1"], ["features.2", "features.3"], ["features.4", "features.5"],
-                                       ["features.6", "features.7"]], ["norm", "permute"], ["avgpool", "flatten", "head"])
+        stages = [["features.1"]] + [[f"features.{i}", f"features.{i + 1}"] for i in (2, 4, 6)]
+        return Layout(["features.0"], stages, ["norm", "permute"], ["avgpool", "flatten", "head"])
     raise ValueError(f"no layout for {type(net).__name__}: {supported_families('torchvision')}")
 
 
