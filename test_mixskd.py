@@ -276,7 +276,8 @@ def trains_and_deploys_as_itself(net, rebuild):
     assert len(feats) == 4 and len({tuple(f.shape) for f in feats}) == 1 and feats[0].shape[1] == net.feature_channels
     assert [tuple(z.shape) for z in logits] == [(8, CLASSES)] * 4
     backbone = dict(net.backbone.named_parameters())  # fresh branches: every random weight is their own
-    random_weights = [(n, p) for n, p in net.branches[2].net.named_parameters() if p.dim() >= 2 and p[0].std() > 0]
+    random_weights = [(n, p) for n, p in net.branches[2].net.named_parameters()
+                      if p.dim() >= 2 and p.numel() > 1 and p.std() > 0]
     assert random_weights and not any(torch.equal(p, backbone[n]) for n, p in random_weights)
     for recipe in ("paper", "official"):
         model = copy.deepcopy(net)
@@ -438,13 +439,19 @@ def test_transformer_branches_hold_no_parameter_they_never_use():
 
 
 @slow
-def test_readme_own_training_loop_runs_as_written():
-    import torchvision
+def test_readme_own_training_loop_runs_as_written(capsys):
+    """The block's step on a torchvision MobileNetV3, then on a timm ViT: every term finite, every parameter
+    stepped, and the deployed network is timm's own VisionTransformer."""
+    import timm
 
     namespace = {}
     exec(readme_block("### MixSKD in your own training loop"), namespace)
-    assert isinstance(namespace["deployed"], torchvision.models.MobileNetV3)
-    assert set(namespace["terms"]) == set(TERMS) and all(torch.isfinite(v) for v in namespace["terms"].values())
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" {")[0] for line in printed] == ["torchvision MobileNetV3", "timm ViT"]
+    for line in printed:
+        terms = ast.literal_eval(line[line.index("{"):])
+        assert set(terms) == set(TERMS) and all(np.isfinite(v) for v in terms.values())
+    assert isinstance(namespace["deployed"], timm.models.VisionTransformer)
     assert len(namespace["opt"].state) == len(namespace["params"])  # every parameter took a step
 
 
@@ -512,6 +519,36 @@ def test_init_from_reads_torchvisions_densenet_files_and_refuses_another_family_
     with pytest.raises(data.UserError, match="missing"):
         checkpoints.init_from(str(tmp_path / "resnet18.pth"), network("torchvision:resnet34", CLASSES), None)
     assert "note" not in capsys.readouterr().out
+
+
+@slow
+def test_init_from_a_timm_vit_state_dict_resamples_its_position_embedding(tmp_path, capsys):
+    """A 1,000-class timm ViT for 224 x 224, saved as .safetensors or as a torch file, into a 10-class MixSKD ViT
+    for 32 x 32: timm's own filter resamples the position embedding to 1 + 2 x 2 tokens, the classifier stays
+    fresh, every other weight loads; the branches copy the blocks they re-run. A corrupt file: one line."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(3)
+    small = TIMM_SMALLEST["vit_tiny_patch16_224"]
+    pretrained = timm.create_model("vit_tiny_patch16_224", num_classes=1000, **small)
+    save_file(pretrained.state_dict(), tmp_path / "vit.safetensors")
+    torch.save(pretrained.state_dict(), tmp_path / "vit.pth")
+    for name in ("vit.safetensors", "vit.pth"):
+        net = timm_small("vit_tiny_patch16_224")[0]
+        checkpoints.init_from(str(tmp_path / name), net, None)
+        assert "the classifier (head.weight, head.bias) starts fresh" in capsys.readouterr().out
+        assert net.backbone.pos_embed.shape == (1, 5, 16)
+        resampled = resample_abs_pos_embed(pretrained.pos_embed, (2, 2), num_prefix_tokens=1)
+        torch.testing.assert_close(net.backbone.pos_embed, resampled)
+        for n, p in pretrained.state_dict().items():
+            assert n.startswith(("head.", "pos_embed")) or torch.equal(net.backbone.state_dict()[n], p), n
+        assert torch.equal(net.branches[0].net.blocks[3].mlp.fc1.weight, pretrained.blocks[3].mlp.fc1.weight)
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(data.UserError, match=r"^cannot read .*broken.safetensors: truncated, corrupt or not a "
+                                             r"safetensors file"):
+        checkpoints.init_from(str(tmp_path / "broken.safetensors"), net, None)
 
 
 # ------------------------------------------------- SPEC section 3: interpolated and mixed quantities
@@ -1405,14 +1442,33 @@ def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path, capsys):
 
 
 @slow
-def test_torchvision_arch_runs_from_the_command_line_and_deploys(tiny_npz, tmp_path, capsys):
-    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--arch", "torchvision:mobilenet_v3_small")
+@pytest.mark.parametrize("arch, kwargs", [("torchvision:mobilenet_v3_small", {"num_classes": 10}),
+                                          ("timm:test_vit", {"pretrained": False, "num_classes": 10, "img_size": 32})])
+def test_library_arch_runs_from_the_command_line_and_deploys(arch, kwargs, tiny_npz, tmp_path, capsys):
+    """deploy.pt's backbone loads strictly into the library's own class built from meta["model_kwargs"] and
+    gives the logged top-1; so does eval.py deploy.pt. (timm's test_vit: a ViT of 0.3M parameters.)"""
+    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--arch", arch)
     assert {"metrics.jsonl", "last.pt", "best.pt", "deploy.pt", "summary.json"} <= set(os.listdir(tmp_path))
     logged = metric_lines(tmp_path)[-1]["test"]
     assert list(logged) == ["backbone", "branch1", "branch2", "branch3", "self_teacher"]
     capsys.readouterr()
     evaluation.main([str(tmp_path / "deploy.pt"), "--json"])
     assert json.loads(capsys.readouterr().out)["heads"]["backbone"] == logged["backbone"]
+    ckpt = torch.load(tmp_path / "deploy.pt", weights_only=True)
+    assert ckpt["meta"]["model_kwargs"] == kwargs
+    library, _, name = arch.partition(":")
+    if library == "timm":
+        import timm
+
+        deployed = timm.create_model(name, **ckpt["meta"]["model_kwargs"])
+    else:
+        import torchvision
+
+        deployed = torchvision.models.get_model(name, **ckpt["meta"]["model_kwargs"])
+    deployed.load_state_dict(ckpt["backbone"], strict=True)
+    d = data.load_dataset(tiny_npz)
+    d.stats = data.pixel_stats(ckpt["meta"]["mean"], ckpt["meta"]["std"], "cpu")
+    assert evaluation.evaluate(deployed, None, d)["backbone"]["top1"] == logged["backbone"]["top1"]
 
 
 @slow
