@@ -236,12 +236,17 @@ class Layout(NamedTuple):
     image_size: int = 64
 
 
+def resolve(net, path):
+    """The submodule of net at path, or the method its last name calls on its parent ("forward_head")."""
+    parent, _, name = path.rpartition(".")
+    return getattr(net.get_submodule(parent), name)
+
+
 def run_part(net, part, x):
     """Apply the items of one part of a Layout, in order, to x."""
     for item in part:
         if isinstance(item, str):
-            parent, _, name = item.rpartition(".")
-            x = getattr(net.get_submodule(parent), name)(x)  # a submodule, or a method of its parent
+            x = resolve(net, item)(x)
         elif isinstance(item, tuple):
             function, path = item
             x = function(net.get_submodule(path), x)
@@ -252,24 +257,21 @@ def run_part(net, part, x):
 
 class LayoutBranch(nn.Module):
     """Auxiliary branch k of a StagedMixSKDNet: a fresh network of the backbone's kind, of which stages
-    k+1..K, post and head run on the output of the backbone's stage k. Its stem and stages 1..k are
-    replaced by nn.Identity, and the parameters that a method or a pair of those parts uses are the ones
-    its module holds itself (a ViT's class token and position embedding): they are removed. So the branch
-    holds no parameter it never uses (DistributedDataParallel requires it); its keys are the network's own."""
+    k+1..K, post and head run on the output of the backbone's stage k. In its stem and stages 1..k, every
+    submodule is replaced by nn.Identity, and every method or (function, path) pair takes with it the
+    parameters its module holds itself (a ViT's class token and position embedding). So the branch holds
+    no parameter it never uses (DistributedDataParallel needs a gradient for each); its keys are the
+    network's own."""
 
     def __init__(self, net, layout, k):
         super().__init__()
         for item in layout.stem + [item for stage in layout.stages[:k] for item in stage]:
-            if callable(item):
-                continue
-            path = item if isinstance(item, str) else item[1]
-            parent, _, name = path.rpartition(".")
-            if isinstance(item, str) and isinstance(getattr(net.get_submodule(parent), name), nn.Module):
-                net.set_submodule(path, nn.Identity())
-                continue
-            owner = net.get_submodule(parent if isinstance(item, str) else path)
-            for param in list(owner._parameters):
-                owner.register_parameter(param, None)
+            if isinstance(item, str) and isinstance(resolve(net, item), nn.Module):
+                net.set_submodule(item, nn.Identity())
+            elif not callable(item):
+                owner = net.get_submodule(item.rpartition(".")[0] if isinstance(item, str) else item[1])
+                for name, _ in list(owner.named_parameters(recurse=False)):
+                    owner.register_parameter(name, None)
         self.net, self.layout, self.k = net, layout, k
 
     def forward(self, x):
