@@ -33,7 +33,7 @@ SPEC_STEPS = 50_000 // 64 * 205  # the SPEC's CIFAR-100 run: 781 steps per epoch
 def parser():
     p = argparse.ArgumentParser(description="Time the MixSKD training step (and the plain way with --baseline).",
                                 formatter_class=train.HelpFormatter)
-    p.add_argument("--arch", default="resnet18", help="as train.py's --arch: ours, or torchvision:NAME")
+    p.add_argument("--arch", default="resnet18", help="as train.py's --arch: ours, torchvision:NAME or timm:NAME")
     p.add_argument("--width", type=int, default=64, help="channels of the first stage, as train.py's --width")
     p.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"), help="our ResNets' stem")
     p.add_argument("--image-size", type=int, default=32, help="side of the synthetic square images")
@@ -76,7 +76,7 @@ def synthetic_cifar(device, size=32, classes=100):
     mean, std = STATS["cifar100"]
     return SimpleNamespace(images=images, labels=labels, num_classes=classes, mean=mean, std=std, n_train=n,
                            x_train=images.permute(0, 3, 1, 2).contiguous().to(device), y_train=labels.to(device),
-                           stats=pixel_stats(mean, std, device))
+                           stats=pixel_stats(mean, std, device), image_size=size)
 
 
 def peak_memory_reset(device):
@@ -119,7 +119,7 @@ def fast_stepper(targs, data, device):
     """train.py's loop body: device-side batches from data.train_batches, then train.train_step."""
     torch.manual_seed(0)
     speed = runtime.speed_settings(targs, device)
-    objective, opt = train.build(targs, data.num_classes, device, speed.memory_format)
+    objective, opt = train.build(targs, data.num_classes, device, speed.memory_format, data.image_size)
     step_fn = runtime.wrap(objective, targs, device, world=1)
     state = {"epoch": 0, "batches": iter(())}
     settings = {"amp": speed.amp,
@@ -171,7 +171,7 @@ def plain_step(targs, objective, opt, x, y):
 def plain_stepper(targs, data, device, workers):
     torch.manual_seed(0)
     plain = argparse.Namespace(**{**vars(targs), "amp": "off", "channels_last": "off", "compile": "off"})
-    objective, _ = train.build(plain, data.num_classes, device, torch.contiguous_format)
+    objective, _ = train.build(plain, data.num_classes, device, torch.contiguous_format, data.image_size)
     params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     transform = T.Compose([T.RandomCrop(data.images.shape[1], padding=4), T.RandomHorizontalFlip(), T.ToTensor(),

@@ -1,12 +1,14 @@
 """Checkpoints: written atomically, read safely, mapped from other layouts, resumed exactly.
 
 Plumbing for train.py and eval.py, not the method; also what a run logs beside them (metrics.jsonl,
-TensorBoard). Every file is read with `torch.load(..., weights_only=True)` onto the CPU and every
-mistake becomes a one-line UserError.
-Three layouts are understood: this project's (last.pt, best.pt, deploy.pt, with a `meta` record),
-the released MixSKD scripts' `{'net': state_dict, ...}` (SPEC section 11, mapped by name), and a
-plain torchvision ResNet state dict (the backbone alone). A resumed run gets back every weight, the
-optimiser, the GradScaler and every random generator (runtime.rng_state), so it continues bit for bit.
+TensorBoard). Every file is read with `torch.load(..., weights_only=True)` (or safetensors) onto the CPU
+and every mistake becomes a one-line UserError. Three layouts are understood: this project's (last.pt,
+best.pt, deploy.pt, with a `meta` record; a torchvision or timm network is rebuilt from
+meta["model_kwargs"]), the released MixSKD scripts' `{'net': state_dict, ...}` (SPEC section 11, mapped by
+name), and a plain state dict of the backbone alone (torchvision's ResNet for eval.py; any supported library
+network's for --init-from, also as .safetensors), without the prefixes of PyTorch's wrappers. A resumed run
+gets back every weight, the optimiser, the GradScaler and every random generator (runtime.rng_state), so it
+continues bit for bit.
 """
 import json
 import math
@@ -19,7 +21,8 @@ import torch
 import runtime
 from data import DATASETS, dataset_name
 from errors import UserError
-from model import ARCHS, Bottleneck, MixSKDNet, ResNet, network
+from layouts import library_network, model_kwargs, timm_checkpoint_filter
+from model import ARCHS, Bottleneck, MixSKDNet, ResNet, library, network
 from self_teacher import SelfTeacher
 
 # ----------------------------------------------------------------------------- writing
@@ -108,7 +111,9 @@ def run_meta(args, data, backbone):
             "dataset_path": os.path.abspath(args.dataset) if args.dataset not in DATASETS else None,
             "image_pipeline": "folder" if hasattr(data, "train_set") else "tensors",
             "image_size": data.image_size, "class_names": data.class_names, "seed": args.seed,
-            "mean": list(data.mean), "std": list(data.std)}
+            "mean": list(data.mean), "std": list(data.std),
+            # a torchvision or timm backbone: what its library builds it from (README, "MixSKD on your own network")
+            "model_kwargs": model_kwargs(args.arch, data.num_classes, data.image_size) if library(args.arch) else None}
 
 
 def save_training(paths, meta, args, epoch, best, objective, opt, scaler, rng):
@@ -140,6 +145,8 @@ def read_checkpoint(path):
     """torch.load(weights_only=True) onto the CPU, with one-line errors for missing, truncated or
     foreign files; a plain state dict comes back without the prefixes of PyTorch's wrappers (`unwrap`).
     (On the CPU because RNG states must stay there; weights are copied to the model.)"""
+    if str(path).endswith(".safetensors"):
+        return unwrap(read_safetensors(path))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -160,6 +167,21 @@ def read_checkpoint(path):
                         f"({reason})") from None
     plain = isinstance(ckpt, dict) and bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
     return unwrap(ckpt) if plain else ckpt
+
+
+def read_safetensors(path):
+    """A state dict saved as .safetensors (timm's and the Hugging Face Hub's format), onto the CPU."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"reading {path} needs safetensors: pip install safetensors") from None
+    try:
+        return load_file(path, device="cpu")
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise UserError(f"cannot read {path}: truncated, corrupt or not a safetensors file "
+                        f"({type(e).__name__})") from None
 
 
 def load_state(module, state, what):
@@ -241,8 +263,15 @@ def model_from_checkpoint(ckpt, path):
                         f"its first key is {next(iter(ckpt), None)!r})")
     meta = ckpt["meta"]
     deploy = "backbone" in ckpt  # deploy.pt: the backbone alone
-    model = network(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"], meta.get("stem", "cifar"),
-                    mixskd=meta["method"] == "mixskd" and not deploy)
+    mixskd = meta["method"] == "mixskd" and not deploy
+    try:
+        if meta.get("model_kwargs") is not None:  # a torchvision or timm network, built as its library builds it
+            model = library_network(meta["arch"], meta["model_kwargs"], mixskd)
+        else:
+            model = network(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"],
+                            meta.get("stem", "cifar"), mixskd)
+    except ValueError as e:  # an arch this installation cannot build: timm missing, say
+        raise UserError(f"{path}: {e}") from None
     load_state(model, ckpt["backbone" if deploy else "model"], f"{'deploy ' * deploy}checkpoint {path}")
     teacher = None
     if ckpt.get("self_teacher") is not None:
@@ -256,7 +285,8 @@ def model_from_checkpoint(ckpt, path):
 
 def init_from(path, model, teacher):
     """Copy a checkpoint's weights into model (and the self-teacher): ours, the released script's, or a
-    plain state dict of the backbone (torchvision's, say). From a backbone alone (deploy.pt, a state dict)
+    plain state dict of the backbone (torchvision's or timm's, a torch file or .safetensors; a timm one goes
+    through timm's own checkpoint filter first). From a backbone alone (deploy.pt, a state dict)
     the branches start as copies of its later stages (README, "MixSKD on your own network"); one trained
     for another class count loads all but its classifier, which stays fresh (fine-tuning)."""
     ckpt = read_checkpoint(path)
@@ -274,6 +304,8 @@ def init_from(path, model, teacher):
         source, whole = source.backbone, False
     state = dict(ckpt if plain else source.state_dict())
     target = model.backbone if hasattr(model, "branches") and not whole else model
+    if plain and type(target).__module__.startswith("timm."):  # e.g. a ViT's position embedding resized
+        state = timm_checkpoint_filter(state, target)
     own = target.state_dict()
     classifier = list(own)[-2:]  # the last layer's weight and bias, in torchvision's networks and ours
     fresh = not whole and any(k in state and len(state[k]) != len(own[k]) for k in classifier)

@@ -13,13 +13,12 @@ the model only forwards.
 Module names follow torchvision (conv1, bn1, layer1..4, fc, downsample.0/1), so backbone weights
 move between this file and torchvision-style code by name.
 
-`StagedMixSKDNet` does the same for any network described by a `Layout` (stem, stages, post, head):
-`torchvision_layout` describes the torchvision families ResNet/ResNeXt/Wide-ResNet, RegNet, ConvNeXt,
-MobileNetV2/V3, EfficientNet V1/V2 and DenseNet, and `network("torchvision:NAME", ...)` builds them.
-torchvision is imported only inside those functions: the rest of this file needs torch alone.
+`StagedMixSKDNet` does the same for any network described by a `Layout` (stem, stages, post, head).
+layouts.py holds the layouts of torchvision's and timm's families, CNNs and vision transformers, and
+`network("torchvision:NAME" or "timm:NAME", ...)` builds them; this file imports it only there (and for
+StagedMixSKDNet's default layout), so the rest of it needs torch alone.
 """
 import contextlib
-import functools
 from typing import NamedTuple
 
 import torch
@@ -221,33 +220,58 @@ class MixSKDNet(nn.Module):
 
 class Layout(NamedTuple):
     """How a backbone computes its logits, in order: stem, K >= 2 stages, `post` (what the network applies
-    after its last stage before pooling: DenseNet's final norm and ReLU, MobileNet's last 1x1 conv) and
-    head (pooling and classifier). Each part is a list of submodule paths ("layer1", "features.3") or of
-    plain functions (torch.flatten), so a layout holds no modules of its own and survives module swaps
-    such as SyncBatchNorm conversion."""
+    after its last stage before pooling: DenseNet's final norm and ReLU, a ViT's final norm) and head
+    (pooling and classifier). Each part is a list of items, applied in order to the running tensor:
+    - a path: a submodule ("layer1", "features.3") or a method ("forward_head", "_pos_embed") of the network;
+    - a plain function of the tensor (torch.flatten);
+    - a pair (function, path) for a step the network writes inline: function(submodule at path, x)
+      (torchvision's ViT prepends its class token, net.class_token, in forward itself).
+    A layout holds no modules of its own, so it survives module swaps such as SyncBatchNorm conversion.
+    image_size: the side of the probe image that measures the network; a network built for one input size
+    (a ViT) gives that size."""
     stem: list
     stages: list
     post: list
     head: list
+    image_size: int = 64
+
+
+def resolve(net, path):
+    """The submodule of net at path, or the method its last name calls on its parent ("forward_head")."""
+    parent, _, name = path.rpartition(".")
+    return getattr(net.get_submodule(parent), name)
 
 
 def run_part(net, part, x):
     """Apply the items of one part of a Layout, in order, to x."""
     for item in part:
-        x = net.get_submodule(item)(x) if isinstance(item, str) else item(x)
+        if isinstance(item, str):
+            x = resolve(net, item)(x)
+        elif isinstance(item, tuple):
+            function, path = item
+            x = function(net.get_submodule(path), x)
+        else:
+            x = item(x)
     return x
 
 
 class LayoutBranch(nn.Module):
     """Auxiliary branch k of a StagedMixSKDNet: a fresh network of the backbone's kind, of which stages
-    k+1..K, post and head run on the output of the backbone's stage k. Its stem and stages 1..k are
-    replaced by nn.Identity, so it holds no parameter it never uses; its keys are the network's own."""
+    k+1..K, post and head run on the output of the backbone's stage k. In its stem and stages 1..k, every
+    submodule is replaced by nn.Identity, and every method or (function, path) pair takes with it the
+    parameters its module holds itself (a ViT's class token and position embedding). So the branch holds
+    no parameter it never uses (DistributedDataParallel needs a gradient for each); its keys are the
+    network's own."""
 
     def __init__(self, net, layout, k):
         super().__init__()
-        for path in layout.stem + [item for stage in layout.stages[:k] for item in stage]:
-            if isinstance(path, str):
-                net.set_submodule(path, nn.Identity())
+        for item in layout.stem + [item for stage in layout.stages[:k] for item in stage]:
+            if isinstance(item, str) and isinstance(resolve(net, item), nn.Module):
+                net.set_submodule(item, nn.Identity())
+            elif not callable(item):
+                owner = net.get_submodule(item.rpartition(".")[0] if isinstance(item, str) else item[1])
+                for name, _ in list(owner.named_parameters(recurse=False)):
+                    owner.register_parameter(name, None)
         self.net, self.layout, self.k = net, layout, k
 
     def forward(self, x):
@@ -265,14 +289,16 @@ class StagedMixSKDNet(nn.Module):
     pretrained weights gives branches that start as copies of the pretrained later stages. Every head's
     final feature map then has the backbone's shape, so the self-teacher, L_feat, L_adv and the
     discriminators work unchanged. `self.backbone` is the network make_backbone() returned, untouched:
-    it is what you deploy.
+    it is what you deploy. layout_of(net) -> Layout; by default layouts.library_layout, which knows the
+    torchvision and timm families (layouts.py is then needed beside this file).
 
         net = StagedMixSKDNet(lambda: torchvision.models.mobilenet_v3_small(num_classes=10))
     """
 
     def __init__(self, make_backbone, layout_of=None):
         super().__init__()
-        layout_of = layout_of or torchvision_layout
+        if layout_of is None:
+            from layouts import library_layout as layout_of
         self.backbone = make_backbone()
         self.layout = layout_of(self.backbone)
         if len(self.layout.stages) < 2:
@@ -283,8 +309,8 @@ class StagedMixSKDNet(nn.Module):
                              "have, pass lambda: copy.deepcopy(model)")
         self.branches = nn.ModuleList(LayoutBranch(net, self.layout, k) for k, net in enumerate(nets, 1))
         with probing(self.backbone) as device:
-            self.feature_channels = run_part(self.backbone, self.layout.post,
-                                        self.trunk(torch.zeros(1, 3, 64, 64, device=device))).shape[1]
+            probe = torch.zeros(1, 3, self.layout.image_size, self.layout.image_size, device=device)
+            self.feature_channels = run_part(self.backbone, self.layout.post, self.trunk(probe)).shape[1]
 
     def trunk(self, x):
         for stage in [self.layout.stem] + self.layout.stages:
@@ -327,97 +353,31 @@ def probing(net):
         net.train(was_training)
 
 
-def stride_layout(net, name, post, head):
-    """The Layout of a network whose trunk is one Sequential, net.<name>: its modules are grouped by the
-    resolution they output, measured on a 64 x 64 input: below 1/4 the stem, then stages at 1/4, 1/8,
-    1/16 and 1/32 of the input; its last `post` modules are the post part.
-
-    Four stages at strides 4..32 put the branches where the paper puts them on ResNet-50 (after the
-    stages at 1/4, 1/8 and 1/16). Networks with a fifth, stride-2 stage (MobileNet, EfficientNet) fold
-    it into the stem: a branch there would re-run nearly the whole network at high resolution.
-    """
-    children = list(net.get_submodule(name).named_children())
-    body, tail = children[:len(children) - post], children[len(children) - post:]
-    strides = []
-    with probing(net) as device:
-        x = torch.zeros(1, 3, 64, 64, device=device)
-        for _, module in body:
-            x = module(x)
-            strides.append(64 // x.shape[-1])
-    paths = [f"{name}.{child}" for child, _ in body]
-    stages = [[p for p, s in zip(paths, strides) if s == 2 ** k] for k in (2, 3, 4, 5)]
-    if not all(stages) or any(s > 32 for s in strides):
-        raise ValueError(f"{type(net).__name__}: cannot find stages at strides 4, 8, 16 and 32 in {name}")
-    return Layout([p for p, s in zip(paths, strides) if s < 4], stages, [f"{name}.{child}" for child, _ in tail],
-                  head)
-
-
-def flatten(x):
-    return torch.flatten(x, 1)
-
-
-def global_pool(x):
-    return F.adaptive_avg_pool2d(x, 1)
-
-
-TORCHVISION_FAMILIES = {  # family: the prefixes of its torchvision model names
-    "ResNet / ResNeXt / Wide-ResNet": ("resnet", "resnext", "wide_resnet"),
-    "RegNet X and Y": ("regnet_x_", "regnet_y_"),
-    "ConvNeXt": ("convnext_",),
-    "MobileNetV2 and V3": ("mobilenet_v2", "mobilenet_v3_"),
-    "EfficientNet V1 and V2": ("efficientnet_b", "efficientnet_v2_"),
-    "DenseNet": ("densenet",),
-}
-
-
-def torchvision_layout(net):
-    """The Layout of a torchvision classification network of a supported family (TORCHVISION_FAMILIES),
-    written from each family's own forward(). Imports torchvision only when called."""
-    import torchvision.models as tvm
-
-    if isinstance(net, tvm.ResNet):
-        return Layout(["conv1", "bn1", "relu", "maxpool"], [["layer1"], ["layer2"], ["layer3"], ["layer4"]], [],
-                      ["avgpool", flatten, "fc"])
-    if isinstance(net, tvm.RegNet):
-        return Layout(["stem"], [[f"trunk_output.block{k}"] for k in (1, 2, 3, 4)], [], ["avgpool", flatten, "fc"])
-    if isinstance(net, tvm.ConvNeXt):
-        return stride_layout(net, "features", 0, ["avgpool", "classifier"])
-    if isinstance(net, tvm.MobileNetV2):
-        return stride_layout(net, "features", 1, [global_pool, flatten, "classifier"])
-    if isinstance(net, (tvm.MobileNetV3, tvm.EfficientNet)):
-        return stride_layout(net, "features", 1, ["avgpool", flatten, "classifier"])
-    if isinstance(net, tvm.DenseNet):
-        layout = stride_layout(net, "features", 1, [global_pool, flatten, "classifier"])
-        return layout._replace(post=layout.post + [F.relu])
-    raise ValueError(f"no layout for {type(net).__name__}: {supported_families()}")
-
-
-def supported_families():
-    return "supported torchvision families are " + "; ".join(
-        f"{family} ({', '.join(p + '*' for p in prefixes)})" for family, prefixes in TORCHVISION_FAMILIES.items())
+def library(arch):
+    """"torchvision" or "timm" for an arch of an outside library ("timm:NAME"), else None (ours)."""
+    prefix = arch.partition(":")[0]
+    return prefix if ":" in arch and prefix in ("torchvision", "timm") else None
 
 
 def check_arch(arch):
-    """A ValueError naming the choices unless arch is one of ours (ARCHS) or torchvision:NAME of a
-    supported family."""
-    if arch.startswith("torchvision:"):
-        import torchvision.models as tvm
+    """A ValueError naming the choices unless arch is one of ours (ARCHS), or torchvision:NAME or timm:NAME of
+    a family that layouts.py supports."""
+    if library(arch):
+        from layouts import check_library_arch
 
-        name = arch.removeprefix("torchvision:")
-        if name not in tvm.list_models(module=tvm) or not name.startswith(sum(TORCHVISION_FAMILIES.values(), ())):
-            raise ValueError(f"unsupported torchvision model {name!r}: {supported_families()}")
+        check_library_arch(arch)
     elif arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)} or torchvision:NAME")
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}, torchvision:NAME or timm:NAME")
 
 
-def network(arch, num_classes, width=64, stem_relu=True, stem="cifar", mixskd=False):
-    """The network an arch names: ours (a ResNet, or with mixskd its MixSKDNet), or for torchvision:NAME
-    torchvision.models.get_model(NAME, num_classes=...) as torchvision builds and initialises it (with
-    mixskd, a StagedMixSKDNet over it; width, stem_relu and stem then do not apply)."""
+def network(arch, num_classes, width=64, stem_relu=True, stem="cifar", mixskd=False, image_size=None):
+    """The network an arch names: ours (a ResNet, or with mixskd its MixSKDNet), or for torchvision:NAME and
+    timm:NAME the library's own network for num_classes (a transformer for image_size x image_size inputs),
+    as layouts.library_network builds it (with mixskd, a StagedMixSKDNet over it; width, stem_relu and stem
+    then do not apply)."""
     check_arch(arch)
-    if not arch.startswith("torchvision:"):
+    if not library(arch):
         return (MixSKDNet if mixskd else ResNet)(arch, num_classes, width, stem_relu, stem)
-    import torchvision.models as tvm
+    from layouts import library_network, model_kwargs
 
-    make = functools.partial(tvm.get_model, arch.removeprefix("torchvision:"), num_classes=num_classes)
-    return StagedMixSKDNet(make) if mixskd else make()
+    return library_network(arch, model_kwargs(arch, num_classes, image_size), mixskd)

@@ -69,10 +69,12 @@ parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Tra
 g = parser.add_argument_group("what to train")
 g.add_argument("--arch", default="resnet18", help=f"{', '.join(ARCHS)} (the stem follows the dataset: 3x3 on "
                "CIFAR, 7x7 + max-pool on ImageNet), or torchvision:NAME, a torchvision classifier of a family that "
-               "model.TORCHVISION_FAMILIES lists (ResNet, ResNeXt, Wide-ResNet, RegNet, ConvNeXt, MobileNetV2/V3, "
-               "EfficientNet, DenseNet)")
+               "layouts.TORCHVISION_FAMILIES lists (ResNet, ResNeXt, Wide-ResNet, RegNet, ConvNeXt, MobileNetV2/V3, "
+               "EfficientNet, DenseNet, ViT, Swin), or timm:NAME, one of layouts.TIMM_FAMILIES (ResNet, ResNeXt, "
+               "ConvNeXt, EfficientNet, MobileNetV3/V4, RegNet, ViT, DeiT, Swin; needs timm); transformers are "
+               "built for the data's image size")
 g.add_argument("--width", type=int, default=argparse.SUPPRESS, help="channels of our ResNets' first stage (default "
-               "64, as in the paper); library networks (torchvision:NAME) have their own")
+               "64, as in the paper); library networks (torchvision:, timm:) have their own")
 g.add_argument("--dataset", default="cifar100", help="cifar10, cifar100 (torchvision, downloaded into --data), "
                "PATH.npz with x_train, y_train, x_test, y_test (uint8 NHWC images), or imagenet (--data holds train/ "
                "and val/ in ImageFolder layout)")
@@ -129,7 +131,8 @@ g.add_argument("--resume", action="store_true", help="continue the run in --out 
 g.add_argument("--extend", action="store_true",
                help="with --resume: continue a run to another --epochs than it was started with (new schedule)")
 g.add_argument("--init-from", default=None,
-               help="start from the weights of a checkpoint: ours (last/best/deploy.pt) or the released script's")
+               help="start from the weights of a checkpoint: ours (last/best/deploy.pt), the released script's, or a "
+                    "state dict of the backbone (torchvision's or timm's; a torch file or .safetensors)")
 g.add_argument("--sync-bn", action="store_true",
                help="under torchrun on CUDA: BatchNorm statistics over all GPUs (off, as in the released code)")
 g.add_argument("--log-every", type=int, default=100, help="steps between progress updates (each one syncs)")
@@ -297,13 +300,14 @@ def lr_at(step, steps_per_epoch, args):
     return args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)
 
 
-def build(args, num_classes, device, memory_format):
+def build(args, num_classes, device, memory_format, image_size=None):
     """The run's objective (the network; for MixSKD also the self-teacher and the discriminators) and
-    one SGD over what it trains (SPEC sections 7 and 9)."""
+    one SGD over what it trains (SPEC sections 7 and 9). image_size: the side of the images, for the
+    transformers that are built for one input size."""
     # the released ImageNet script optimises L_mix and keeps the stem ReLU, its CIFAR script does neither
     recipe = "official-imagenet" if args.recipe == "official" and args.stem == "imagenet" else args.recipe
     stem_relu = not (args.method == "mixskd" and recipe == "official")  # SPEC section 6, item 5
-    net = network(args.arch, num_classes, args.width, stem_relu, args.stem, mixskd=args.method == "mixskd")
+    net = network(args.arch, num_classes, args.width, stem_relu, args.stem, args.method == "mixskd", image_size)
     if args.method == "mixskd":
         channels, heads = net.feature_channels, len(net.branches) + 1
         objective = MixSKDObjective(net, SelfTeacher(channels, num_classes, heads), discriminators(channels, heads),
@@ -344,7 +348,7 @@ def setup(args, rank, world, device):
     run.data = data = hold_out(load_dataset(args.dataset, args.data, device, args.image_size, args.workers),
                                args.val_split, args.seed)
     runtime.check_writable(args.out, rank)
-    run.objective, run.opt = build(args, data.num_classes, device, run.speed.memory_format)
+    run.objective, run.opt = build(args, data.num_classes, device, run.speed.memory_format, data.image_size)
     runtime.seed_all(args.seed + rank)  # each rank draws its own lam and perm for its own batch
     net, teacher, discs = (getattr(run.objective, name, None) for name in ("net", "self_teacher", "discs"))
     run.backbone = getattr(net, "backbone", net)
