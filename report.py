@@ -132,7 +132,8 @@ def plot_runs(run_dirs, out):
         seen[label] = seen.get(label, -1) + 1
         name = f"{args['arch']} {label}" if len(archs) > 1 else label
         acc_ax.plot([r["epoch"] + 1 for r in records], [r["test"]["backbone"]["top1"] for r in records], lw=1,
-                    **marker, color=colour, ls=("-", "--", ":", "-.")[seen[label] % 4], label=f"{name} seed {args['seed']}")
+                    **marker, color=colour, ls=("-", "--", ":", "-.")[seen[label] % 4],
+                    label=f"{name} seed {args['seed']}")
     acc_ax.set(xlabel="epoch", ylabel="test top-1 of the backbone (%)", title="deployed network, every run")
     acc_ax.legend(fontsize=7, ncol=2)
     mixskd = [run for run in runs if run[0]["method"] == "mixskd"]

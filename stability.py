@@ -57,7 +57,9 @@ def norms(teacher):
 
 
 def all_finite(module):
-    return all(torch.isfinite(t).all() for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point())
+    """Every weight and BatchNorm statistic of module is finite."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
 
 
 def run_case(args, data, device, trace=False):
@@ -87,14 +89,16 @@ def run_case(args, data, device, trace=False):
         if trace:
             print(f"  step {step + 1} lr {lr:.4f} loss {losses[-1]:.4g} "
                   + " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
-                  + f" | h conv {conv:.4g} fc {fc:.4g} grad {grad:.4g} | all grads {net_grad_max:.4g}", flush=True)
+                  + f" | h conv {conv:.4g} fc {fc:.4g} grad {grad:.4g} | largest (clipped) gradient norm "
+                  f"{net_grad_max:.4g}",
+                  flush=True)
         if not math.isfinite(losses[-1]):
             break
     finite = all(map(math.isfinite, losses)) and all_finite(objective)
-    return {"warmup_iters": train.warmup_iterations(args, steps), "steps": len(losses), "run_steps": steps * args.epochs,
-            "loss_first": losses[0], "loss_max": max(losses), "loss_last": losses[-1],
-            "h_conv": [conv0, conv_max, conv], "h_fc": [fc0, fc_max, fc], "h_grad_max": grad_max, "grad_max": net_grad_max,
-            "finite": finite, "seconds": time.time() - start}
+    return {"warmup_iters": train.warmup_iterations(args, steps), "clip": train.clip_norm(args, steps),
+            "steps": len(losses), "run_steps": steps * args.epochs, "loss_first": losses[0], "loss_max": max(losses),
+            "loss_last": losses[-1], "h_conv": [conv0, conv_max, conv], "h_fc": [fc0, fc_max, fc],
+            "h_grad_max": grad_max, "grad_max": net_grad_max, "finite": finite, "seconds": time.time() - start}
 
 
 def main(argv=None):
@@ -106,16 +110,17 @@ def main(argv=None):
         data.n_train = len(data.y_train)
     print(f"{data.name}: first {data.n_train} training images, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; up to {opts.steps} steps per case")
-    print(f"{'net':<31}{'batch':>6}{'epochs':>7}{'amp':>5}{'warmup':>7}{'steps':>10}{'loss max':>10}"
-          f"{'last':>9}{'h conv 0/max/last':>22}{'h fc 0/max/last':>20}{'grad max':>9}  finite")
+    print(f"{'net':<31}{'batch':>6}{'epochs':>7}{'amp':>5}{'warmup':>7}{'clip':>5}{'steps':>10}{'loss max':>10}"
+          f"{'last':>10}{'h conv 0/max/last':>24}{'h fc 0/max/last':>24}{'h grad max':>11}  finite")
     for net, batch_size, epochs, amp in itertools.product(opts.nets, opts.batch_sizes, opts.epochs, opts.amps):
         args = case_args(net, batch_size, epochs, amp, opts.dataset, opts.extra)
         args.steps_to_run = opts.steps
         r = run_case(args, data, device, opts.trace)
         h = lambda v: "/".join(f"{x:.3g}" for x in v)
-        print(f"{net:<31}{batch_size:>6}{epochs:>7}{amp:>5}{r['warmup_iters']:>7}{r['steps']:>5}/{r['run_steps']:<4}"
-              f"{r['loss_max']:>10.4g}{r['loss_last']:>9.4g}{h(r['h_conv']):>22}{h(r['h_fc']):>20}"
-              f"{r['h_grad_max']:>9.3g}  {'yes' if r['finite'] else 'NO'}", flush=True)
+        print(f"{net:<31}{batch_size:>6}{epochs:>7}{amp:>5}{r['warmup_iters']:>7}{r['clip']:>5g}"
+              f"{r['steps']:>5}/{r['run_steps']:<4}{r['loss_max']:>10.4g}{r['loss_last']:>10.4g}"
+              f"{h(r['h_conv']):>24}{h(r['h_fc']):>24}{r['h_grad_max']:>11.3g}  {'yes' if r['finite'] else 'NO'}",
+              flush=True)
         if opts.json:
             with open(opts.json, "a") as f:
                 f.write(json.dumps({"net": net, "batch_size": batch_size, "epochs": epochs, "amp": amp,

@@ -184,13 +184,15 @@ def finite_at_least(low, strict=False):
 
 
 def int_in(low, high=None):
-    return (lambda v: low <= v and (high is None or v < high)), f"an integer >= {low}" + (f" and < {high}" if high else "")
+    ok = (lambda v: low <= v and (high is None or v < high))
+    return ok, f"an integer >= {low}" + (f" and < {high}" if high else "")
 
 
 # every numeric flag and what it accepts: checked before any data is read
 RANGES = {"width": int_in(1), "image_size": int_in(8), "workers": int_in(0), "alpha": finite_at_least(0, True),
           "temperature": finite_at_least(0, True), **{f"w_{t}": finite_at_least(0) for t in TERMS},
-          "epochs": int_in(1), "warmup_epochs": finite_at_least(0), "milestones": int_in(1), "lr": finite_at_least(0, True),
+          "epochs": int_in(1), "warmup_epochs": finite_at_least(0), "milestones": int_in(1),
+          "lr": finite_at_least(0, True),
           "weight_decay": finite_at_least(0), "batch_size": int_in(2), "clip_grad": finite_at_least(0),
           "seed": int_in(0, 2**32), "log_every": int_in(1), "val_split": finite_at_least(0)}
 WHY = {"batch_size": " (mixup pairs images, BatchNorm needs a batch)", "clip_grad": " (0: never clip)",
@@ -214,8 +216,8 @@ def optimised_terms(args):
 
 
 # the arguments that do not change what a run computes: a resume may give them anew
-NOT_TRAINING = {"device", "amp", "channels_last", "compile", "out", "resume", "extend", "init_from", "log_every", "data",
-                "workers", "tensorboard"}
+NOT_TRAINING = {"device", "amp", "channels_last", "compile", "out", "resume", "extend", "init_from", "log_every",
+                "data", "workers", "tensorboard"}
 
 
 def given_flags(argv):
@@ -381,7 +383,8 @@ def setup(args, rank, world, device):
           f"channels_last {run.speed.memory_format == torch.channels_last} compile {args.compile} | batch "
           f"{args.batch_size} per process, {run.images} in all{spec_batch} | {run.n_trained:,} trained params, "
           f"{run.n_deployed:,} deployed | epochs {run.start_epoch + 1}..{args.epochs}, warmup "
-          f"{warmup_iterations(args, run.steps)} iterations,{f' gradient norm clipped to {run.clip:g},' * bool(run.clip)} "
+          f"{warmup_iterations(args, run.steps)} iterations,"
+          f"{f' gradient norm clipped to {run.clip:g},' * bool(run.clip)} "
           f"{'milestones ' + str(args.milestones) if args.schedule == 'step' else 'cosine schedule'}", flush=True)
     return run
 
