@@ -326,15 +326,14 @@ def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank):
         raise UserError(f"{path} is not a training checkpoint of this project: --resume needs a last.pt")
     # the dataset by name: an .npz may have moved since
     saved = {**ckpt["meta"], "dataset": dataset_name(ckpt["meta"]["dataset"])}
+    if ":" in saved["arch"]:  # older runs recorded our ResNets' width and stem for library networks too
+        saved["width"] = saved["stem"] = None
     current = {**meta, "dataset": dataset_name(meta["dataset"])}
     for key in ("arch", "width", "num_classes", "method", "recipe", "stem_relu", "stem", "seed", "dataset"):
         if saved.get(key) != current[key]:
             raise UserError(f"{path} was trained with {key}={saved.get(key)!r}, this run has {current[key]!r}: "
                             f"pass the same arguments to resume, or another --out for a new run")
-    started, done = ckpt["args"]["epochs"], ckpt["epoch"] + 1
-    if args.epochs != started and not args.extend:
-        raise UserError(f"{path} belongs to a run of {started} epochs, this one asks for {args.epochs}: pass "
-                        f"--epochs {started} to resume it as it was, or add --extend to change its length and schedule")
+    done = ckpt["epoch"] + 1  # train.resume_arguments has kept every other argument of the run
     if args.epochs < done:
         raise UserError(f"{path} already holds epoch {done}: --epochs {args.epochs} leaves nothing to train")
     load_state(model, ckpt["model"], f"checkpoint {path}")

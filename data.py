@@ -46,7 +46,7 @@ def load_dataset(dataset, root="./data", device="cpu", image_size=None, workers=
     """Train and test sets as device tensors: x uint8 N x 3 x 32 x 32, y int64, plus num_classes, mean,
     std; for imagenet (in root) or a folder of its own (the dataset argument), the two ImageFolder datasets
     of its train/ and val/ that train_batches and eval_batches stream."""
-    if dataset == "imagenet" or os.path.isdir(dataset):
+    if dataset == "imagenet" or (dataset not in DATASETS and os.path.isdir(dataset)):
         return load_image_folder(root if dataset == "imagenet" else dataset, device, image_size, workers,
                                  dataset_name(dataset))
     if dataset in DATASETS:

@@ -21,6 +21,7 @@ import torch
 
 import runtime
 import train
+from errors import run_cli
 from data import load_dataset, steps_per_epoch, train_batches
 
 GRID = {"nets": ["resnet18/64", "resnet18/16", "torchvision:resnet18", "torchvision:mobilenet_v3_small",
@@ -56,17 +57,11 @@ def norms(teacher):
     return conv.norm().item(), fc.norm().item(), math.hypot(grad(conv), grad(fc))
 
 
-def all_finite(module):
-    """Every weight and BatchNorm statistic of module is finite."""
-    tensors = itertools.chain(module.parameters(), module.buffers())
-    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
-
-
 def run_case(args, data, device, trace=False):
     """The first args.steps steps of the run `args` describes; returns the case's record."""
     speed = runtime.speed_settings(args, device)
     runtime.seed_all(args.seed)
-    objective, opt = train.build(args, data.num_classes, device, speed.memory_format)
+    objective, opt = train.build(args, data.num_classes, device, speed.memory_format, data.image_size)
     steps = steps_per_epoch(data, args.batch_size)
     total_steps = min(args.steps_to_run, steps * args.epochs)
     teacher = objective.self_teacher
@@ -94,7 +89,7 @@ def run_case(args, data, device, trace=False):
                   flush=True)
         if not math.isfinite(losses[-1]):
             break
-    finite = all(map(math.isfinite, losses)) and all_finite(objective)
+    finite = all(map(math.isfinite, losses)) and not train.non_finite_tensors(objective)
     return {"warmup_iters": train.warmup_iterations(args, steps), "clip": train.clip_norm(args, steps),
             "steps": len(losses), "run_steps": steps * args.epochs, "loss_first": losses[0], "loss_max": max(losses),
             "loss_last": losses[-1], "h_conv": [conv0, conv_max, conv], "h_fc": [fc0, fc_max, fc],
@@ -128,4 +123,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
