@@ -225,6 +225,10 @@ def hold_out(data, val_split, seed):
     data.val_index = stratified_sample(labels, n, seed)
     data.train_index = np.setdiff1d(np.arange(len(labels)), data.val_index)
     data.n_train, data.n_val = len(data.train_index), n
+    gone = sorted(set(labels.tolist()) - set(labels[data.train_index].tolist()))
+    if gone:  # a class with very few images can go to validation whole
+        print(f"note: --val-split {val_split} holds out every training image of class{'es' * (len(gone) > 1)} "
+              f"{shown(gone)}: {'they' if len(gone) > 1 else 'it'} will not be learned", file=sys.stderr)
     if folder:  # the same files, read for validation as the test set is read
         val_set = copy.copy(data.train_set)
         val_set.transform = data.test_set.transform

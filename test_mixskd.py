@@ -2095,6 +2095,14 @@ def test_eval_of_a_run_folder_evaluates_its_deploy_pt(run_dir, capsys):
     assert report_["heads"]["backbone"] == metric_lines(run_dir)[-1]["test"]["backbone"]
 
 
+def test_a_class_held_out_whole_for_validation_is_named(capsys):
+    """Two of three images held out: class 1's share of 2 rounds up to its one image."""
+    dataset = argparse.Namespace(y_train=torch.tensor([0, 0, 1]), x_train=torch.zeros(3, 3, 2, 2))
+    data.hold_out(dataset, 2, seed=0)
+    assert dataset.y_val.tolist() == [0, 1] and dataset.y_train.tolist() == [0]
+    assert "holds out every training image of class 1: it will not be learned" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("labels, refused, named", [
     ([0, 3, 7, 12, 40], True, "36 of the 41 classes 0..40 have no training image (labels 0, 3, 7, 12, 40)"),
     ([1, 2, 3, 4, 5], False, "note: {path}: class 0 of 6 has no training image"),
