@@ -30,6 +30,11 @@ def world_size():
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
+def rank():
+    """This process's rank under torchrun (0 without it), before the process group exists."""
+    return int(os.environ.get("RANK", 0))
+
+
 def pick_device(name=None):
     """--device as a torch.device (default: cuda when available), with one line where it cannot be used."""
     try:
@@ -155,7 +160,7 @@ def cleanup_failed_start(out, rank):
 def interrupted(args, argv):
     """Ctrl-C: rank 0 prints one line, what last.pt holds and the exact command that resumes the run;
     returns 130, the exit status of a program stopped by SIGINT."""
-    if int(os.environ.get("RANK", 0)) != 0:
+    if rank() != 0:
         return 130
     last = os.path.join(args.out, "last.pt")
     line = "interrupted before the first epoch ended: nothing was saved"

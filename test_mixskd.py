@@ -1556,8 +1556,9 @@ def tiny_npz(tmp_path_factory):
 
 
 def tiny_run(npz, out, *extra):
-    train.main(["--dataset", npz, "--width", "4", "--batch-size", "32", "--warmup-epochs", "1",
-                "--milestones", "1", "--out", str(out), *extra])
+    width = [] if any(":" in a for a in extra) else ["--width", "4"]  # library networks have widths of their own
+    train.main(["--dataset", npz, *width, "--batch-size", "32", "--warmup-epochs", "1", "--milestones", "1",
+                "--out", str(out), *extra])
 
 
 @pytest.fixture(scope="module")
@@ -1803,7 +1804,8 @@ def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path, capsys):
     alpha = {"ce": None, "mixup": 0.4, "cutmix": 1.0}[method]  # SPEC section 7, as released
     header, epoch_line = capsys.readouterr().out.splitlines()[:2]
     assert (" amp off " in header or " amp bf16 " in header) and "torch." not in header
-    assert header.endswith("epochs 1..1, milestones [1]") and epoch_line.startswith("epoch 1/1 loss ")
+    assert header.endswith("epochs 1..1, warmup 8 iterations, milestones [1]")  # baselines are never clipped
+    assert epoch_line.startswith("epoch 1/1 loss ")
     assert (f" alpha {alpha} " in header) if alpha else (" alpha " not in header)
     assert json.loads((tmp_path / "summary.json").read_text())["args"]["alpha"] == alpha or alpha is None
     assert json.loads((tmp_path / "summary.json").read_text())["best_epoch_chosen_on"] == "test"  # no --val-split
@@ -1927,14 +1929,14 @@ def test_existing_run_without_resume_is_refused(kept_run, tiny_npz):
 
 @slow
 def test_resume_with_another_width_is_refused(kept_run, tiny_npz):
-    with pytest.raises(errors.UserError, match="width=4.*8"):
+    with pytest.raises(errors.UserError, match=r"these differ: --width 8 \(the run: 4\)"):
         train.main(["--dataset", tiny_npz, "--width", "8", "--out", str(kept_run), "--resume"])
 
 
 @slow
 def test_resume_with_another_seed_is_refused(kept_run, tiny_npz):
-    with pytest.raises(errors.UserError, match="seed=0, this run has 1"):
-        tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--seed", "1")
+    with pytest.raises(errors.UserError, match=r"these differ: --seed 1 \(the run: 0\)"):
+        tiny_run(tiny_npz, kept_run, "--epochs", "2", "--resume", "--seed", "1")
 
 
 @slow
@@ -2009,10 +2011,13 @@ def test_a_network_with_non_finite_outputs_is_never_saved(broken, tiny_npz, tmp_
 
 
 @slow
-def test_non_finite_loss_stops_naming_the_term_and_keeps_last_checkpoint(kept_run, tiny_npz):
+def test_non_finite_loss_stops_naming_the_term_and_keeps_last_checkpoint(kept_run, tiny_npz, monkeypatch):
+    """An lr of 1e30 from the third epoch on (a resume takes the run's own --lr, so the schedule stands in)."""
+    real = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, steps, args: 1e30 if step >= 2 * steps else real(step, steps, args))
     kept = r"non-finite loss from step 2/8 of epoch 3/3 on \(L_.*last.pt from the previous epoch is kept"
     with pytest.raises(errors.UserError, match=kept):
-        tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--extend", "--lr", "1e30", "--log-every", "2")
+        tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--extend", "--log-every", "2")
 
 
 @slow
@@ -2248,14 +2253,14 @@ def test_resume_of_a_finished_run_changes_nothing(run_dir, tiny_npz, tmp_path, c
     files = {p.name: p.read_bytes() for p in run.iterdir()}
     tiny_run(tiny_npz, run, "--epochs", "2", "--resume")
     assert "is complete (2 of 2 epochs): nothing to do, no file changed" in capsys.readouterr().out
-    with pytest.raises(errors.UserError, match="belongs to a run of 2 epochs.*add --extend"):
+    with pytest.raises(errors.UserError, match=r"--epochs 3 \(the run: 2\); --epochs may change with --extend"):
         tiny_run(tiny_npz, run, "--epochs", "3", "--resume")
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files
     tiny_run(tiny_npz, run, "--epochs", "3", "--resume", "--extend")  # asked for explicitly
     assert [r["epoch"] for r in metric_lines(run)] == [0, 1, 2]
     # an extension stopped before its summary: the old summary.json must not make it look complete
     (run / "summary.json").write_bytes(files["summary.json"])
-    with pytest.raises(errors.UserError, match="belongs to a run of 3 epochs"):
+    with pytest.raises(errors.UserError, match=r"--epochs 2 \(the run: 3\)"):
         tiny_run(tiny_npz, run, "--epochs", "2", "--resume")
     with pytest.raises(errors.UserError, match="--extend continues a run: pass it together with --resume"):
         tiny_run(tiny_npz, tmp_path / "new", "--epochs", "2", "--extend")

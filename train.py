@@ -168,7 +168,7 @@ def parse_args(argv=None):
     if not hasattr(args, "milestones"):  # the SPEC's decays at the same fractions of the run, kept distinct
         first, second = (round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES)
         args.milestones = [first, max(second, first + 1)]
-    elif args.schedule == "step" and any(m >= args.epochs for m in args.milestones):
+    elif args.schedule == "step" and any(m >= args.epochs for m in args.milestones) and runtime.rank() == 0:
         print(f"note: --milestones {' '.join(map(str, args.milestones))}: a decay at epoch {args.epochs} or later "
               f"comes after the last epoch of --epochs {args.epochs}, so the lr never makes it", file=sys.stderr)
     recipe = f"-{args.recipe}" if args.method == "mixskd" else ""
