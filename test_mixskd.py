@@ -988,6 +988,7 @@ def test_alpha_defaults_are_the_spec_and_released_ones(argv, alpha):
     (["--epochs", "2", "--warmup-epochs", "1"], 16, 16, 2.0),  # the user's warmup is kept
     (["--epochs", "10", "--clip-grad", "0"], 10, 25, 0.0),  # and the user's clip
     (["--epochs", "10", "--method", "ce"], 10, 25, 0.0),  # the baselines are never clipped by default
+    (["--arch", "torchvision:convnext_tiny"], 781, 3905, 2.0),  # nor is any library network's run the SPEC's
 ])
 def test_warmup_has_a_floor_and_only_runs_too_short_for_it_are_clipped(argv, steps, warmup, clip):
     """README, Stability: the SPEC's 5 warmup epochs, scaled with a shorter run, but at least 500 iterations

@@ -114,8 +114,8 @@ g.add_argument("--weight-decay", type=float, default=argparse.SUPPRESS,
 g.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="clean images per step and process; "
                "MixSKD forwards twice as many (default 64; on ImageNet 128 divided by the number of processes)")
 g.add_argument("--clip-grad", type=float, default=None, help="clip the norm of all trained gradients to this value, 0 "
-               f"= never (default: {CLIP_NORM} for a MixSKD run too short to warm up for {WARMUP_FLOOR} iterations, "
-               "else never, as the SPEC: README, Stability)")
+               f"= never (default: {CLIP_NORM} for a MixSKD run too short to warm up for {WARMUP_FLOOR} iterations "
+               "or of a library network, else never, as the SPEC: README, Stability)")
 g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation, mixing")
 g = parser.add_argument_group("speed")
 g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -282,11 +282,12 @@ def warmup_iterations(args, steps_per_epoch):
 def clip_norm(args, steps_per_epoch):
     """The gradient-norm clip of a run, 0 for none: --clip-grad when given; else CLIP_NORM for a MixSKD run
     whose warmup is shorter than WARMUP_FLOOR iterations, where the self-teacher's weights and gradients
-    grow without bound at the base lr (README, Stability), and none otherwise, as the SPEC."""
+    grow without bound at the base lr, or of a library network (torchvision:, timm:), for which no run is
+    the SPEC's and whose loss rose without it (README, Stability); none otherwise, as the SPEC."""
     if args.clip_grad is not None:
         return args.clip_grad
     short = warmup_iterations(args, steps_per_epoch) < WARMUP_FLOOR
-    return CLIP_NORM if args.method == "mixskd" and short else 0.0
+    return CLIP_NORM if args.method == "mixskd" and (short or ":" in args.arch) else 0.0
 
 
 def lr_at(step, steps_per_epoch, args):
