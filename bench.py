@@ -201,8 +201,8 @@ def main(argv=None):
     cuda = device.type == "cuda"
     warmup = args.warmup if args.warmup is not None else (20 if cuda else 2)
     steps = args.steps if args.steps is not None else (50 if cuda else 4)
-    if steps < 1 or warmup < 0:
-        sys.exit("error: --steps must be at least 1 and --warmup at least 0")
+    if steps < 1 or warmup < 0 or args.image_size < 8 or args.workers < 0:
+        sys.exit("error: --steps must be at least 1, --warmup and --workers at least 0, --image-size at least 8")
     # few timed steps make a noisy mean, and the projection multiplies it by 160,000 steps
     estimate = "training steps only" + (f"; rough, from {steps} timed step{'s' * (steps > 1)}" if steps < 10 else "")
     targs = train_args(args)

@@ -125,7 +125,8 @@ def check_run_folder(args):
     if args.resume and os.path.exists(summary):
         with open(summary) as f:
             done = json.load(f)
-        epochs, final = done["args"]["epochs"], done["final_epoch"]
+        # summary.json counts epochs from 1; one written before it did (no best_epoch_chosen_on) from 0
+        epochs, final = done["args"]["epochs"], done["final_epoch"] + ("best_epoch_chosen_on" not in done)
         with open(os.path.join(args.out, "metrics.jsonl")) as f:  # an --extend under way has logged beyond
             logged = max(json.loads(line)["epoch"] for line in f)
         if epochs == args.epochs == final == logged + 1:

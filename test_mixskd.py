@@ -2254,6 +2254,12 @@ def test_resume_of_a_finished_run_changes_nothing(run_dir, tiny_npz, tmp_path, c
     files = {p.name: p.read_bytes() for p in run.iterdir()}
     tiny_run(tiny_npz, run, "--epochs", "2", "--resume")
     assert "is complete (2 of 2 epochs): nothing to do, no file changed" in capsys.readouterr().out
+    old = json.loads(files["summary.json"])  # as written before summary.json counted epochs from 1
+    old.pop("best_epoch_chosen_on")
+    (run / "summary.json").write_text(json.dumps({**old, "final_epoch": old["final_epoch"] - 1}))
+    tiny_run(tiny_npz, run, "--epochs", "2", "--resume")
+    assert "is complete (2 of 2 epochs)" in capsys.readouterr().out
+    (run / "summary.json").write_bytes(files["summary.json"])
     with pytest.raises(errors.UserError, match=r"--epochs 3 \(the run: 2\); --epochs may change with --extend"):
         tiny_run(tiny_npz, run, "--epochs", "3", "--resume")
     assert {p.name: p.read_bytes() for p in run.iterdir()} == files
