@@ -75,9 +75,13 @@ def setup_distributed(args):
 
 @contextlib.contextmanager
 def processes(args):
-    """(rank, world size, device) for the length of a run; the process group is left at its end."""
+    """(rank, world size, device) for the length of a run; the process group is left at its end. After a run
+    that ended normally every rank waits for the others first: under gloo, a rank that left the group while
+    rank 0 still wrote its files sometimes aborted at exit ("terminate called without an active exception")."""
     try:
         yield setup_distributed(args)
+        if dist.is_initialized():
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

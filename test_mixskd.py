@@ -2334,8 +2334,11 @@ def torchrun(npz, out, *extra):
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # loopback: no dependence on how the host name resolves
     for attempt in range(2):
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300, env=env)
-        # one retry, only when the launcher lost a race for a free port; any other failure fails
-        if result.returncode == 0 or "EADDRINUSE" not in result.stderr:
+        # one retry, only when the launcher lost a race for a free port, or when a rank aborted in gloo's teardown
+        # at exit (seen in 2 of 4 full-suite runs, never alone; runtime.processes now waits for every rank
+        # before leaving the group); any other failure fails
+        teardown = "terminate called without an active exception" in result.stderr
+        if result.returncode == 0 or not ("EADDRINUSE" in result.stderr or teardown):
             break
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
