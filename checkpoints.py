@@ -19,7 +19,7 @@ import re
 import torch
 
 import runtime
-from data import DATASETS, dataset_name
+from data import DATASETS
 from errors import UserError
 from layouts import library_network, model_kwargs, timm_checkpoint_filter
 from model import ARCHS, Bottleneck, MixSKDNet, ResNet, library, network
@@ -324,16 +324,12 @@ def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank):
     ckpt = read_checkpoint(path)
     if "meta" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a training checkpoint of this project: --resume needs a last.pt")
-    # the dataset by name: an .npz may have moved since
-    saved = {**ckpt["meta"], "dataset": dataset_name(ckpt["meta"]["dataset"])}
-    if ":" in saved["arch"]:  # older runs recorded our ResNets' width and stem for library networks too
-        saved["width"] = saved["stem"] = None
-    current = {**meta, "dataset": dataset_name(meta["dataset"])}
-    for key in ("arch", "width", "num_classes", "method", "recipe", "stem_relu", "stem", "seed", "dataset"):
-        if saved.get(key) != current[key]:
-            raise UserError(f"{path} was trained with {key}={saved.get(key)!r}, this run has {current[key]!r}: "
-                            f"pass the same arguments to resume, or another --out for a new run")
-    done = ckpt["epoch"] + 1  # train.resume_arguments has kept every other argument of the run
+    # train.resume_arguments has given this run every training argument of the saved one; the data could
+    # still differ (an .npz of the same name with other classes)
+    if ckpt["meta"]["num_classes"] != meta["num_classes"]:
+        raise UserError(f"{path} was trained on {ckpt['meta']['num_classes']} classes, {meta['dataset']} has "
+                        f"{meta['num_classes']}: resume on the dataset it was trained on, or start a new run")
+    done = ckpt["epoch"] + 1
     if args.epochs < done:
         raise UserError(f"{path} already holds epoch {done}: --epochs {args.epochs} leaves nothing to train")
     load_state(model, ckpt["model"], f"checkpoint {path}")

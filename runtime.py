@@ -122,8 +122,6 @@ def check_run_folder(args):
     last, summary = os.path.join(args.out, "last.pt"), os.path.join(args.out, "summary.json")
     if os.path.exists(last) and not args.resume:
         raise UserError(f"{args.out} already holds a run (last.pt): pass --resume to continue it, or another --out")
-    if args.resume and not os.path.exists(last):
-        raise UserError(f"--resume: no {last} to continue from")
     if args.extend and not args.resume:
         raise UserError("--extend continues a run: pass it together with --resume")
     if args.resume and os.path.exists(summary):

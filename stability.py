@@ -63,7 +63,7 @@ def run_case(args, data, device, trace=False):
     runtime.seed_all(args.seed)
     objective, opt = train.build(args, data.num_classes, device, speed.memory_format, data.image_size)
     steps = steps_per_epoch(data, args.batch_size)
-    total_steps = min(args.steps_to_run, steps * args.epochs)
+    total_steps, clip = min(args.steps_to_run, steps * args.epochs), train.clip_norm(args, steps)
     teacher = objective.self_teacher
     conv0, fc0, _ = norms(teacher)
     losses, conv_max, fc_max, grad_max, net_grad_max, start = [], conv0, fc0, 0.0, 0.0, time.time()
@@ -75,7 +75,7 @@ def run_case(args, data, device, trace=False):
         lr = train.lr_at(step, steps, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        total, terms, _ = train.train_step(objective, opt, speed, x, y, args, train.clip_norm(args, steps))
+        total, terms, _ = train.train_step(objective, opt, speed, x, y, args, clip)
         conv, fc, grad = norms(teacher)
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
         net_grad_max = max(net_grad_max, torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
@@ -90,7 +90,7 @@ def run_case(args, data, device, trace=False):
         if not math.isfinite(losses[-1]):
             break
     finite = all(map(math.isfinite, losses)) and not train.non_finite_tensors(objective)
-    return {"warmup_iters": train.warmup_iterations(args, steps), "clip": train.clip_norm(args, steps),
+    return {"warmup_iters": train.warmup_iterations(args, steps), "clip": clip,
             "steps": len(losses), "run_steps": steps * args.epochs, "loss_first": losses[0], "loss_max": max(losses),
             "loss_last": losses[-1], "h_conv": [conv0, conv_max, conv], "h_fc": [fc0, fc_max, fc],
             "h_grad_max": grad_max, "grad_max": net_grad_max, "finite": finite, "seconds": time.time() - start}

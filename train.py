@@ -160,7 +160,7 @@ def parse_args(argv=None):
     if args.method == "mixskd" and not any(getattr(args, f"w_{t}") for t in optimised_terms(args)):
         parser.error(f"every optimised loss weight is 0 (--w-{' --w-'.join(optimised_terms(args))}): nothing to "
                      f"train; recipe {args.recipe} optimises {', '.join('L_' + t for t in optimised_terms(args))}")
-    if args.dataset not in DATASETS and not args.dataset.endswith(".npz") and not os.path.isdir(args.dataset):
+    if args.dataset not in DATASETS and not args.dataset.endswith(".npz") and not folder:
         parser.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet, the path of an .npz file, "
                      f"or a folder holding train/ and val/ (ImageFolder layout)")
     if hasattr(args, "milestones") and args.schedule == "cosine":
