@@ -20,6 +20,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+import cli
 import runtime
 from errors import run_cli
 import train
@@ -32,13 +33,13 @@ SPEC_STEPS = 50_000 // 64 * 205  # the SPEC's CIFAR-100 run: 781 steps per epoch
 
 def parser():
     p = argparse.ArgumentParser(description="Time the MixSKD training step (and the plain way with --baseline).",
-                                formatter_class=train.HelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--arch", default="resnet18", help="as train.py's --arch: ours, torchvision:NAME or timm:NAME")
     p.add_argument("--width", type=int, default=64, help="channels of the first stage, as train.py's --width")
     p.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"), help="our ResNets' stem")
     p.add_argument("--image-size", type=int, default=32, help="side of the synthetic square images")
     p.add_argument("--batch-size", type=int, default=64, help="clean images per step")
-    p.add_argument("--method", default="mixskd", choices=train.METHODS, help="as train.py's --method")
+    p.add_argument("--method", default="mixskd", choices=cli.METHODS, help="as train.py's --method")
     p.add_argument("--recipe", default="paper", choices=RECIPES[:2], help="as train.py's --recipe")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
@@ -61,7 +62,7 @@ def parse_args(argv=None):
 def train_args(args):
     """train.py's arguments for this benchmark: the SPEC's defaults plus the speed flags."""
     width = [] if ":" in args.arch else ["--width", str(args.width)]  # library networks have their own widths
-    return train.parse_args(["--arch", args.arch, *width, "--batch-size", str(args.batch_size),
+    return cli.parse_args(["--arch", args.arch, *width, "--batch-size", str(args.batch_size),
                              "--method", args.method, "--recipe", args.recipe, "--amp", args.amp,
                              "--channels-last", args.channels_last, "--compile", args.compile,
                              "--dataset", "imagenet" if args.stem == "imagenet" else "cifar100"])

@@ -19,10 +19,11 @@ import re
 import torch
 
 import runtime
+from arch import library, network
 from data import DATASETS
 from errors import UserError
 from layouts import library_network, model_kwargs, timm_checkpoint_filter
-from model import ARCHS, Bottleneck, MixSKDNet, ResNet, library, network
+from model import ARCHS, Bottleneck, MixSKDNet, ResNet
 from self_teacher import SelfTeacher
 
 # ----------------------------------------------------------------------------- writing

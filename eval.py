@@ -12,20 +12,21 @@
 Accepts this project's last.pt / best.pt (every head and the self-teacher), deploy.pt (the backbone
 alone), checkpoints of the released scripts (SPEC section 11) and torchvision ResNet state dicts, as
 checkpoints.py reads them. SPEC section 8: the backbone is the deployed network, so its row comes
-first and is the headline. `--table` and `--plot` hand run folders to report.py.
+first and is the headline. `--table` and `--plot` hand run folders to report.py, `--predict` image files to
+predict.py.
 """
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
 import report
 from checkpoints import model_from_checkpoint, read_checkpoint
-from data import DATASETS, eval_batches, load_dataset, normalize, pixel_stats, test_transform
+from data import DATASETS, eval_batches, load_dataset, pixel_stats
 from errors import UserError, run_cli
+from predict import print_predictions
 from runtime import pick_device
 
 # ----------------------------------------------------------------------------- metrics
@@ -97,61 +98,6 @@ def per_class(logits, y, class_names=None):
             "top1": [100.0 * hit / n if n else None for hit, n in zip(hits, images)], "confusion": confusion.tolist()}
 
 
-# ----------------------------------------------------------------------------- predictions on image files
-
-
-def image_files(path):
-    """The image files to predict: path itself when it is a file, else every file under it whose name ends
-    in an image extension torchvision knows (.png, .jpg, ...), sorted."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise UserError(f"--predict {path}: no such file or folder")
-    files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                   if name.lower().endswith(IMG_EXTENSIONS))
-    if not files:
-        raise UserError(f"--predict {path}: no image files in it (names ending in {', '.join(IMG_EXTENSIONS)})")
-    return files
-
-
-@torch.no_grad()
-def predict(model, meta, paths, device, top_k=5, batch_size=500):
-    """The top_k classes of each image file with their probabilities, the image prepared as the run's test
-    set was: data.test_transform at meta's image size and stem (as is at the trained size on CIFAR; Resize
-    + CenterCrop on ImageNet), normalised with meta's mean and std. Yields, in order of paths, one
-    {"image": path, "top": [{"class", "index", "probability"}, ...]} per image, or {"image": path,
-    "error": why} for a file that cannot be read as an image. model: model_from_checkpoint's, on device."""
-    from PIL import Image
-
-    folder = meta.get("image_pipeline", "folder" if meta.get("dataset") == "imagenet" else "tensors") == "folder"
-    transform = test_transform(meta["image_size"], "imagenet" if folder else "cifar")
-    stats = pixel_stats(meta["mean"], meta["std"], device)
-    names = meta.get("class_names") or [str(k) for k in range(meta["num_classes"])]
-    model.eval()
-    for start in range(0, len(paths), batch_size):
-        images, errors = {}, {}
-        for path in paths[start:start + batch_size]:
-            try:  # whatever fails in reading or decoding one file is that file's problem alone
-                with Image.open(path) as image:
-                    images[path] = transform(image.convert("RGB"))
-            except Exception as e:
-                errors[path] = " ".join(f"{type(e).__name__}: {e}".split())[:200]  # one line
-        top = {}
-        if images:
-            out = model(normalize(torch.stack(list(images.values())).to(device), stats))
-            logits = out[1][-1] if hasattr(model, "branches") else out  # a MixSKD network: the backbone's head
-            probs, indices = logits.float().softmax(1).topk(min(top_k, logits.shape[1]))
-            top = dict(zip(images, zip(probs.tolist(), indices.tolist())))
-        for path in paths[start:start + batch_size]:
-            if path in errors:
-                yield {"image": path, "error": errors[path]}
-            else:
-                yield {"image": path, "top": [{"class": names[k], "index": k, "probability": p}
-                                              for p, k in zip(*top[path])]}
-
-
 # ----------------------------------------------------------------------------- command line
 
 
@@ -159,19 +105,6 @@ def format_table(metrics):
     lines = [f"{'head':<13}{'top-1':>8}{'top-5':>8}{'NLL':>8}{'ECE':>8}"]
     for head, m in metrics.items():
         lines.append(f"{head:<13}{m['top1']:>8.2f}{m['top5']:>8.2f}{m['nll']:>8.4f}{m['ece']:>8.4f}")
-    return "\n".join(lines)
-
-
-def format_per_class(classes):
-    """per_class's result as text: top-1 per class, then the confusion matrix, its columns numbered as the rows."""
-    labels = [f"{k} {name}"[:16] for k, name in enumerate(classes["class_names"])]
-    lines = [f"{'backbone per class':<18}{'images':>8}{'top-1':>8}"]
-    for label, n, top1 in zip(labels, classes["images"], classes["top1"]):
-        lines.append(f"{label:<18}{n:>8}{'-' if top1 is None else f'{top1:.2f}':>8}")
-    cell = max(len(str(len(labels) - 1)), *(len(str(v)) for row in classes["confusion"] for v in row)) + 1
-    lines += ["", "confusion matrix of the backbone (rows: true class, columns: predicted class)",
-              " " * 18 + "".join(f"{k:>{cell}}" for k in range(len(labels)))]
-    lines += [f"{label:<18}" + "".join(f"{v:>{cell}}" for v in row) for label, row in zip(labels, classes["confusion"])]
     return "\n".join(lines)
 
 
@@ -216,28 +149,6 @@ def recorded_dataset(path, meta):
             raise UserError(f"{path} was trained on {meta['dataset']}, which is not found from here (nor at "
                             f"{dataset}): pass --dataset PATH.npz to evaluate on the file where it is now")
     return dataset
-
-
-def print_predictions(model, meta, args, device):
-    """--predict: a line per image (top-k classes and probabilities), a line on stderr per unreadable file."""
-    if "mean" not in meta or "image_size" not in meta:
-        raise UserError(f"{args.checkpoint} does not record the image size and normalisation it was trained with: "
-                        f"--predict needs a checkpoint written by train.py")
-    model.to(device)
-    results = []
-    for result in predict(model, meta, image_files(args.predict), device, args.top_k, args.batch_size):
-        results.append(result)
-        if args.json:
-            continue
-        if "error" in result:
-            print(f"{result['image']}: cannot read it as an image ({result['error']}), skipped", file=sys.stderr)
-        else:
-            print(f"{result['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%"
-                                                     for t in result["top"]), flush=True)
-    if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "predictions": results}))
-    if all("error" in r for r in results):
-        raise UserError(f"--predict {args.predict}: no image could be read from it")
 
 
 def main(argv=None):
@@ -297,7 +208,7 @@ def main(argv=None):
         print(f"{args.checkpoint} on {data.name} ({data.n_test} test images)")
         print(format_table(metrics))
         if classes:
-            print("\n" + format_per_class(classes))
+            print("\n" + report.format_per_class(classes))
 
 
 if __name__ == "__main__":

@@ -258,9 +258,9 @@ def model_kwargs(arch, num_classes, image_size=None):
     return {"pretrained": False, "num_classes": num_classes, **({"img_size": image_size} if sized else {})}
 
 
-def library_network(arch, kwargs, mixskd=False):
+def library_network(arch, kwargs, heads=False):
     """torchvision.models.get_model(NAME, **kwargs) or timm.create_model(NAME, **kwargs), as the library
-    builds and initialises it; with mixskd, a StagedMixSKDNet over it, every branch from its own call."""
+    builds and initialises it; with heads, a StagedMixSKDNet over it, every branch from its own call."""
     library, _, name = arch.partition(":")
     if library == "torchvision":
         import torchvision.models as tvm
@@ -268,4 +268,4 @@ def library_network(arch, kwargs, mixskd=False):
         make = functools.partial(tvm.get_model, name, **kwargs)
     else:
         make = functools.partial(import_timm().create_model, name, **kwargs)
-    return StagedMixSKDNet(make, library_layout) if mixskd else make()
+    return StagedMixSKDNet(make, library_layout) if heads else make()

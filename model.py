@@ -14,9 +14,8 @@ Module names follow torchvision (conv1, bn1, layer1..4, fc, downsample.0/1), so 
 move between this file and torchvision-style code by name.
 
 `StagedMixSKDNet` does the same for any network described by a `Layout` (stem, stages, post, head).
-layouts.py holds the layouts of torchvision's and timm's families, CNNs and vision transformers, and
-`network("torchvision:NAME" or "timm:NAME", ...)` builds them; this file imports it only there (and for
-StagedMixSKDNet's default layout), so the rest of it needs torch alone.
+layouts.py holds the layouts of torchvision's and timm's families, CNNs and vision transformers; arch.py
+chooses between our ResNets and those networks. This file needs torch alone.
 """
 import contextlib
 from typing import NamedTuple
@@ -289,16 +288,14 @@ class StagedMixSKDNet(nn.Module):
     pretrained weights gives branches that start as copies of the pretrained later stages. Every head's
     final feature map then has the backbone's shape, so the self-teacher, L_feat, L_adv and the
     discriminators work unchanged. `self.backbone` is the network make_backbone() returned, untouched:
-    it is what you deploy. layout_of(net) -> Layout; by default layouts.library_layout, which knows the
-    torchvision and timm families (layouts.py is then needed beside this file).
+    it is what you deploy. layout_of(net) -> Layout: layouts.library_layout knows the torchvision and timm
+    families (layouts.py beside this file), or write your own.
 
-        net = StagedMixSKDNet(lambda: torchvision.models.mobilenet_v3_small(num_classes=10))
+        net = StagedMixSKDNet(lambda: torchvision.models.mobilenet_v3_small(num_classes=10), library_layout)
     """
 
-    def __init__(self, make_backbone, layout_of=None):
+    def __init__(self, make_backbone, layout_of):
         super().__init__()
-        if layout_of is None:
-            from layouts import library_layout as layout_of
         self.backbone = make_backbone()
         self.layout = layout_of(self.backbone)
         if len(self.layout.stages) < 2:
@@ -351,33 +348,3 @@ def probing(net):
             yield next(net.parameters()).device
     finally:
         net.train(was_training)
-
-
-def library(arch):
-    """"torchvision" or "timm" for an arch of an outside library ("timm:NAME"), else None (ours)."""
-    prefix = arch.partition(":")[0]
-    return prefix if ":" in arch and prefix in ("torchvision", "timm") else None
-
-
-def check_arch(arch):
-    """A ValueError naming the choices unless arch is one of ours (ARCHS), or torchvision:NAME or timm:NAME of
-    a family that layouts.py supports."""
-    if library(arch):
-        from layouts import check_library_arch
-
-        check_library_arch(arch)
-    elif arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}, torchvision:NAME or timm:NAME")
-
-
-def network(arch, num_classes, width=64, stem_relu=True, stem="cifar", mixskd=False, image_size=None):
-    """The network an arch names: ours (a ResNet, or with mixskd its MixSKDNet), or for torchvision:NAME and
-    timm:NAME the library's own network for num_classes (a transformer for image_size x image_size inputs),
-    as layouts.library_network builds it (with mixskd, a StagedMixSKDNet over it; width, stem_relu and stem
-    then do not apply)."""
-    check_arch(arch)
-    if not library(arch):
-        return (MixSKDNet if mixskd else ResNet)(arch, num_classes, width, stem_relu, stem)
-    from layouts import library_network, model_kwargs
-
-    return library_network(arch, model_kwargs(arch, num_classes, image_size), mixskd)

@@ -105,6 +105,19 @@ def results_table(run_dirs):
     return "\n".join(rows)
 
 
+def format_per_class(classes):
+    """per_class's result as text: top-1 per class, then the confusion matrix, its columns numbered as the rows."""
+    labels = [f"{k} {name}"[:16] for k, name in enumerate(classes["class_names"])]
+    lines = [f"{'backbone per class':<18}{'images':>8}{'top-1':>8}"]
+    for label, n, top1 in zip(labels, classes["images"], classes["top1"]):
+        lines.append(f"{label:<18}{n:>8}{'-' if top1 is None else f'{top1:.2f}':>8}")
+    cell = max(len(str(len(labels) - 1)), *(len(str(v)) for row in classes["confusion"] for v in row)) + 1
+    lines += ["", "confusion matrix of the backbone (rows: true class, columns: predicted class)",
+              " " * 18 + "".join(f"{k:>{cell}}" for k in range(len(labels)))]
+    lines += [f"{label:<18}" + "".join(f"{v:>{cell}}" for v in row) for label, row in zip(labels, classes["confusion"])]
+    return "\n".join(lines)
+
+
 def pyplot():
     """matplotlib.pyplot, drawing into files only. matplotlib is optional: without it, one line says how to
     install it."""

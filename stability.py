@@ -19,6 +19,7 @@ import time
 
 import torch
 
+import cli
 import runtime
 import train
 from errors import run_cli
@@ -29,7 +30,7 @@ GRID = {"nets": ["resnet18/64", "resnet18/16", "torchvision:resnet18", "torchvis
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--dataset", default="../shared/data/cifar10_q75_10k.npz", help="an .npz, as train.py's")
     p.add_argument("--train-images", type=int, default=640, help="the first N training images (0: all)")
     p.add_argument("--nets", nargs="+", default=GRID["nets"], help="ARCH/WIDTH for ours, or torchvision:NAME")
@@ -47,7 +48,7 @@ def case_args(net, batch_size, epochs, amp, dataset, extra):
     arch, _, width = net.partition("/")
     argv = ["--arch", arch, "--batch-size", str(batch_size), "--epochs", str(epochs), "--amp", amp,
             "--dataset", dataset, "--compile", "off", "--out", "/nonexistent", *extra.split()]
-    return train.parse_args(argv + (["--width", width] if width else []))
+    return cli.parse_args(argv + (["--width", width] if width else []))
 
 
 def norms(teacher):

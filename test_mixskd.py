@@ -25,6 +25,7 @@ import torchvision
 
 import bench
 import checkpoints
+import cli
 import data
 import errors
 import eval as evaluation
@@ -35,8 +36,9 @@ import train
 from losses import (TERMS, MixSKDObjective, discriminator, discriminators, kd, loss_adv, loss_ce, loss_feat, loss_kd,
                     loss_mix, mixskd_loss, trained_parameters)
 from mixup import cutmix, interp, mix_batch, mix_ce, mixup, sample_lam
-from layouts import library_network, model_kwargs, torchvision_layout
-from model import ARCHS, MixSKDNet, ResNet, StagedMixSKDNet, check_arch, network
+from layouts import library_layout, library_network, model_kwargs, torchvision_layout
+from arch import check_arch, network
+from model import ARCHS, MixSKDNet, ResNet, StagedMixSKDNet
 from self_teacher import SelfTeacher
 
 WIDTH, CLASSES, BATCH = 4, 10, 4
@@ -222,7 +224,7 @@ def test_timm_arch_without_timm_says_how_to_install_it(monkeypatch, capsys):
     with pytest.raises(ValueError, match=r"^timm:NAME needs timm, which is not installed: pip install timm$"):
         check_arch("timm:resnet18")
     with pytest.raises(SystemExit):
-        train.parse_args(["--arch", "timm:resnet18"])
+        cli.parse_args(["--arch", "timm:resnet18"])
     assert capsys.readouterr().err.splitlines()[-1].endswith("timm:NAME needs timm, which is not installed: "
                                                              "pip install timm")
 
@@ -260,9 +262,9 @@ def test_a_factory_that_returns_one_model_is_refused_and_the_model_kept():
 
     mine = torchvision.models.resnet18(num_classes=CLASSES)
     with pytest.raises(ValueError, match=r"make_backbone must build a new network on each call.*copy.deepcopy"):
-        StagedMixSKDNet(lambda: mine)
+        StagedMixSKDNet(lambda: mine, library_layout)
     assert isinstance(mine.conv1, torch.nn.Conv2d) and not isinstance(mine.layer3, torch.nn.Identity)
-    assert len(StagedMixSKDNet(lambda: copy.deepcopy(mine)).branches) == 3
+    assert len(StagedMixSKDNet(lambda: copy.deepcopy(mine), library_layout).branches) == 3
 
 
 TORCHVISION_SMALLEST = ["resnet18", "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny", "mobilenet_v2",
@@ -320,7 +322,7 @@ def test_torchvision_family_trains_and_deploys_as_itself(name):
     import torchvision
 
     torch.manual_seed(0)
-    net = network(f"torchvision:{name}", CLASSES, mixskd=True)
+    net = network(f"torchvision:{name}", CLASSES, heads=True)
     assert isinstance(net.backbone, type(torchvision.models.get_model(name)))
     trains_and_deploys_as_itself(net, lambda: torchvision.models.get_model(name, num_classes=CLASSES))
 
@@ -342,7 +344,7 @@ def torchvision_transformer(kind):
 def test_torchvision_transformers_train_and_deploy_as_themselves(kind):
     torch.manual_seed(0)
     make = torchvision_transformer(kind)
-    trains_and_deploys_as_itself(StagedMixSKDNet(make), make)
+    trains_and_deploys_as_itself(StagedMixSKDNet(make, library_layout), make)
 
 
 TIMM_SMALLEST = {  # the smallest model of each family, narrower still through timm's own keyword arguments
@@ -362,10 +364,10 @@ TIMM_BLOCKS = {  # EfficientNet and MobileNetV3/V4 fix their widths in their mod
 }
 
 
-def timm_small(name, size=32, mixskd=True):
+def timm_small(name, size=32, heads=True):
     """A TIMM_SMALLEST network as --arch timm:NAME builds it for size x size images, and its model_kwargs."""
     kwargs = {**model_kwargs(f"timm:{name}", CLASSES, size), **TIMM_SMALLEST[name]}
-    return library_network(f"timm:{name}", kwargs, mixskd), kwargs
+    return library_network(f"timm:{name}", kwargs, heads), kwargs
 
 
 @pytest.mark.parametrize("name", list(TIMM_SMALLEST))
@@ -391,7 +393,7 @@ def test_timm_blocks_families_train_and_deploy_as_themselves(family):
     def make():
         return cls(decode_arch_def(TIMM_BLOCKS[family]), num_classes=CLASSES, num_features=64, stem_size=8)
 
-    trains_and_deploys_as_itself(StagedMixSKDNet(make), make)
+    trains_and_deploys_as_itself(StagedMixSKDNet(make, library_layout), make)
 
 
 @slow  # four networks each
@@ -401,7 +403,7 @@ def test_timm_smallest_efficientnet_and_mobilenets_are_split_at_strides_4_to_32(
     x = batch(n=2)[0]
     for name, stem in (("tinynet_e", ["conv_stem", "bn1", "blocks.0"]), ("mobilenetv3_small_050", ["conv_stem", "bn1"]),
                        ("mobilenetv4_conv_small", ["conv_stem", "bn1"])):
-        net = network(f"timm:{name}", CLASSES, mixskd=True, image_size=32).eval()
+        net = network(f"timm:{name}", CLASSES, heads=True, image_size=32).eval()
         assert net.layout.stem == stem and len(net.layout.stages) == 4
         net.branches_from_backbone()
         with torch.no_grad():
@@ -421,7 +423,7 @@ def test_f_k_of_a_vit_is_every_token_as_a_c_x_l_x_1_map_and_of_swin_its_patch_gr
     assert [tuple(f.shape) for f in feats] == [(2, 16, 18, 1)] * 4
     torch.testing.assert_close(feats[-1], tokens.transpose(1, 2).unsqueeze(-1), rtol=0, atol=0)
     torch.testing.assert_close(feats[-1].mean((2, 3)), tokens.mean(1))
-    vit = StagedMixSKDNet(torchvision_transformer("vit")).eval()
+    vit = StagedMixSKDNet(torchvision_transformer("vit"), library_layout).eval()
     captured = []
     vit.backbone.encoder.ln.register_forward_hook(lambda module, args, out: captured.append(out))
     torch.testing.assert_close(vit(x[..., :32, :32])[0][-1], captured[0].transpose(1, 2).unsqueeze(-1))
@@ -435,7 +437,8 @@ def test_f_k_of_a_vit_is_every_token_as_a_c_x_l_x_1_map_and_of_swin_its_patch_gr
 def test_transformer_branches_hold_no_parameter_they_never_use():
     """The stem's tokens and position embeddings are gone from the branches (DistributedDataParallel
     needs a gradient for every parameter), and every parameter left gets one."""
-    for net in (timm_small("deit_tiny_distilled_patch16_224")[0], StagedMixSKDNet(torchvision_transformer("vit"))):
+    vit = StagedMixSKDNet(torchvision_transformer("vit"), library_layout)
+    for net in (timm_small("deit_tiny_distilled_patch16_224")[0], vit):
         keys = {k for branch in net.branches for k in branch.state_dict()}
         assert not keys & {f"net.{k}" for k in ("cls_token", "dist_token", "pos_embed", "class_token",
                                                  "encoder.pos_embedding", "patch_embed.proj.weight",
@@ -495,7 +498,7 @@ def test_init_from_a_torchvision_state_dict_fills_backbone_and_branches(tmp_path
     torch.manual_seed(1)
     pretrained = torchvision.models.regnet_y_400mf(num_classes=1000)
     torch.save(pretrained.state_dict(), tmp_path / "regnet.pth")
-    net = network("torchvision:regnet_y_400mf", CLASSES, mixskd=True)
+    net = network("torchvision:regnet_y_400mf", CLASSES, heads=True)
     fresh_fc = net.backbone.fc.weight.clone()
     checkpoints.init_from(str(tmp_path / "regnet.pth"), net, None)
     assert "has 1000 classes, this run 10: the classifier (fc.weight, fc.bias) starts fresh" in capsys.readouterr().out
@@ -916,7 +919,7 @@ def test_overfits_one_small_batch(recipe):
 def test_official_recipe_never_updates_self_teacher_or_discriminators():
     """Two steps of train.py's own step with train.py's own optimiser: the network moves, the
     self-teacher and the discriminators stay at their initialisation and hold no gradient."""
-    args = train.parse_args(["--width", str(WIDTH), "--recipe", "official", "--amp", "off", "--compile", "off"])
+    args = cli.parse_args(["--width", str(WIDTH), "--recipe", "official", "--amp", "off", "--compile", "off"])
     objective, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
     assert not objective.net.backbone.stem_relu
     before = {k: v.clone() for k, v in objective.state_dict().items()}
@@ -975,7 +978,7 @@ def test_official_adv_gradient_is_opposite_of_paper():
 def test_alpha_defaults_are_the_spec_and_released_ones(argv, alpha):
     """MixSKD 0.4 on CIFAR, 0.2 on ImageNet (sections 1, 9); the baselines as released (section 7):
     Mixup 0.4, CutMix 1.0; --alpha overrides."""
-    assert train.parse_args(argv).alpha == alpha
+    assert cli.parse_args(argv).alpha == alpha
 
 
 @pytest.mark.parametrize("argv, steps, warmup, clip", [
@@ -993,7 +996,7 @@ def test_alpha_defaults_are_the_spec_and_released_ones(argv, alpha):
 def test_warmup_has_a_floor_and_only_runs_too_short_for_it_are_clipped(argv, steps, warmup, clip):
     """README, Stability: the SPEC's 5 warmup epochs, scaled with a shorter run, but at least 500 iterations
     or a quarter of a shorter run; MixSKD runs that cannot warm up for 500 iterations clip the gradient norm."""
-    args = train.parse_args(argv)
+    args = cli.parse_args(argv)
     assert train.warmup_iterations(args, steps) == warmup
     assert train.clip_norm(args, steps) == clip
     assert train.lr_at(warmup - 1, steps, args) == pytest.approx(args.lr)
@@ -1005,13 +1008,13 @@ def test_warmup_has_a_floor_and_only_runs_too_short_for_it_are_clipped(argv, ste
 def test_short_runs_place_two_distinct_milestones(epochs, milestones):
     """The SPEC's decays at 105 and 155 of 205 epochs, at the same fractions of a shorter run, kept distinct
     (--epochs 3 was refused when both rounded to epoch 2)."""
-    assert train.parse_args(["--epochs", str(epochs)]).milestones == milestones
+    assert cli.parse_args(["--epochs", str(epochs)]).milestones == milestones
 
 
 def test_milestones_after_the_last_epoch_are_noted(capsys):
-    train.parse_args(["--epochs", "10", "--milestones", "5", "12"])
+    cli.parse_args(["--epochs", "10", "--milestones", "5", "12"])
     assert "note: --milestones 5 12: a decay at epoch 10 or later comes after the last epoch" in capsys.readouterr().err
-    train.parse_args(["--epochs", "10", "--milestones", "5", "8"])
+    cli.parse_args(["--epochs", "10", "--milestones", "5", "8"])
     assert capsys.readouterr().err == ""
 
 
@@ -1022,21 +1025,21 @@ BAD_VALUES = {"width": "0", "image_size": "4", "workers": "-1", "alpha": "0", "t
 
 
 def numeric_flags():
-    return [a.dest for a in train.parser._actions if a.type in (int, float) or a.dest == "val_split"]
+    return [a.dest for a in cli.parser._actions if a.type in (int, float) or a.dest == "val_split"]
 
 
 def test_every_numeric_flag_has_a_checked_range():
-    assert sorted(numeric_flags()) == sorted(train.RANGES) == sorted(BAD_VALUES)
+    assert sorted(numeric_flags()) == sorted(cli.RANGES) == sorted(BAD_VALUES)
 
 
-@pytest.mark.parametrize("key", sorted(train.RANGES))
+@pytest.mark.parametrize("key", sorted(cli.RANGES))
 def test_a_number_outside_its_range_is_refused_before_any_data(key, capsys):
     """Each numeric flag, at a value that cannot be meant (--temperature -3 once trained a reversed KD), ends
     with one line naming the flag and the valid range, exit 2, before any data is read."""
     flag = "--" + key.replace("_", "-")
     bad = BAD_VALUES[key]
     with pytest.raises(SystemExit) as e:
-        train.parse_args(["--dataset", "missing.npz", flag, bad])
+        cli.parse_args(["--dataset", "missing.npz", flag, bad])
     assert e.value.code == 2
     line = capsys.readouterr().err.splitlines()[-1]
     assert flag in line and bad in line and ("must be" in line or "neither" in line)
@@ -1045,7 +1048,7 @@ def test_a_number_outside_its_range_is_refused_before_any_data(key, capsys):
 @pytest.mark.parametrize("value", ["-3", "0", "nan"])
 def test_temperature_must_be_positive_and_finite(value, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args([f"--temperature={value}"])
+        cli.parse_args([f"--temperature={value}"])
     assert f"--temperature must be a finite number > 0, got {float(value)}" in capsys.readouterr().err
 
 
@@ -1058,26 +1061,26 @@ def test_temperature_must_be_positive_and_finite(value, capsys):
 ])
 def test_every_optimised_weight_at_zero_is_refused(argv, refused, capsys):
     if not refused:
-        train.parse_args(argv)
+        cli.parse_args(argv)
         return
     with pytest.raises(SystemExit):
-        train.parse_args(argv)
+        cli.parse_args(argv)
     assert "every optimised loss weight is 0" in capsys.readouterr().err
 
 
 def test_width_applies_to_our_resnets_alone(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--arch", "torchvision:resnet18", "--width", "16"])
+        cli.parse_args(["--arch", "torchvision:resnet18", "--width", "16"])
     assert "--width sets the channels of our ResNets; torchvision:resnet18 has its own" in capsys.readouterr().err
-    args = train.parse_args(["--arch", "torchvision:resnet18"])
+    args = cli.parse_args(["--arch", "torchvision:resnet18"])
     dataset = argparse.Namespace(num_classes=10, image_size=32, class_names=None, mean=(0, 0, 0), std=(1, 1, 1))
     meta = checkpoints.run_meta(args, dataset, torchvision.models.resnet18())
     assert (meta["width"], meta["stem"], meta["stem_relu"]) == (None, None, None)
-    assert train.parse_args([]).width == 64
+    assert cli.parse_args([]).width == 64
 
 
 def test_lr_follows_spec_schedule():
-    args = train.parse_args([])
+    args = cli.parse_args([])
     steps = 781
     assert args.milestones == [105, 155] and args.epochs == 205
     assert train.lr_at(0, steps, args) == pytest.approx(0.1 / (5 * steps))
@@ -1088,7 +1091,7 @@ def test_lr_follows_spec_schedule():
     assert train.lr_at(155 * steps - 1, steps, args) == pytest.approx(0.01)
     assert train.lr_at(155 * steps, steps, args) == pytest.approx(0.001)
     assert train.lr_at(205 * steps - 1, steps, args) == pytest.approx(0.001)
-    assert train.parse_args(["--epochs", "90"]).milestones == [46, 68]  # same fractions of training
+    assert cli.parse_args(["--epochs", "90"]).milestones == [46, 68]  # same fractions of training
 
 
 def test_augmentation_crops_with_zero_padding_and_flips():
@@ -1130,22 +1133,22 @@ def test_ranks_get_disjoint_shards_covering_the_epoch(tiny_npz):
 def test_schedule_defaults_are_the_spec_and_cifar_can_take_a_cosine():
     """--schedule: step on CIFAR and .npz (section 7), cosine on ImageNet (section 9) by default; cosine on
     CIFAR decays per epoch from lr after the warmup towards 0 at the last epoch; milestones have no place in it."""
-    assert [train.parse_args(a).schedule for a in ([], ["--dataset", "x.npz"], ["--dataset", "imagenet"])] == [
+    assert [cli.parse_args(a).schedule for a in ([], ["--dataset", "x.npz"], ["--dataset", "imagenet"])] == [
         "step", "step", "cosine"]
-    args = train.parse_args(["--schedule", "cosine", "--epochs", "10", "--warmup-epochs", "2"])
+    args = cli.parse_args(["--schedule", "cosine", "--epochs", "10", "--warmup-epochs", "2"])
     assert (args.nesterov, args.weight_decay) == (True, 5e-4)  # the rest of the CIFAR recipe stays
     steps = 50
     assert train.lr_at(2 * steps - 1, steps, args) == pytest.approx(0.1)
     assert train.lr_at(2 * steps, steps, args) == pytest.approx(0.1)
     assert train.lr_at(6 * steps + 7, steps, args) == pytest.approx(0.05)  # halfway through the 8 epochs of cosine
     assert train.lr_at(9 * steps, steps, args) == pytest.approx(0.05 * (1 + np.cos(np.pi * 7 / 8)))
-    imagenet_step = train.parse_args(["--dataset", "imagenet", "--schedule", "step", "--milestones", "6",
+    imagenet_step = cli.parse_args(["--dataset", "imagenet", "--schedule", "step", "--milestones", "6",
                                       "--warmup-epochs", "5"])
     assert train.lr_at(6 * 10 - 1, 10, imagenet_step) == pytest.approx(0.1)
     assert train.lr_at(6 * 10, 10, imagenet_step) == pytest.approx(0.01)
     with pytest.raises(SystemExit):
-        train.parse_args(["--schedule", "cosine", "--milestones", "3"])
-    assert train.parse_args(["--schedule", "cosine", "--epochs", "3"]).schedule == "cosine"  # no milestones to collide
+        cli.parse_args(["--schedule", "cosine", "--milestones", "3"])
+    assert cli.parse_args(["--schedule", "cosine", "--epochs", "3"]).schedule == "cosine"  # no milestones to collide
 
 
 @pytest.mark.parametrize("text, value", [("1000", 1000), ("0.1", 0.1), ("0", 0), ("1.5", None), ("-3", None),
@@ -1153,9 +1156,9 @@ def test_schedule_defaults_are_the_spec_and_cifar_can_take_a_cosine():
 def test_val_split_is_a_count_or_a_fraction(text, value):
     if value is None:
         with pytest.raises(SystemExit):
-            train.parse_args(["--val-split", text])
+            cli.parse_args(["--val-split", text])
     else:
-        assert train.parse_args(["--val-split", text]).val_split == value
+        assert cli.parse_args(["--val-split", text]).val_split == value
 
 
 def test_hold_out_is_stratified_and_a_function_of_seed_and_labels():
@@ -1204,7 +1207,7 @@ def test_fast_step_matches_the_reference(method, recipe):
     """train.train_step as bench.py times it (fp32, compile off, lam as a device tensor, foreach SGD)
     against the independent reference: the same draws (lam from NumPy's generator, perm from torch's),
     the same terms and the same gradient for every trained parameter."""
-    args = train.parse_args(["--width", str(WIDTH), "--method", method, "--recipe", recipe, "--amp", "off",
+    args = cli.parse_args(["--width", str(WIDTH), "--method", method, "--recipe", recipe, "--amp", "off",
                              "--channels-last", "off", "--compile", "off"])
     torch.manual_seed(0)
     objective, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
@@ -1250,7 +1253,7 @@ def test_fast_step_matches_the_reference(method, recipe):
 def test_optimiser_is_sgd_as_the_spec_sets_it(dataset, method, recipe, trains):
     """SPEC sections 7 and 9: SGD with momentum 0.9, Nesterov on CIFAR and not on ImageNet, weight decay
     (5e-4 CIFAR, 1e-4 ImageNet) on every trained parameter; each recipe's modules, and only those, in it."""
-    args = train.parse_args(["--dataset", dataset, "--method", method, "--recipe", recipe, "--width", str(WIDTH)])
+    args = cli.parse_args(["--dataset", dataset, "--method", method, "--recipe", recipe, "--width", str(WIDTH)])
     objective, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
     assert isinstance(opt, torch.optim.SGD) and len(opt.param_groups) == 1
     group = opt.param_groups[0]
@@ -1301,7 +1304,7 @@ def test_per_class_top1_and_confusion_matrix_of_a_known_case():
     classes = evaluation.per_class(F.one_hot(predicted, 4).float(), y, ["cat", "dog", "emu", "yak"])
     assert classes["confusion"] == [[1, 1, 0, 0], [1, 2, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]]  # row: true class
     assert classes["images"] == [2, 3, 1, 0] and classes["top1"] == [50.0, pytest.approx(200 / 3), 100.0, None]
-    rows = evaluation.format_per_class(classes).splitlines()
+    rows = report.format_per_class(classes).splitlines()
     assert rows[1].split() == ["0", "cat", "2", "50.00"] and rows[4].split() == ["3", "yak", "0", "-"]
     assert rows[-3].split() == ["1", "dog", "1", "2", "0", "0"]
 
@@ -1377,7 +1380,7 @@ def test_torchvision_checkpoint_is_read_as_a_backbone(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(model.eval()(x), theirs(x), rtol=0, atol=0)
     # and --init-from puts those weights into a MixSKD network's backbone
-    args = train.parse_args(["--dataset", "imagenet", "--width", "64"])
+    args = cli.parse_args(["--dataset", "imagenet", "--width", "64"])
     objective, _ = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
     net = objective.net
     checkpoints.init_from(str(path), net, objective.self_teacher)
@@ -1391,7 +1394,7 @@ def test_imagenet_heads_give_c_x_7_x_7_at_224():
 
 
 def test_imagenet_defaults_and_cosine_schedule():
-    args = train.parse_args(["--dataset", "imagenet", "--recipe", "official"])
+    args = cli.parse_args(["--dataset", "imagenet", "--recipe", "official"])
     assert (args.epochs, args.weight_decay, args.alpha, args.batch_size, args.nesterov) == (305, 1e-4, 0.2, 128, False)
     assert args.stem == "imagenet"
     steps = 100
@@ -1410,7 +1413,7 @@ def step_outputs_of(net, size):
 
 
 def test_imagenet_official_recipe_trains_self_teacher_but_not_discriminators():
-    args = train.parse_args(["--dataset", "imagenet", "--recipe", "official", "--width", "4"])
+    args = cli.parse_args(["--dataset", "imagenet", "--recipe", "official", "--width", "4"])
     objective, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
     model, teacher, discs = objective.net, objective.self_teacher, objective.discs
     optimised = {id(p) for group in opt.param_groups for p in group["params"]}
@@ -1497,7 +1500,8 @@ def test_a_pickle_with_python_objects_is_refused_in_one_line(tmp_path):
     with pytest.raises(errors.UserError) as e:
         checkpoints.read_checkpoint(path)
     command = shlex.split(str(e.value).split("keep its tensors: ")[1])
-    subprocess.run(command, cwd=tmp_path, check=True)
+    assert command[0] == "python"  # the user's interpreter; the test runs it with its own
+    subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, check=True)
     assert torch.equal(checkpoints.read_checkpoint(tmp_path / "plain.pt")["net"]["w"], torch.ones(2))
 
 
@@ -1516,7 +1520,7 @@ def test_init_from_released_checkpoint(tiny_npz, tmp_path):
     net, teacher = MixSKDNet("resnet18", 10, 4, stem_relu=False), SelfTeacher(32, 10)
     path = tmp_path / "released.pth.tar"
     torch.save(to_released_layout(net, teacher), path)
-    args = train.parse_args(["--dataset", tiny_npz, "--width", "4", "--recipe", "official"])
+    args = cli.parse_args(["--dataset", tiny_npz, "--width", "4", "--recipe", "official"])
     objective, _ = train.build(args, 10, torch.device("cpu"), torch.contiguous_format)
     model, own_teacher = objective.net, objective.self_teacher
     checkpoints.init_from(str(path), model, own_teacher)
@@ -1524,7 +1528,7 @@ def test_init_from_released_checkpoint(tiny_npz, tmp_path):
         assert torch.equal(a, b)
     assert torch.equal(own_teacher.conv.weight, teacher.conv.weight)
     # into recipe paper, whose stem has the ReLU, the released weights would compute another function
-    paper, _ = train.build(train.parse_args(["--width", "4"]), 10, torch.device("cpu"), torch.contiguous_format)
+    paper, _ = train.build(cli.parse_args(["--width", "4"]), 10, torch.device("cpu"), torch.contiguous_format)
     with pytest.raises(errors.UserError, match="no stem ReLU, this run's has one.*use --recipe official"):
         checkpoints.init_from(str(path), paper.net, paper.self_teacher)
 
@@ -1874,7 +1878,7 @@ def test_official_recipe_run_has_no_stem_relu_and_frozen_teacher(tiny_npz, tmp_p
                                   ["--w-kd", "nan"]])
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        train.parse_args(argv)
+        cli.parse_args(argv)
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
 
@@ -2040,11 +2044,11 @@ def test_resume_takes_every_training_argument_from_last_pt(kept_run, tiny_npz, c
 def test_every_argument_is_either_resumed_or_named_as_not_training():
     """A new flag cannot slip past the resume check: every one is in last.pt's args (so it is compared and
     restored) unless it is listed as not changing what a run computes."""
-    args = vars(train.parse_args([]))
-    dests = {a.dest for a in train.parser._actions if a.dest != "help"}
-    assert dests <= set(args) and train.NOT_TRAINING <= dests
+    args = vars(cli.parse_args([]))
+    dests = {a.dest for a in cli.parser._actions if a.dest != "help"}
+    assert dests <= set(args) and cli.NOT_TRAINING <= dests
     assert {"lr", "alpha", "temperature", "batch_size", "mix", "epochs", "seed", "val_split", "clip_grad",
-            "warmup_epochs", "schedule"} <= dests - train.NOT_TRAINING
+            "warmup_epochs", "schedule"} <= dests - cli.NOT_TRAINING
 
 
 @slow
@@ -2143,7 +2147,7 @@ def test_summary_json_has_null_for_nan(tmp_path):
 
 def test_ctrl_c_line_starts_below_the_live_progress_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    runtime.interrupted(train.parse_args(["--out", str(tmp_path)]), [])
+    runtime.interrupted(cli.parse_args(["--out", str(tmp_path)]), [])
     assert capsys.readouterr().err.startswith("\ninterrupted before the first epoch ended")
 
 
@@ -2213,7 +2217,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 def test_readme_first_try_is_one_valid_command_of_train_eval_and_plot():
     train_cmd, eval_cmd, plot_cmd = (shlex.split(c) for c in readme_block("### A first try", "bash").split("&&"))
     assert train_cmd[:2] == eval_cmd[:2][:1] + ["train.py"] and train_cmd[0] == "python"
-    args = train.parse_args(train_cmd[2:])
+    args = cli.parse_args(train_cmd[2:])
     assert (args.method, args.epochs, args.out) == ("mixskd", 2, "runs/first-try") and args.dataset.endswith(".npz")
     assert evaluation.parse_args(eval_cmd[2:]).checkpoint == "runs/first-try/deploy.pt"
     assert evaluation.parse_args(plot_cmd[2:]).plot == ["runs/first-try"]
@@ -2222,7 +2226,7 @@ def test_readme_first_try_is_one_valid_command_of_train_eval_and_plot():
 def test_readme_model_selection_commands_are_valid_and_name_the_run_folder():
     block = readme_block("### Model selection without the test set", "bash")
     train_cmd, tensorboard_cmd, *eval_cmds = (shlex.split(line.split("  #")[0]) for line in block.splitlines())
-    args = train.parse_args(train_cmd[2:])
+    args = cli.parse_args(train_cmd[2:])
     assert (args.val_split, args.tensorboard, tensorboard_cmd) == (1000, True, ["tensorboard", "--logdir", "runs"])
     parsed = [evaluation.parse_args(cmd[2:]) for cmd in eval_cmds]
     assert [p.checkpoint or p.plot[0] for p in parsed] == [f"{args.out}/deploy.pt", args.out, f"{args.out}/deploy.pt"]
@@ -2230,12 +2234,12 @@ def test_readme_model_selection_commands_are_valid_and_name_the_run_folder():
 
 
 def test_help_shows_each_default_once_and_every_flag_has_help():
-    for parser in (train.parser, bench.parser()):
+    for parser in (cli.parser, bench.parser()):
         text = " ".join(parser.format_help().split())
         assert "(default: None)" not in text and "(default: False)" not in text
         assert all(action.help for action in parser._actions)
-    assert "(default: cuda when available) --amp" in " ".join(train.parser.format_help().split())
-    assert "augmentation, mixing (default: 0)" in " ".join(train.parser.format_help().split())  # 0 is not None
+    assert "(default: cuda when available) --amp" in " ".join(cli.parser.format_help().split())
+    assert "augmentation, mixing (default: 0)" in " ".join(cli.parser.format_help().split())  # 0 is not None
 
 
 @slow
@@ -2309,7 +2313,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_npz, tmp_path):
     assert line.startswith("interrupted after ") and f" of 500 epochs: {out / 'last.pt'} holds them;" in line
     command = shlex.split(line.split("resume with: ")[1])
     assert command == [sys.executable, str(HERE / "train.py"), *argv, "--resume"]
-    assert train.parse_args(command[2:]).resume  # and the script as given works from where the run started
+    assert cli.parse_args(command[2:]).resume  # and the script as given works from where the run started
 
 
 @slow
@@ -2384,7 +2388,7 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(errors.UserError, match="more processes on this node than its 1 GPU"):
-        runtime.setup_distributed(train.parse_args(["--device", "cuda"]))
+        runtime.setup_distributed(cli.parse_args(["--device", "cuda"]))
 
 
 # --------------------------------------- Reports (slow): eval.py --table and --plot over run folders

@@ -1,0 +1,244 @@
+"""train.py's command line: the flags, their ranges, the dataset's defaults, the arguments of a resumed run.
+
+    args = cli.parse_args(["--arch", "resnet18", "--dataset", "cifar100"])   # what train.py runs
+
+The defaults are the SPEC's recipes (docs/method.md sections 7 and 9): CIFAR's for CIFAR and .npz files, ImageNet's
+for ImageNet and image folders. Every numeric flag is checked against its range (RANGES) before any data is read.
+`--resume` takes every training argument from the run's last.pt (resume_arguments), so a resumed run computes what
+the run it continues computed. The schedule's defaults for short runs (WARMUP_FLOOR, WARMUP_FLOOR_SHARE, CLIP_NORM)
+are measured in docs/stability.md; train.py applies them.
+"""
+import argparse
+import math
+import os
+import sys
+
+import checkpoints
+import runtime
+from arch import ARCHS, check_arch
+from data import DATASETS, dataset_name
+from errors import UserError
+from losses import RECIPES, TERMS
+from mixup import MIX_MODES
+
+METHODS = ("mixskd", "ce", "mixup", "cutmix")
+SPEC_EPOCHS, SPEC_MILESTONES, SPEC_WARMUP_EPOCHS = 205, (105, 155), 5
+WARMUP_FLOOR, WARMUP_FLOOR_SHARE, CLIP_NORM = 500, 0.25, 2.0  # measured: docs/stability.md
+# the flags whose SPEC values differ between CIFAR (section 7) and ImageNet (section 9); ImageNet's
+# batch is 128 in total across processes. The CutMix baseline draws lam with alpha 1.0 (section 7).
+CIFAR_DEFAULTS = {"epochs": SPEC_EPOCHS, "weight_decay": 5e-4, "alpha": 0.4, "batch_size": 64, "schedule": "step"}
+IMAGENET_DEFAULTS = {"epochs": 305, "weight_decay": 1e-4, "alpha": 0.2, "batch_size": 128, "schedule": "cosine"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a default where there is one to show; None and False are not
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
+def count_or_fraction(text):
+    """--val-split: a whole number of images (0 or more), or a fraction of the training set between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value >= 0 and value.is_integer():
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a number of images nor a fraction between 0 and 1")
+
+
+parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Train "
+                                 "MixSKD (Yang et al., ECCV 2022) or a baseline on CIFAR or ImageNet with the SPEC's "
+                                 "recipes (sections 7 and 9) as defaults.")
+g = parser.add_argument_group("what to train")
+g.add_argument("--arch", default="resnet18", help=f"{', '.join(ARCHS)} (the stem follows the dataset: 3x3 on "
+               "CIFAR, 7x7 + max-pool on ImageNet), or torchvision:NAME, a torchvision classifier of a family that "
+               "layouts.TORCHVISION_FAMILIES lists (ResNet, ResNeXt, Wide-ResNet, RegNet, ConvNeXt, MobileNetV2/V3, "
+               "EfficientNet, DenseNet, ViT, Swin), or timm:NAME, one of layouts.TIMM_FAMILIES (ResNet, ResNeXt, "
+               "ConvNeXt, EfficientNet, MobileNetV3/V4, RegNet, ViT, DeiT, Swin; needs timm); transformers are "
+               "built for the data's image size")
+g.add_argument("--width", type=int, default=argparse.SUPPRESS, help="channels of our ResNets' first stage (default "
+               "64, as in the paper); library networks (torchvision:, timm:) have their own")
+g.add_argument("--dataset", default="cifar100", help="cifar10, cifar100 (torchvision, downloaded into --data), "
+               "PATH.npz with x_train, y_train, x_test, y_test (uint8 NHWC images), or imagenet (--data holds train/ "
+               "and val/ in ImageFolder layout)")
+g.add_argument("--data", default="./data", help="torchvision dataset root, or the ImageNet folder")
+g.add_argument("--image-size", type=int, default=None, help="image folders: the crop size (Resize(size * 256 / 224) "
+               "to test; default 224 on ImageNet, a folder's own image size)")
+g.add_argument("--workers", type=int, default=8, help="ImageNet DataLoader workers per process")
+g.add_argument("--val-split", type=count_or_fraction, default=0, metavar="N", help="hold out N training images "
+               "(a fraction of them when below 1), stratified by class and drawn from --seed, as a validation split: "
+               "evaluated every epoch, it chooses best.pt, and the test set chooses nothing. On an ImageNet folder "
+               "they come from train/ too, since val/ is the test set; 0: none")
+g.add_argument("--method", default="mixskd", choices=METHODS,
+               help="mixskd; or a baseline on the backbone alone: ce (clean images), mixup, cutmix")
+g.add_argument("--recipe", default="paper", choices=RECIPES[:2],
+               help="mixskd objective: paper (Eq. (10), everything trained) or official (the released scripts: on "
+                    "CIFAR Eq. (10'), no L_mix, fixed self-teacher and discriminators; on ImageNet Eq. (10) with "
+                    "fixed discriminators, SPEC section 9)")
+g.add_argument("--mix", default="mixup", choices=MIX_MODES, help="how mixskd mixes images")
+g.add_argument("--alpha", type=float, default=argparse.SUPPRESS,
+               help="lam ~ Beta(alpha, alpha) (default 0.4 on CIFAR, 0.2 on ImageNet; 1.0 for --method cutmix)")
+g.add_argument("--temperature", type=float, default=3.0, help="KD temperature T")
+for term in TERMS:
+    g.add_argument(f"--w-{term}", type=float, default=1.0, help=f"weight of L_{term} (0 disables it)")
+g = parser.add_argument_group("optimisation (SPEC sections 7 and 9)")
+g.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 205; 305 on ImageNet)")
+g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup, per iteration (default: the SPEC's 5 "
+               "epochs, times --epochs/205 (305 on ImageNet) when --epochs is shorter, and at least "
+               f"{WARMUP_FLOOR} iterations, or {WARMUP_FLOOR_SHARE:g} of a shorter run: README, Stability)")
+g.add_argument("--schedule", choices=("step", "cosine"), default=argparse.SUPPRESS, help="after the warmup: step "
+               "decays at --milestones (default on CIFAR and .npz, SPEC section 7) or a cosine to 0 at the last epoch "
+               "(default on ImageNet, SPEC section 9)")
+g.add_argument("--milestones", type=int, nargs="*", default=argparse.SUPPRESS,
+               help="--schedule step: absolute epochs where lr is multiplied by 0.1 (default: 105 155, scaled by "
+                    "--epochs/205 when --epochs differs)")
+g.add_argument("--lr", type=float, default=0.1, help="base learning rate")
+g.add_argument("--weight-decay", type=float, default=argparse.SUPPRESS,
+               help="on every trained parameter (default 5e-4; 1e-4 on ImageNet)")
+g.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="clean images per step and process; "
+               "MixSKD forwards twice as many (default 64; on ImageNet 128 divided by the number of processes)")
+g.add_argument("--clip-grad", type=float, default=None, help="clip the norm of all trained gradients to this value, 0 "
+               f"= never (default: {CLIP_NORM} for a MixSKD run too short to warm up for {WARMUP_FLOOR} iterations "
+               "or of a library network, else never, as the SPEC: README, Stability)")
+g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation, mixing")
+g = parser.add_argument_group("speed")
+g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="autocast: auto = bf16 on "
+               "CUDA (fp16 without bf16) and on CPUs with native bf16 kernels (AVX512-BF16/AMX), else fp32")
+g.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="auto = on for CUDA")
+g.add_argument("--compile", default="auto", choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
+               help="torch.compile forward and loss; auto = reduce-overhead (CUDA graphs) on CUDA, off on CPU")
+g = parser.add_argument_group("files")
+g.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<arch>-<method>[-<recipe>]-seed<k>)")
+g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+g.add_argument("--extend", action="store_true",
+               help="with --resume: continue a run to another --epochs than it was started with (new schedule)")
+g.add_argument("--init-from", default=None,
+               help="start from the weights of a checkpoint: ours (last/best/deploy.pt), the released script's, or a "
+                    "state dict of the backbone (torchvision's or timm's; a torch file or .safetensors)")
+g.add_argument("--sync-bn", action="store_true",
+               help="under torchrun on CUDA: BatchNorm statistics over all GPUs (off, as in the released code)")
+g.add_argument("--log-every", type=int, default=100, help="steps between progress updates (each one syncs)")
+g.add_argument("--tensorboard", action="store_true", help="also write metrics.jsonl's numbers as TensorBoard scalars "
+               "into --out (needs the tensorboard package): tensorboard --logdir runs")
+
+
+def parse_args(argv=None):
+    """The command line, with the dataset's SPEC defaults filled in and every value checked."""
+    args = parser.parse_args(argv)
+    folder = args.dataset not in DATASETS and os.path.isdir(args.dataset)
+    imagenet = args.dataset == "imagenet" or folder  # a folder of one's own: the ImageNet recipe
+    spec = IMAGENET_DEFAULTS if imagenet else CIFAR_DEFAULTS
+    for key, value in {**spec, **({"alpha": 1.0} if args.method == "cutmix" else {})}.items():
+        if not hasattr(args, key):
+            setattr(args, key, value // runtime.world_size() if key == "batch_size" and imagenet else value)
+    args.stem, args.nesterov = ("imagenet", False) if imagenet else ("cifar", True)
+    check_numbers(args)
+    try:
+        check_arch(args.arch)
+    except ValueError as e:
+        parser.error(str(e))
+    if ":" in args.arch and hasattr(args, "width"):
+        parser.error(f"--width sets the channels of our ResNets; {args.arch} has its own: drop --width")
+    args.width = None if ":" in args.arch else getattr(args, "width", 64)
+    if args.method == "mixskd" and not any(getattr(args, f"w_{t}") for t in optimised_terms(args)):
+        parser.error(f"every optimised loss weight is 0 (--w-{' --w-'.join(optimised_terms(args))}): nothing to "
+                     f"train; recipe {args.recipe} optimises {', '.join('L_' + t for t in optimised_terms(args))}")
+    if args.dataset not in DATASETS and not args.dataset.endswith(".npz") and not folder:
+        parser.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet, the path of an .npz file, "
+                     f"or a folder holding train/ and val/ (ImageFolder layout)")
+    if hasattr(args, "milestones") and args.schedule == "cosine":
+        parser.error("--milestones place the decays of --schedule step; the cosine schedule has none")
+    if not hasattr(args, "milestones"):  # the SPEC's decays at the same fractions of the run, kept distinct
+        first, second = (round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES)
+        args.milestones = [first, max(second, first + 1)]
+    elif args.schedule == "step" and any(m >= args.epochs for m in args.milestones) and runtime.rank() == 0:
+        print(f"note: --milestones {' '.join(map(str, args.milestones))}: a decay at epoch {args.epochs} or later "
+              f"comes after the last epoch of --epochs {args.epochs}, so the lr never makes it", file=sys.stderr)
+    recipe = f"-{args.recipe}" if args.method == "mixskd" else ""
+    arch = args.arch.replace(":", "-")
+    args.out = args.out or f"runs/{dataset_name(args.dataset)}-{arch}-{args.method}{recipe}-seed{args.seed}"
+    return args
+
+
+def finite_at_least(low, strict=False):
+    """A check that a number is finite and >= low (> low when strict), with its text for the error line."""
+    ok = (lambda v: math.isfinite(v) and (v > low if strict else v >= low))
+    return ok, f"a finite number {'>' if strict else '>='} {low:g}"
+
+
+def int_in(low, high=None):
+    ok = (lambda v: low <= v and (high is None or v < high))
+    return ok, f"an integer >= {low}" + (f" and < {high}" if high else "")
+
+
+# every numeric flag and what it accepts: checked before any data is read
+RANGES = {"width": int_in(1), "image_size": int_in(8), "workers": int_in(0), "alpha": finite_at_least(0, True),
+          "temperature": finite_at_least(0, True), **{f"w_{t}": finite_at_least(0) for t in TERMS},
+          "epochs": int_in(1), "warmup_epochs": finite_at_least(0), "milestones": int_in(1),
+          "lr": finite_at_least(0, True),
+          "weight_decay": finite_at_least(0), "batch_size": int_in(2), "clip_grad": finite_at_least(0),
+          "seed": int_in(0, 2**32), "log_every": int_in(1), "val_split": finite_at_least(0)}
+WHY = {"batch_size": " (mixup pairs images, BatchNorm needs a batch)", "clip_grad": " (0: never clip)",
+       "seed": " (NumPy's generator takes 32 bits)"}
+
+
+def check_numbers(args):
+    """One line naming the flag and its valid range for any numeric value outside it (argparse's exit 2)."""
+    for key, (ok, valid) in RANGES.items():
+        values = getattr(args, key, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not ok(value):
+                parser.error(f"--{key.replace('_', '-')} must be {valid}{WHY.get(key, '')}, got {value}")
+
+
+def optimised_terms(args):
+    """The loss terms a MixSKD recipe optimises: all five, but L_mix only logged under `official` on CIFAR
+    (SPEC Eq. (10'))."""
+    cifar_official = args.recipe == "official" and args.stem != "imagenet"
+    return [t for t in TERMS if not (t == "mix" and cifar_official)]
+
+
+# what a run saved before these flags existed did: never clipped, no validation split
+LEGACY = {"clip_grad": 0.0, "val_split": 0}
+# the arguments that do not change what a run computes: a resume may give them anew
+NOT_TRAINING = {"device", "amp", "channels_last", "compile", "out", "resume", "extend", "init_from", "log_every",
+                "data", "workers", "tensorboard"}
+
+
+def given_flags(argv):
+    """The arguments the command line gave explicitly, as parsed values (no defaults)."""
+    quiet = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"action": type(action)} if not isinstance(action, argparse._StoreAction) else {
+                "type": action.type, "nargs": action.nargs, "choices": action.choices}
+            quiet.add_argument(*action.option_strings, dest=action.dest, **kwargs)
+    return vars(quiet.parse_args(argv))
+
+
+def resume_arguments(args, argv):
+    """--resume continues the run in --out as it was started: every training argument comes from its last.pt,
+    and one given on the command line that differs is refused, naming each. --epochs may differ with
+    --extend (and the schedule is then placed anew for the new length); speed and file flags may differ."""
+    last = os.path.join(args.out, "last.pt")
+    if not os.path.exists(last):
+        raise UserError(f"--resume: no {last} to continue from")
+    saved = checkpoints.read_checkpoint(last).get("args")
+    if not isinstance(saved, dict):
+        raise UserError(f"{last} is not a training checkpoint of this project: --resume needs a last.pt")
+    given = given_flags(sys.argv[1:] if argv is None else argv)
+    renewed = {"epochs", "milestones"} if args.extend else set()
+    differ = [key for key, value in given.items() if key in saved and key not in NOT_TRAINING | renewed
+              and (dataset_name(value) != dataset_name(saved[key]) if key == "dataset" else value != saved[key])]
+    if differ:
+        raise UserError(f"--resume continues {args.out} with the arguments it was started with; these differ: "
+                        + ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run: {saved[k]})" for k in differ)
+                        + ("; --epochs may change with --extend" if "epochs" in differ else "")
+                        + ": drop them, or start a new run in another --out")
+    keep = {**LEGACY, **{key: value for key, value in saved.items() if key not in NOT_TRAINING | renewed}}
+    if "dataset" in given:  # the same dataset, perhaps moved: the path as given now
+        keep["dataset"] = given["dataset"]
+    return argparse.Namespace(**{**vars(args), **keep})
