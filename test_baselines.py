@@ -1,0 +1,265 @@
+"""Self-KD baselines checklist: one test per property of SPEC section 12, smallest case that shows it.
+
+Each loss is checked against an independent derivation written here (explicit loops over samples,
+classes and heads; nothing from baselines.py or losses.kd), at T = 4 where a temperature enters, and
+each detach is checked on the gradients of leaf logits and feature maps.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baselines import (BRANCHED, SELF_KD_METHODS, SelfKDObjective, byot_loss, cs_kd_loss, dks_loss,
+                       label_smoothing_loss, label_smoothing_targets, ps_kd_alpha, ps_kd_loss, ps_kd_targets,
+                       soft_cross_entropy)
+from model import MixSKDNet, ResNet
+
+WIDTH, CLASSES, BATCH, T = 4, 10, 4, 4.0
+
+
+def batch(seed=0, n=BATCH):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+def leaves(*shape, n=1, seed=0):
+    """n random tensors that collect gradients, spread wide enough that the temperature matters."""
+    g = torch.Generator().manual_seed(seed)
+    return [(3 * torch.randn(*shape, generator=g)).requires_grad_() for _ in range(n)]
+
+
+def ref_soft_ce(z, q):
+    """-(1/B) sum_i sum_c q_ic log softmax(z_i)_c, one sample and one class at a time."""
+    total = 0.0
+    for i in range(z.shape[0]):
+        log_p = z[i] - torch.logsumexp(z[i], 0)
+        total = total - sum(q[i, c] * log_p[c] for c in range(z.shape[1]))
+    return total / z.shape[0]
+
+
+def ref_ce(z, y):
+    return ref_soft_ce(z, F.one_hot(y, z.shape[1]).float())
+
+
+def ref_kd(student, teacher, temperature=T):
+    """T^2 KL(softmax(t / T) || softmax(s / T)), batch mean, written out per sample."""
+    total = 0.0
+    for s_i, t_i in zip(student, teacher.detach()):
+        log_q, log_p = (t_i / temperature).log_softmax(0), (s_i / temperature).log_softmax(0)
+        total = total + (log_q.exp() * (log_q - log_p)).sum()
+    return temperature**2 * total / student.shape[0]
+
+
+def close(a, b):
+    torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), rtol=1e-5, atol=1e-6)
+
+
+# -------------------------------------------------------------------- SPEC section 12.1: label smoothing
+
+
+def test_12_1_targets_put_eps_over_c_minus_1_on_the_other_classes():
+    y = torch.tensor([0, 3, 9, 3])
+    q = label_smoothing_targets(y, CLASSES, 0.1)
+    for i in range(BATCH):
+        for c in range(CLASSES):
+            assert q[i, c].item() == pytest.approx(0.9 if c == y[i] else 0.1 / 9)
+    close(q.sum(1), torch.ones(BATCH))
+
+
+def test_12_1_loss_matches_reference_and_is_not_pytorchs_label_smoothing():
+    (z,) = leaves(BATCH, CLASSES)
+    y = torch.tensor([0, 3, 9, 3])
+    q = torch.full((BATCH, CLASSES), 0.1 / 9)
+    q[torch.arange(BATCH), y] = 0.9
+    loss = label_smoothing_loss(z, y)
+    close(loss, ref_soft_ce(z, q))
+    pytorch = F.cross_entropy(z, y, label_smoothing=0.1)  # eps / C off the true class
+    assert abs(loss.item() - pytorch.item()) > 1e-3
+    # the released targets are PyTorch's at eps C / (C - 1)
+    close(loss, F.cross_entropy(z, y, label_smoothing=0.1 * CLASSES / (CLASSES - 1)))
+
+
+def test_12_1_soft_cross_entropy_with_one_hot_targets_is_cross_entropy():
+    (z,) = leaves(BATCH, CLASSES)
+    y = torch.tensor([1, 2, 3, 4])
+    close(soft_cross_entropy(z, F.one_hot(y, CLASSES)), F.cross_entropy(z, y))
+
+
+# ------------------------------------------------------------------------------ SPEC section 12.2: BYOT
+
+
+def test_12_2_byot_matches_reference():
+    logits = leaves(BATCH, CLASSES, n=4)
+    feats = leaves(BATCH, 8, 4, 4, n=4, seed=1)
+    y = torch.tensor([1, 2, 3, 4])
+    total, terms = byot_loss(feats, logits, y, temperature=T)
+    ref = {"ce": sum(ref_ce(z, y) for z in logits),
+           "kd": sum(ref_kd(z, logits[3]) for z in logits[:3]),
+           "feat": 0.05 * sum(((f - feats[3].detach()) ** 2).sum() / f.numel() for f in feats[:3])}
+    for t in ("ce", "kd", "feat"):
+        close(terms[t], ref[t])
+        assert not terms[t].requires_grad
+    close(total, ref["ce"] + ref["kd"] + ref["feat"])
+
+
+def test_12_2_byot_backbone_learns_from_ce_alone_and_its_feature_map_only_teaches():
+    logits = leaves(BATCH, CLASSES, n=4)
+    feats = leaves(BATCH, 8, 4, 4, n=4, seed=1)
+    y = torch.tensor([1, 2, 3, 4])
+    byot_loss(feats, logits, y, temperature=T)[0].backward()
+    backbone = logits[3].detach().requires_grad_()
+    ref_ce(backbone, y).backward()
+    close(logits[3].grad, backbone.grad)  # no KD gradient into the teacher z_f
+    assert feats[3].grad is None  # the hint never moves the backbone's feature map
+    for f in feats[:3]:  # ... and pulls each branch's towards it
+        close(f.grad, 0.05 * 2 * (f - feats[3]).detach() / f.numel())
+
+
+# ------------------------------------------------------------------------------- SPEC section 12.3: DKS
+
+
+def test_12_3_dks_sums_every_ordered_pair_of_heads():
+    logits = leaves(BATCH, CLASSES, n=4)
+    y = torch.tensor([1, 2, 3, 4])
+    total, terms = dks_loss(logits, y, temperature=T)
+    pairs = [(h, g) for h in range(4) for g in range(4) if h != g]
+    assert len(pairs) == 12
+    close(terms["kd"], sum(ref_kd(logits[h], logits[g]) for h, g in pairs))
+    close(terms["ce"], sum(ref_ce(z, y) for z in logits))
+    close(total, terms["ce"] + terms["kd"])
+
+
+def test_12_3_dks_every_head_learns_only_as_student():
+    logits = leaves(BATCH, CLASSES, n=4)
+    y = torch.tensor([1, 2, 3, 4])
+    dks_loss(logits, y, temperature=T)[0].backward()
+    for h in range(4):
+        z = logits[h].detach().requires_grad_()
+        (ref_ce(z, y) + sum(ref_kd(z, logits[g]) for g in range(4) if g != h)).backward()
+        close(logits[h].grad, z.grad)
+
+
+# ----------------------------------------------------------------------------- SPEC section 12.4: CS-KD
+
+
+def test_12_4_cs_kd_matches_reference_and_the_partner_only_teaches():
+    z, z_partner = leaves(BATCH, CLASSES, n=2)
+    y = torch.tensor([1, 2, 3, 4])
+    total, terms = cs_kd_loss(z, z_partner, y, temperature=T)
+    close(terms["ce"], ref_ce(z, y))
+    close(terms["kd"], ref_kd(z, z_partner))  # T^2 = 16 included
+    total.backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert z_partner.grad is None
+
+
+class Recorder(torch.nn.Module):
+    """A classifier that notes, per forward, whether autograd was on."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.grad_enabled = net, []
+
+    def forward(self, x):
+        self.grad_enabled.append(torch.is_grad_enabled())
+        return self.net(x)
+
+
+def test_12_4_cs_kd_objective_forwards_partners_second_without_graph_and_bn_sees_them():
+    x, y = batch()
+    x_partner, _ = batch(seed=1)
+    torch.manual_seed(0)
+    net = Recorder(ResNet("resnet18", CLASSES, WIDTH))
+    alone = ResNet("resnet18", CLASSES, WIDTH)
+    alone.load_state_dict(net.net.state_dict())
+    x_partner.requires_grad_()
+    total, terms, logits = SelfKDObjective(net, "cs-kd", T)(x, y, extra=x_partner)
+    total.backward()
+    assert net.grad_enabled == [True, False]  # anchors with a graph, then partners under no_grad
+    assert x_partner.grad is None
+    close(logits, alone(x))  # the anchors' own forward: their BatchNorm statistics alone
+    anchors_only = alone.bn1.running_mean.clone()
+    alone(x_partner)
+    close(net.net.bn1.running_mean, alone.bn1.running_mean)  # running statistics saw both forwards
+    assert not torch.allclose(net.net.bn1.running_mean, anchors_only)
+    with torch.no_grad():
+        close(total, ref_ce(alone(x), y) + ref_kd(logits, alone(x_partner)))
+
+
+# ----------------------------------------------------------------------------- SPEC section 12.5: PS-KD
+
+
+def test_12_5_alpha_grows_linearly_to_alpha_T_at_the_last_epoch():
+    assert ps_kd_alpha(0, 200) == pytest.approx(0.8 / 200)
+    assert ps_kd_alpha(99, 200) == pytest.approx(0.4)
+    assert ps_kd_alpha(199, 200) == pytest.approx(0.8)
+
+
+def test_12_5_epoch_0_targets_are_one_hot():
+    y = torch.tensor([1, 2, 3, 4])
+    onehot = F.one_hot(y, CLASSES).float()
+    close(ps_kd_targets(y, onehot, ps_kd_alpha(0, 200)), onehot)
+
+
+def test_12_5_targets_mix_labels_and_previous_predictions_and_loss_is_soft_ce():
+    y = torch.tensor([1, 2, 3, 4])
+    previous = torch.randn(BATCH, CLASSES).softmax(1)
+    alpha = ps_kd_alpha(49, 200)
+    targets = ps_kd_targets(y, previous, alpha)
+    for i in range(BATCH):
+        for c in range(CLASSES):
+            close(targets[i, c], (1 - alpha) * float(c == y[i]) + alpha * previous[i, c])
+    close(targets.sum(1), torch.ones(BATCH))
+    (z,) = leaves(BATCH, CLASSES)
+    close(ps_kd_loss(z, targets), ref_soft_ce(z, targets))
+
+
+# ------------------------------------------------------------------------ SelfKDObjective, every method
+
+
+def objective_and_inputs(method):
+    torch.manual_seed(0)
+    net = MixSKDNet("resnet18", CLASSES, WIDTH) if method in BRANCHED else ResNet("resnet18", CLASSES, WIDTH)
+    x, y = batch()
+    extra = {"cs-kd": batch(seed=1)[0],
+             "ps-kd": ps_kd_targets(y, torch.randn(BATCH, CLASSES).softmax(1), 0.5)}.get(method)
+    return SelfKDObjective(net, method, T), net, x, y, extra
+
+
+@pytest.mark.parametrize("method", SELF_KD_METHODS)
+def test_objective_returns_backbone_logits_and_finite_terms(method):
+    objective, net, x, y, extra = objective_and_inputs(method)
+    total, terms, logits = objective(x, y, extra=extra)
+    out = net(x)
+    close(logits, out[1][-1] if method in BRANCHED else out)
+    assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
+    close(total, sum(terms.values()))
+
+
+@pytest.mark.parametrize("method", SELF_KD_METHODS)
+def test_objective_under_bf16_autocast_keeps_losses_float32_and_kd_non_negative(method):
+    objective, _, x, y, extra = objective_and_inputs(method)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, terms, _ = objective(x, y, extra=extra)
+    assert total.dtype == torch.float32
+    if "kd" in terms:
+        assert terms["kd"].item() >= 0
+
+
+def test_losses_compute_in_float32_on_bf16_logits():
+    """Outside autocast too (a network cast to bf16): the same value as on the float32 copies."""
+    logits = [z.detach().bfloat16() for z in leaves(BATCH, CLASSES, n=4)]
+    feats = [f.detach().bfloat16() for f in leaves(BATCH, 8, 4, 4, n=4, seed=1)]
+    y = torch.tensor([1, 2, 3, 4])
+    q = ps_kd_targets(y, torch.randn(BATCH, CLASSES).softmax(1), 0.5)
+    as_float = [[t.float() for t in ts] for ts in (logits, feats)]
+    for loss in (lambda z, f: label_smoothing_loss(z[0], y), lambda z, f: ps_kd_loss(z[0], q),
+                 lambda z, f: byot_loss(f, z, y, T)[0], lambda z, f: dks_loss(z, y, T)[0],
+                 lambda z, f: cs_kd_loss(z[0], z[1], y, T)[0]):
+        ours = loss(logits, feats)
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, loss(*as_float), rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_method_raises_naming_choices():
+    with pytest.raises(ValueError, match="label-smooth, byot, dks, cs-kd, ps-kd"):
+        SelfKDObjective(ResNet("resnet18", CLASSES, WIDTH), "bake")
