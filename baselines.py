@@ -107,6 +107,29 @@ def ps_kd_loss(logits, targets):
     return soft_cross_entropy(logits, targets)
 
 
+class PredictionStore:
+    """PS-KD's store P, docs/method.md section 12.5: one probability vector per training image, N x C float32
+    on the training device (20 MB for CIFAR-100's 50,000 x 100), one-hot before the first epoch.
+
+    Every image is drawn once per epoch, read (`targets`) and then overwritten (`write`) in the same step, so
+    a row read during an epoch still holds the previous epoch's prediction: one buffer serves both epochs, and
+    the images an epoch does not draw (its dropped last batch) keep theirs. `written` marks the rows this
+    process wrote this epoch, for the merge across processes at its end (runtime.merge_store)."""
+
+    def __init__(self, labels, num_classes):
+        self.probs = F.one_hot(labels, num_classes).float()
+        self.written = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+
+    def targets(self, idx, y, alpha):
+        """ps_kd_targets of the images at positions idx of the training set, from the previous epoch's rows."""
+        return ps_kd_targets(y, self.probs[idx], alpha)
+
+    def write(self, idx, logits):
+        """This step's predictions, softmax(z) of the augmented views in train mode, detached, into their rows."""
+        self.probs[idx] = logits.detach().float().softmax(1)
+        self.written[idx] = True
+
+
 class SelfKDObjective(nn.Module):
     """The objective of one step of a Self-KD baseline (docs/method.md section 12), shaped like
     losses.BaselineObjective: forward(inputs, y, lam=None, perm=None, extra=None) -> (total, terms,

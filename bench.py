@@ -24,6 +24,7 @@ import cli
 import runtime
 from errors import run_cli
 import train
+from baselines import PredictionStore
 from data import STATS, pixel_stats, train_batches
 from losses import RECIPES
 from mixup import mix_batch
@@ -125,16 +126,23 @@ def fast_stepper(targs, data, device):
     state = {"epoch": 0, "batches": iter(())}
     settings = {"amp": speed.amp,
                 "channels_last": speed.memory_format == torch.channels_last, "compile": targs.compile}
+    store = PredictionStore(data.y_train, data.num_classes) if targs.method == "ps-kd" else None
 
     def step():
         batch = next(state["batches"], None)
         if batch is None:
             state["epoch"] += 1
-            state["batches"] = train_batches(data, targs.batch_size, 0, state["epoch"])
+            state["batches"] = train_batches(data, targs.batch_size, 0, state["epoch"], extra=train.EXTRA.get(targs.method))
             batch = next(state["batches"])
         for group in opt.param_groups:
             group["lr"] = 0.01
-        train.train_step(step_fn, opt, speed, *batch, targs)
+        x, y, *extra = batch
+        if store:  # as train.train: targets from the store, then this step's predictions into it
+            idx = extra.pop()
+            extra.append(store.targets(idx, y, 0.5))
+        logits = train.train_step(step_fn, opt, speed, x, y, targs, 0.0, *extra)[3]
+        if store:
+            store.write(idx, logits)
 
     return step, settings
 

@@ -20,6 +20,7 @@ import torch
 
 import runtime
 from arch import library, network
+from baselines import BRANCHED
 from data import DATASETS
 from errors import UserError
 from layouts import library_network, model_kwargs, timm_checkpoint_filter
@@ -117,13 +118,14 @@ def run_meta(args, data, backbone):
             "model_kwargs": model_kwargs(args.arch, data.num_classes, data.image_size) if library(args.arch) else None}
 
 
-def save_training(paths, meta, args, epoch, best, objective, opt, scaler, rng):
-    """last.pt (and best.pt): everything a run needs to continue exactly where it stopped."""
+def save_training(paths, meta, args, epoch, best, objective, opt, scaler, rng, store=None):
+    """last.pt (and best.pt): everything a run needs to continue exactly where it stopped, PS-KD's store too."""
     parts = {name: getattr(objective, attr, None) for name, attr in
              (("model", "net"), ("self_teacher", "self_teacher"), ("discriminators", "discs"))}
     ckpt = {"meta": meta, "args": vars(args), "epoch": epoch, "best": best,
             **{name: module.state_dict() if module is not None else None for name, module in parts.items()},
-            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
+            "ps_kd_store": store.probs if store is not None else None}
     for path in paths:
         save_atomic(ckpt, path)
 
@@ -264,13 +266,13 @@ def model_from_checkpoint(ckpt, path):
                         f"its first key is {next(iter(ckpt), None)!r})")
     meta = ckpt["meta"]
     deploy = "backbone" in ckpt  # deploy.pt: the backbone alone
-    mixskd = meta["method"] == "mixskd" and not deploy
+    heads = meta["method"] in ("mixskd", *BRANCHED) and not deploy  # every head of MixSKD, BYOT, DKS
     try:
         if meta.get("model_kwargs") is not None:  # a torchvision or timm network, built as its library builds it
-            model = library_network(meta["arch"], meta["model_kwargs"], mixskd)
+            model = library_network(meta["arch"], meta["model_kwargs"], heads)
         else:
             model = network(meta["arch"], meta["num_classes"], meta["width"], meta["stem_relu"],
-                            meta.get("stem", "cifar"), mixskd)
+                            meta.get("stem", "cifar"), heads)
     except ValueError as e:  # an arch this installation cannot build: timm missing, say
         raise UserError(f"{path}: {e}") from None
     load_state(model, ckpt["backbone" if deploy else "model"], f"{'deploy ' * deploy}checkpoint {path}")
@@ -320,8 +322,8 @@ def init_from(path, model, teacher):
         load_state(teacher, source_teacher.state_dict(), f"--init-from {path} (self-teacher)")
 
 
-def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank):
-    """Load last.pt into everything; returns (first epoch to run, best-so-far record)."""
+def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank, store=None):
+    """Load last.pt into everything (PS-KD's store too); returns (first epoch to run, best-so-far record)."""
     ckpt = read_checkpoint(path)
     if "meta" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a training checkpoint of this project: --resume needs a last.pt")
@@ -333,6 +335,13 @@ def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank):
     done = ckpt["epoch"] + 1
     if args.epochs < done:
         raise UserError(f"{path} already holds epoch {done}: --epochs {args.epochs} leaves nothing to train")
+    if store is not None:  # checked before anything is loaded: a refused resume changes nothing
+        saved = ckpt.get("ps_kd_store")
+        if saved is None or saved.shape != store.probs.shape:
+            raise UserError(f"{path} holds {'no PS-KD store' if saved is None else f'a PS-KD store of {tuple(saved.shape)}'}"
+                            f", this run needs one row per training image and class, {tuple(store.probs.shape)}: "
+                            f"resume it on the data it was trained on, or start a new run")
+        store.probs.copy_(saved)
     load_state(model, ckpt["model"], f"checkpoint {path}")
     for module, key in ((teacher, "self_teacher"), (discs, "discriminators")):
         if module is not None:

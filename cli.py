@@ -16,12 +16,15 @@ import sys
 import checkpoints
 import runtime
 from arch import ARCHS, check_arch
+from baselines import BASELINE_TEMPERATURE, SELF_KD_METHODS
 from data import DATASETS, dataset_name
 from errors import UserError
 from losses import RECIPES, TERMS
 from mixup import MIX_MODES
 
-METHODS = ("mixskd", "ce", "mixup", "cutmix")
+METHODS = ("mixskd", "ce", "mixup", "cutmix", *SELF_KD_METHODS)
+DISTILLING = ("mixskd", "byot", "dks", "cs-kd")  # the methods with a KD temperature
+MIXSKD_TEMPERATURE = 3.0  # docs/method.md section 5; the Self-KD baselines' is BASELINE_TEMPERATURE (12.0)
 SPEC_EPOCHS, SPEC_MILESTONES, SPEC_WARMUP_EPOCHS = 205, (105, 155), 5
 WARMUP_FLOOR, WARMUP_FLOOR_SHARE, CLIP_NORM = 500, 0.25, 2.0  # measured: docs/stability.md
 # the flags whose SPEC values differ between CIFAR (section 7) and ImageNet (section 9); ImageNet's
@@ -71,8 +74,9 @@ g.add_argument("--val-split", type=count_or_fraction, default=0, metavar="N", he
                "(a fraction of them when below 1), stratified by class and drawn from --seed, as a validation split: "
                "evaluated every epoch, it chooses best.pt, and the test set chooses nothing. On an ImageNet folder "
                "they come from train/ too, since val/ is the test set; 0: none")
-g.add_argument("--method", default="mixskd", choices=METHODS,
-               help="mixskd; or a baseline on the backbone alone: ce (clean images), mixup, cutmix")
+g.add_argument("--method", default="mixskd", choices=METHODS, help="mixskd; a baseline on the backbone alone: ce "
+               "(clean images), mixup, cutmix; or a Self-KD baseline (docs/method.md section 12) with the released loss: "
+               "label-smooth, byot and dks (which train the branches of mixskd's network), cs-kd, ps-kd")
 g.add_argument("--recipe", default="paper", choices=RECIPES[:2],
                help="mixskd objective: paper (Eq. (10), everything trained) or official (the released scripts: on "
                     "CIFAR Eq. (10'), no L_mix, fixed self-teacher and discriminators; on ImageNet Eq. (10) with "
@@ -80,7 +84,8 @@ g.add_argument("--recipe", default="paper", choices=RECIPES[:2],
 g.add_argument("--mix", default="mixup", choices=MIX_MODES, help="how mixskd mixes images")
 g.add_argument("--alpha", type=float, default=argparse.SUPPRESS,
                help="lam ~ Beta(alpha, alpha) (default 0.4 on CIFAR, 0.2 on ImageNet; 1.0 for --method cutmix)")
-g.add_argument("--temperature", type=float, default=3.0, help="KD temperature T")
+g.add_argument("--temperature", type=float, default=argparse.SUPPRESS, help=f"KD temperature T of {', '.join(DISTILLING)} "
+               f"(default {MIXSKD_TEMPERATURE:g} for mixskd, {BASELINE_TEMPERATURE:g} for the others, as released)")
 for term in TERMS:
     g.add_argument(f"--w-{term}", type=float, default=1.0, help=f"weight of L_{term} (0 disables it)")
 g = parser.add_argument_group("optimisation (SPEC sections 7 and 9)")
@@ -135,6 +140,10 @@ def parse_args(argv=None):
         if not hasattr(args, key):
             setattr(args, key, value // runtime.world_size() if key == "batch_size" and imagenet else value)
     args.stem, args.nesterov = ("imagenet", False) if imagenet else ("cifar", True)
+    if hasattr(args, "temperature") and args.method not in DISTILLING:
+        parser.error(f"--temperature sets the KD of {', '.join(DISTILLING)}; --method {args.method} distills nothing")
+    args.temperature = getattr(args, "temperature", MIXSKD_TEMPERATURE if args.method == "mixskd" else
+                               BASELINE_TEMPERATURE if args.method in DISTILLING else None)
     check_numbers(args)
     try:
         check_arch(args.arch)

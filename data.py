@@ -283,23 +283,59 @@ def epoch_generator(seed, epoch, device, stream=0):
     return torch.Generator(device=device).manual_seed((seed * 100_003 + epoch) * 1_009 + stream)
 
 
-def train_batches(data, batch_size, seed, epoch, rank=0, world_size=1):
-    """Shuffled, augmented, normalised batches of one epoch for one rank.
+def train_batches(data, batch_size, seed, epoch, rank=0, world_size=1, extra=None):
+    """Shuffled, augmented, normalised batches of one epoch for one rank: (x, y), or (x, y, e) with `extra`:
+    "index", e the positions of the batch's images in the training set (PS-KD's store rows); "partner", e one
+    augmented image of the same class per image, drawn uniformly from the training images of its class, the
+    image itself included (CS-KD, docs/method.md section 12.4).
 
     Every rank draws the same permutation and takes every world_size-th index of it, so the shards
     are disjoint and together cover the epoch (DistributedSampler's way, on the device). The last
     incomplete batch is dropped, so every step has the same shape (steady memory, no recompiles).
+    Augmentation and partners come from a generator of (seed, epoch, rank): a resumed epoch draws the same.
     """
     if hasattr(data, "train_set"):
-        yield from folder_batches(data, data.train_set, batch_size, seed, epoch, rank, world_size, train=True)
+        yield from folder_batches(data, data.train_set, batch_size, seed, epoch, rank, world_size, True, extra)
         return
     x, y = data.x_train, data.y_train
     order = torch.randperm(x.shape[0], device=x.device, generator=epoch_generator(seed, epoch, x.device))
     order = order[rank::world_size]
     augment = epoch_generator(seed, epoch, x.device, stream=1 + rank)
+    classes = class_members(y) if extra == "partner" else None
     for i in range(steps_per_epoch(data, batch_size, world_size)):
         idx = order[i * batch_size:(i + 1) * batch_size]
-        yield normalize(random_crop_flip(x[idx], augment), data.stats), y[idx]
+        batch = normalize(random_crop_flip(x[idx], augment), data.stats), y[idx]
+        if extra == "index":
+            batch += (idx,)
+        elif extra == "partner":
+            partner = same_class_partner(y[idx], classes, augment)
+            batch += (normalize(random_crop_flip(x[partner], augment), data.stats),)
+        yield batch
+
+
+def note_single_image_classes(data):
+    """CS-KD pairs each image with another of its class (docs/method.md section 12.4): a class with one training
+    image can only be paired with itself, as the released sampler does; a note names such classes."""
+    counts = torch.bincount(train_labels(data), minlength=data.num_classes).tolist()
+    single = [k if not data.class_names else f"{k} ({data.class_names[k]})" for k, n in enumerate(counts) if n == 1]
+    if single:
+        print(f"note: class{'es' * (len(single) > 1)} {shown(single)} ha{'ve' if len(single) > 1 else 's'} one "
+              f"training image: CS-KD pairs it with itself, as the released sampler does", file=sys.stderr)
+
+
+def class_members(y):
+    """The training set's indices grouped by class, for same_class_partner: (indices sorted by label, first
+    position of each class among them, images per class), all on y's device."""
+    counts = torch.bincount(y)
+    return torch.argsort(y, stable=True), torch.cumsum(counts, 0) - counts, counts
+
+
+def same_class_partner(labels, classes, generator):
+    """For each label, a training image of that class drawn uniformly (the image itself may be drawn, as in
+    the released CS-KD sampler), as indices into the training set: on the device, no host sync."""
+    by_class, first, counts = classes
+    u = torch.rand(labels.shape[0], device=labels.device, generator=generator)
+    return by_class[first[labels] + (u * counts[labels]).long().clamp(max=counts[labels] - 1)]
 
 
 def steps_per_epoch(data, batch_size, world_size=1):
@@ -321,16 +357,55 @@ def eval_batches(data, batch_size, split="test"):
         yield normalize(x[i:i + batch_size], data.stats), y[i:i + batch_size]
 
 
-def folder_batches(data, dataset, batch_size, seed, epoch, rank, world_size, train):
+def folder_batches(data, dataset, batch_size, seed, epoch, rank, world_size, train, extra=None):
     """A DataLoader over an ImageFolder: this rank's shard (DistributedSampler, reshuffled by (seed,
     epoch)), worker seeds drawn from (seed, epoch, rank), uint8 batches in pinned memory copied to the
-    device without blocking, then normalised there."""
+    device without blocking, then normalised there. extra as train_batches'."""
     sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed, drop_last=train)
     sampler.set_epoch(epoch)
     cuda = data.device.type == "cuda"
+    if extra:
+        dataset = WithExtra(dataset, extra, seed, epoch)
     loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=data.workers,
                                          pin_memory=cuda, drop_last=train,
                                          generator=epoch_generator(seed, epoch, "cpu", stream=1 + rank))
-    for x, y in loader:
+    for x, y, *e in loader:
         x, y = x.to(data.device, non_blocking=cuda), y.to(data.device, non_blocking=cuda)
-        yield normalize(x, data.stats), y
+        e = [t.to(data.device, non_blocking=cuda) for t in e]
+        yield normalize(x, data.stats), y, *(normalize(t, data.stats) if extra == "partner" else t for t in e)
+
+
+def train_labels(data):
+    """The training set's labels on the device, in the order of the positions train_batches' "index" gives."""
+    if hasattr(data, "train_set"):
+        return torch.as_tensor(folder_labels(data.train_set), device=data.device)
+    return data.y_train
+
+
+def folder_labels(dataset):
+    """The labels of an ImageFolder, or of a Subset of one, in the dataset's own order."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return np.asarray(folder_labels(dataset.dataset))[dataset.indices]
+    return np.asarray(dataset.targets)
+
+
+class WithExtra(torch.utils.data.Dataset):
+    """An image folder's items with what train_batches' `extra` asks for: (image, label, its index) or
+    (image, label, an image of the same class). The partner of item i in an epoch is drawn by a generator of
+    (seed, epoch, i), so it is the same in every worker and in a resumed run."""
+
+    def __init__(self, dataset, extra, seed, epoch):
+        self.dataset, self.extra, self.key = dataset, extra, (seed, epoch)
+        if extra == "partner":
+            labels = folder_labels(dataset)
+            self.labels, self.members = labels, {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        if self.extra == "index":
+            return x, y, i
+        members = self.members[self.labels[i]]
+        return x, y, self.dataset[members[np.random.default_rng([*self.key, i]).integers(len(members))]][0]

@@ -104,6 +104,29 @@ def sum_over_ranks(tensor, world):
     return tensor
 
 
+def merge_store(store, world, rows=65_536):
+    """At the end of an epoch under torchrun, every rank gets the rows the other ranks wrote into a PS-KD store
+    (baselines.PredictionStore): each row was written by one rank alone (disjoint shards), so the sum of the
+    ranks' written rows, zero elsewhere, is that rank's row exactly. In chunks of `rows`, to bound the memory."""
+    if world > 1:
+        for start in range(0, store.probs.shape[0], rows):
+            probs, written = store.probs[start:start + rows], store.written[start:start + rows]
+            mine, writers = torch.where(written[:, None], probs, 0.0), written.int()
+            dist.all_reduce(mine)
+            dist.all_reduce(writers)
+            probs.copy_(torch.where(writers[:, None] > 0, mine, probs))
+    store.written.zero_()
+
+
+def non_finite_tensors(objective):
+    """The names of the weights and BatchNorm statistics that are not finite (one device sync when all are)."""
+    tensors = [(name, t) for name, t in [*objective.named_parameters(), *objective.named_buffers()]
+               if t.is_floating_point()]
+    if torch.stack([torch.isfinite(t).all() for _, t in tensors]).all():
+        return []
+    return [name for name, t in tensors if not torch.isfinite(t).all()]
+
+
 def parameter_digest(*modules):
     """sha256 of every parameter's bytes: equal on all ranks exactly when the replicas agree."""
     h = hashlib.sha256()

@@ -76,7 +76,7 @@ def run_case(args, data, device, trace=False):
         lr = train.lr_at(step, steps, args)
         for group in opt.param_groups:
             group["lr"] = lr
-        total, terms, _ = train.train_step(objective, opt, speed, x, y, args, clip)
+        total, terms, _, _ = train.train_step(objective, opt, speed, x, y, args, clip)
         conv, fc, grad = norms(teacher)
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
         net_grad_max = max(net_grad_max, torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
@@ -90,7 +90,7 @@ def run_case(args, data, device, trace=False):
                   flush=True)
         if not math.isfinite(losses[-1]):
             break
-    finite = all(map(math.isfinite, losses)) and not train.non_finite_tensors(objective)
+    finite = all(map(math.isfinite, losses)) and not runtime.non_finite_tensors(objective)
     return {"warmup_iters": train.warmup_iterations(args, steps), "clip": clip,
             "steps": len(losses), "run_steps": steps * args.epochs, "loss_first": losses[0], "loss_max": max(losses),
             "loss_last": losses[-1], "h_conv": [conv0, conv_max, conv], "h_fc": [fc0, fc_max, fc],

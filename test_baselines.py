@@ -4,11 +4,20 @@ Each loss is checked against an independent derivation written here (explicit lo
 classes and heads; nothing from baselines.py or losses.kd), at T = 4 where a temperature enters, and
 each detach is checked on the gradients of leaf logits and feature maps.
 """
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from baselines import (BRANCHED, SELF_KD_METHODS, SelfKDObjective, byot_loss, cs_kd_loss, dks_loss,
+import cli
+import data
+import errors
+import eval as evaluation
+import runtime
+import train
+from baselines import (BRANCHED, SELF_KD_METHODS, PredictionStore, SelfKDObjective, byot_loss, cs_kd_loss, dks_loss,
                        label_smoothing_loss, label_smoothing_targets, ps_kd_alpha, ps_kd_loss, ps_kd_targets,
                        soft_cross_entropy)
 from model import MixSKDNet, ResNet
@@ -263,3 +272,162 @@ def test_losses_compute_in_float32_on_bf16_logits():
 def test_unknown_method_raises_naming_choices():
     with pytest.raises(ValueError, match="label-smooth, byot, dks, cs-kd, ps-kd"):
         SelfKDObjective(ResNet("resnet18", CLASSES, WIDTH), "bake")
+
+
+# ---------------------------------------------- The baselines in train.py: data, store, runs (runs are slow)
+
+
+def tagged_data(labels):
+    """A tensor dataset whose image i holds (i // 256, i % 256, 0) in every pixel, normalised to identity."""
+    n = len(labels)
+    index = torch.arange(n)
+    x = torch.stack([index // 256, index % 256, 0 * index], 1).to(torch.uint8).view(n, 3, 1, 1).expand(-1, 3, 32, 32)
+    return SimpleNamespace(x_train=x.contiguous(), y_train=torch.as_tensor(labels), n_train=n, num_classes=10,
+                           class_names=None, stats=(torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)))
+
+
+def tags(x):
+    return (x[:, 0, 16, 16] * 256 + x[:, 1, 16, 16]).round().long()  # the centre pixel survives any crop and flip
+
+
+def test_12_4_partners_are_of_the_anchors_class_and_drawn_from_seed_epoch_and_rank():
+    labels = torch.cat([torch.tensor([0]), torch.arange(299) % 9 + 1])  # class 0: a single image
+    d = tagged_data(labels)
+    for rank in (0, 1):
+        batches = list(data.train_batches(d, 25, 0, 3, rank, 2, extra="partner"))
+        anchors, partners = (torch.cat([tags(b[k]) for b in batches]) for k in (0, 2))
+        assert torch.equal(labels[partners], labels[anchors])  # same class, every one
+        assert all(p == 0 for a, p in zip(anchors, partners) if a == 0)  # the single image: itself
+        again = torch.cat([tags(b[2]) for b in data.train_batches(d, 25, 0, 3, rank, 2, extra="partner")])
+        assert torch.equal(again, partners)  # a function of (seed, epoch, rank): a resumed epoch draws the same
+        other = torch.cat([tags(b[2]) for b in data.train_batches(d, 25, 0, 4, rank, 2, extra="partner")])
+        assert not torch.equal(other[:len(partners)], partners)
+
+
+def test_12_4_partner_is_uniform_over_the_class_the_image_itself_included():
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+    classes = data.class_members(labels)
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.stack([data.same_class_partner(labels, classes, g) for _ in range(4000)])
+    assert torch.equal(labels[drawn], labels.expand_as(drawn))
+    share = torch.stack([(drawn == k).float().mean(0) for k in range(8)])  # share[k, i]: anchor i got image k
+    expected = (labels[:, None] == labels[None, :]).float() / 4
+    assert (share - expected).abs().max() < 0.03
+
+
+def test_12_4_folder_partners_are_of_the_anchors_class_in_any_worker():
+    items = [(torch.tensor([i]), i % 3) for i in range(12)]  # an ImageFolder-like dataset: (image, label)
+    base = SimpleNamespace(targets=[y for _, y in items], __len__=lambda: 12)
+    folder = type("Folder", (), {"__getitem__": lambda self, i: items[i], "__len__": lambda self: 12,
+                                 "targets": base.targets})()
+    subset = torch.utils.data.Subset(folder, [1, 2, 4, 5, 7, 8, 10, 11])  # a validation split took the rest
+    paired = data.WithExtra(subset, "partner", 0, 5)
+    for i in range(len(subset)):
+        x, y, partner = paired[i]
+        assert int(partner) % 3 == y and int(partner) in subset.indices
+        assert torch.equal(data.WithExtra(subset, "partner", 0, 5)[i][2], partner)  # the same in every worker
+    assert [paired.dataset[i][0] for i in range(8)] == [subset[i][0] for i in range(8)]
+    assert data.WithExtra(subset, "index", 0, 5)[3][2] == 3
+
+
+def test_12_4_a_class_of_one_training_image_is_named_in_a_note(capsys):
+    d = SimpleNamespace(y_train=torch.tensor([0, 1, 1, 2, 2]), num_classes=3, class_names=["cat", "dog", "fox"])
+    data.note_single_image_classes(d)
+    assert capsys.readouterr().err == ("note: class 0 (cat) has one training image: CS-KD pairs it with itself, "
+                                       "as the released sampler does\n")
+
+
+def test_12_0_temperature_defaults_and_applies_to_distilling_methods_only(capsys):
+    assert [cli.parse_args(["--method", m]).temperature for m in ("mixskd", "byot", "dks", "cs-kd")] == [3, 4, 4, 4]
+    assert cli.parse_args(["--method", "ps-kd"]).temperature is None
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--method", "label-smooth", "--temperature", "2"])
+    assert "--method label-smooth distills nothing" in capsys.readouterr().err
+
+
+def test_12_5_store_rows_merge_across_ranks():
+    """Each of two processes writes its own rows; after the merge both hold every row, bit for bit."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(merge_two_ranks, args=(str(Path(__import__("tempfile").mkdtemp()) / "rendezvous"),), nprocs=2)
+
+
+def merge_two_ranks(rank, path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    store = PredictionStore(torch.arange(10) % 3, 3)
+    mine = torch.arange(rank, 9, 2)  # rank 0: 0, 2, 4, 6, 8; rank 1: 1, 3, 5, 7; row 9 is never drawn
+    store.write(mine, torch.randn(len(mine), 3, generator=torch.Generator().manual_seed(rank)))
+    written = store.probs.clone()
+    runtime.merge_store(store, 2, rows=4)  # in chunks
+    theirs = [written if r == rank else None for r in range(2)]
+    dist.all_gather_object(theirs, written)
+    for r, rows in enumerate(theirs):
+        assert torch.equal(store.probs[r:9:2], rows[r:9:2])
+    assert torch.equal(store.probs[9], torch.tensor([1.0, 0.0, 0.0])) and not store.written.any()
+    dist.destroy_process_group()
+
+
+def ps_kd_run(npz, out, *extra):
+    train.main(["--dataset", npz, "--width", "4", "--batch-size", "48", "--warmup-epochs", "1", "--method", "ps-kd",
+                "--out", str(out), *extra])
+
+
+@pytest.mark.slow
+def test_12_5_targets_are_read_from_the_previous_epochs_predictions(tiny_npz, tmp_path, monkeypatch):
+    """A real run: every target of epoch 2 is (1 - alpha) onehot + alpha (softmax written in epoch 1); those of
+    epoch 1, and of the images epoch 1 did not draw (its dropped last batch), the one-hot labels."""
+    reads, writes, real_targets, real_write = [], [], PredictionStore.targets, PredictionStore.write
+    monkeypatch.setattr(PredictionStore, "targets", lambda self, idx, y, alpha: reads.append(
+        (idx.clone(), y.clone(), alpha, real_targets(self, idx, y, alpha))) or reads[-1][3])
+    monkeypatch.setattr(PredictionStore, "write", lambda self, idx, logits: writes.append(
+        (idx.clone(), logits.detach().float().softmax(1))) or real_write(self, idx, logits))
+    ps_kd_run(tiny_npz, tmp_path, "--epochs", "2", "--val-split", "16")  # 240 train: 5 steps of 48 an epoch
+    assert len(reads) == len(writes) == 10
+    written = {int(i): p for idx, probs in writes[:5] for i, p in zip(idx, probs)}
+    assert len(written) == 240
+    for step, (idx, y, alpha, targets) in enumerate(reads):
+        assert alpha == pytest.approx(0.8 * (step // 5 + 1) / 2)
+        for i, label, target in zip(idx.tolist(), y, targets):
+            onehot = F.one_hot(label, 10).float()
+            previous = written[i] if step >= 5 else onehot
+            close(target, (1 - alpha) * onehot + alpha * previous)
+
+
+@pytest.mark.slow
+def test_12_5_resume_is_bitwise_exact_and_refused_without_its_store(tiny_npz, tmp_path):
+    ps_kd_run(tiny_npz, tmp_path / "straight", "--epochs", "2", "--val-split", "16")
+    ps_kd_run(tiny_npz, tmp_path / "resumed", "--epochs", "1", "--val-split", "16")
+    one_epoch = (tmp_path / "resumed" / "last.pt").read_bytes()
+    (tmp_path / "copy").mkdir()
+    ckpt = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert ckpt["ps_kd_store"].shape == (240, 10)  # one row per image that trains, none held out
+    for broken, named in ((None, "holds no PS-KD store"), (torch.zeros(256, 10), "a PS-KD store of (256, 10)")):
+        torch.save({**ckpt, "ps_kd_store": broken}, tmp_path / "copy" / "last.pt")
+        kept = (tmp_path / "copy" / "last.pt").read_bytes()
+        with pytest.raises(errors.UserError, match=named.replace("(", r"\(").replace(")", r"\)")):
+            train.main(["--out", str(tmp_path / "copy"), "--resume", "--extend", "--epochs", "2"])
+        assert (tmp_path / "copy" / "last.pt").read_bytes() == kept  # nothing overwritten
+    ps_kd_run(tiny_npz, tmp_path / "resumed", "--epochs", "2", "--val-split", "16", "--resume", "--extend")
+    assert one_epoch != (tmp_path / "resumed" / "last.pt").read_bytes()
+    straight, resumed = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert torch.equal(straight["ps_kd_store"], resumed["ps_kd_store"])
+    for k, v in straight["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", BRANCHED)
+def test_byot_and_dks_train_their_branches_deploy_the_backbone_and_eval_reports_every_head(method, tiny_npz,
+                                                                                           tmp_path, capsys):
+    train.main(["--dataset", tiny_npz, "--width", "4", "--batch-size", "32", "--epochs", "1", "--method", method,
+                "--out", str(tmp_path)])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith(f"{method} T 4 | resnet18 width 4, backbone and 3 branches on tiny")
+    last, deploy = (torch.load(tmp_path / f, weights_only=True) for f in ("last.pt", "deploy.pt"))
+    assert any(k.startswith("branches.2.") for k in last["model"]) and last["self_teacher"] is None
+    ResNet("resnet18", CLASSES, WIDTH).load_state_dict(deploy["backbone"])  # strict: the backbone alone
+    evaluation.main([str(tmp_path / "last.pt")])
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == ["backbone", "branch1", "branch2", "branch3"]

@@ -38,6 +38,7 @@ from losses import (TERMS, MixSKDObjective, discriminator, discriminators, kd, l
 from mixup import cutmix, interp, mix_batch, mix_ce, mixup, sample_lam
 from layouts import library_layout, library_network, model_kwargs, torchvision_layout
 from arch import check_arch, network
+from conftest import SHARED_NPZ
 from model import ARCHS, MixSKDNet, ResNet, StagedMixSKDNet
 from self_teacher import SelfTeacher
 
@@ -1215,7 +1216,7 @@ def test_fast_step_matches_the_reference(method, recipe):
     x, y = batch(n=8)
     np.random.seed(1)
     torch.manual_seed(1)
-    total, terms, _ = train.train_step(objective, opt, runtime.speed_settings(args, torch.device("cpu")), x, y, args)
+    total, terms, _, _ = train.train_step(objective, opt, runtime.speed_settings(args, torch.device("cpu")), x, y, args)
 
     np.random.seed(1)  # the same draws, made here without mixup.py
     torch.manual_seed(1)
@@ -1537,24 +1538,6 @@ def test_init_from_released_checkpoint(tiny_npz, tmp_path):
 
 
 HERE = Path(__file__).resolve().parent
-SHARED_NPZ = HERE.parent / "shared" / "data" / "cifar10_q75_10k.npz"
-
-
-@pytest.fixture(scope="module")
-def tiny_npz(tmp_path_factory):
-    """256 train and 128 test images: real CIFAR-10 from ../shared when present, else synthetic."""
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    if SHARED_NPZ.exists():
-        with np.load(SHARED_NPZ) as f:
-            arrays = {"x_train": f["x_train"][:256], "y_train": f["y_train"][:256],
-                      "x_test": f["x_test"][:128], "y_test": f["y_test"][:128], "class_names": f["class_names"]}
-    else:
-        rng = np.random.default_rng(0)
-        arrays = {"x_train": rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8),
-                  "y_train": rng.integers(0, 10, 256), "x_test": rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8),
-                  "y_test": np.arange(128) % 10, "class_names": np.array([f"class{k}" for k in range(10)])}
-    np.savez(path, **arrays)
-    return str(path)
 
 
 # --------------------------- Whole runs (slow): train.py writes, eval.py reproduces, resume is exact

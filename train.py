@@ -25,9 +25,10 @@ import checkpoints
 import report
 import runtime
 from arch import network
-from cli import (CIFAR_DEFAULTS, CLIP_NORM, IMAGENET_DEFAULTS, SPEC_EPOCHS, SPEC_WARMUP_EPOCHS, WARMUP_FLOOR,
+from baselines import BRANCHED, SELF_KD_METHODS, PredictionStore, SelfKDObjective, ps_kd_alpha
+from cli import (CLIP_NORM, IMAGENET_DEFAULTS, SPEC_EPOCHS, SPEC_WARMUP_EPOCHS, WARMUP_FLOOR,
                  WARMUP_FLOOR_SHARE, parse_args, parser, resume_arguments)
-from data import hold_out, load_dataset, steps_per_epoch, train_batches
+from data import hold_out, load_dataset, note_single_image_classes, steps_per_epoch, train_batches, train_labels
 from errors import UserError, run_cli
 from eval import evaluate
 from losses import TERMS, BaselineObjective, MixSKDObjective, discriminators
@@ -35,6 +36,7 @@ from mixup import mix_batch
 from self_teacher import SelfTeacher
 
 CLEAR_LINE = "\r\033[K"  # back to the start of the terminal line and erase it
+EXTRA = {"cs-kd": "partner", "ps-kd": "index"}  # what a method's batches carry besides images and labels
 
 
 # ----------------------------------------------------------------------------- the method: schedule, objective
@@ -85,17 +87,20 @@ def lr_at(step, steps_per_epoch, args):
 
 
 def build(args, num_classes, device, memory_format, image_size=None):
-    """The run's objective (the network; for MixSKD also the self-teacher and the discriminators) and
-    one SGD over what it trains (SPEC sections 7 and 9). image_size: the side of the images, for the
-    transformers that are built for one input size."""
+    """The run's objective (the network, with its branches for MixSKD, BYOT and DKS; for MixSKD also the
+    self-teacher and the discriminators) and one SGD over what it trains (SPEC sections 7, 9 and 12). image_size:
+    the side of the images, for the transformers that are built for one input size."""
     # the released ImageNet script optimises L_mix and keeps the stem ReLU, its CIFAR script does neither
     recipe = "official-imagenet" if args.recipe == "official" and args.stem == "imagenet" else args.recipe
     stem_relu = not (args.method == "mixskd" and recipe == "official")  # SPEC section 6, item 5
-    net = network(args.arch, num_classes, args.width, stem_relu, args.stem, args.method == "mixskd", image_size)
+    heads = args.method in ("mixskd", *BRANCHED)
+    net = network(args.arch, num_classes, args.width, stem_relu, args.stem, heads, image_size)
     if args.method == "mixskd":
         channels, heads = net.feature_channels, len(net.branches) + 1
         objective = MixSKDObjective(net, SelfTeacher(channels, num_classes, heads), discriminators(channels, heads),
                                     recipe, {t: getattr(args, f"w_{t}") for t in TERMS}, args.temperature)
+    elif args.method in SELF_KD_METHODS:
+        objective = SelfKDObjective(net, args.method, args.temperature)
     else:
         objective = BaselineObjective(net)
     params = [p for p in objective.parameters() if p.requires_grad]  # what the recipe trains
@@ -132,14 +137,18 @@ def setup(args, rank, world, device):
     run.data = data = hold_out(load_dataset(args.dataset, args.data, device, args.image_size, args.workers),
                                args.val_split, args.seed)
     runtime.check_writable(args.out, rank)
+    if args.method == "cs-kd" and run.main:
+        note_single_image_classes(data)
     run.objective, run.opt = build(args, data.num_classes, device, run.speed.memory_format, data.image_size)
     runtime.seed_all(args.seed + rank)  # each rank draws its own lam and perm for its own batch
     net, teacher, discs = (getattr(run.objective, name, None) for name in ("net", "self_teacher", "discs"))
     run.backbone = getattr(net, "backbone", net)
     run.meta = checkpoints.run_meta(args, data, run.backbone)
+    # PS-KD's predictions, one row per training image; every rank holds all of them (section 12.5)
+    run.store = PredictionStore(train_labels(data), data.num_classes) if args.method == "ps-kd" else None
     if args.resume:
         run.start_epoch, run.best = checkpoints.resume(run.last, args, run.meta, net, teacher, discs, run.opt,
-                                                       run.speed.scaler, device, rank)
+                                                       run.speed.scaler, device, rank, run.store)
     elif args.init_from:
         checkpoints.init_from(args.init_from, net, teacher)
     run.step_fn = runtime.wrap(run.objective, args, device, world)
@@ -159,9 +168,13 @@ def setup(args, rank, world, device):
     if not run.main:
         return run
     spec_batch = " (the SPEC: 128 on ImageNet)" if args.dataset == "imagenet" and run.images != 128 else ""
+    heads = len(net.branches) + 1 if hasattr(net, "branches") else 1
     print(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''}"
-          f"{'' if args.method == 'ce' else f' alpha {args.alpha}'} {args.arch}"
-          f"{'' if ':' in args.arch else f' width {args.width}'} on {data.name} ({data.n_train} train, "
+          f"{f' alpha {args.alpha}' if args.method in ('mixskd', 'mixup', 'cutmix') else ''}"
+          f"{f' T {args.temperature:g}' if args.temperature else ''} | {args.arch}"
+          f"{'' if ':' in args.arch else f' width {args.width}'}, "
+          f"{f'backbone and {heads - 1} branches' if heads > 1 else 'the backbone alone'}"
+          f" on {data.name} ({data.n_train} train, "
           f"{f'{data.n_val} validation, ' if data.n_val else ''}{data.n_test} test, {data.num_classes} classes) | "
           f"{run.world} x {run.device.type} amp {run.speed.amp} "
           f"channels_last {run.speed.memory_format == torch.channels_last} compile {args.compile} | batch "
@@ -173,22 +186,25 @@ def setup(args, rank, world, device):
     return run
 
 
-def train_step(objective, opt, speed, x, y, args, clip=0.0):
+def train_step(objective, opt, speed, x, y, args, clip=0.0, extra=None):
     """One step on a clean batch (x, y): mix (Eq. (1)), forward and loss in one call of the objective
     (losses.MixSKDObjective: the network, then mixskd_loss, Eqs. (5)-(10); or a baseline's), backward, the
-    gradient norm clipped to `clip` when it is not 0 (clip_norm), SGD.
-    Returns loss, terms and correct predictions on the device, never waiting for it; lam goes in as a 0-d
-    device tensor, so a new lam neither recompiles nor syncs."""
+    gradient norm clipped to `clip` when it is not 0 (clip_norm), SGD. extra: CS-KD's partner images or PS-KD's
+    soft targets (section 12).
+    Returns loss, terms, correct predictions and the backbone's logits, on the device, never waiting for it;
+    lam goes in as a 0-d device tensor, so a new lam neither recompiles nor syncs."""
     inputs, lam, perm = x, None, None
-    if args.method != "ce":
+    if args.method in ("mixskd", "mixup", "cutmix"):
         x_mix, perm, lam = mix_batch(x, args.alpha, args.mix if args.method == "mixskd" else args.method)
         # MixSKD forwards clean and mixed images in one pass, so BatchNorm sees both (SPEC section 2)
         inputs = torch.cat([x, x_mix]) if args.method == "mixskd" else x_mix
         lam = torch.full((), lam, device=x.device)
     if speed.cudagraphs:
         torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are consumed
+    if extra is not None and extra.dim() == 4:  # partner images, laid out as the anchors
+        extra = extra.contiguous(memory_format=speed.memory_format)
     with speed.autocast:
-        total, terms, logits = objective(inputs.contiguous(memory_format=speed.memory_format), y, lam, perm)
+        total, terms, logits = objective(inputs.contiguous(memory_format=speed.memory_format), y, lam, perm, extra)
     opt.zero_grad(set_to_none=True)
     speed.scaler.scale(total).backward()
     if clip:  # on the device, no sync: the norm and the scale factor never leave it
@@ -200,7 +216,7 @@ def train_step(objective, opt, speed, x, y, args, clip=0.0):
     hits = (logits[:len(y)].argmax(1) == y).sum()
     if args.method in ("mixup", "cutmix"):
         hits = lam * hits + (1 - lam) * (logits.argmax(1) == y[perm]).sum()
-    return total.detach(), terms, hits
+    return total.detach(), terms, hits, logits
 
 
 def train(run):
@@ -212,11 +228,17 @@ def train(run):
     for epoch in range(run.start_epoch, args.epochs):
         run.objective.train()
         sums, first_bad, epoch_start = 0, torch.full((), -1, device=run.device), time.time()
-        for i, (x, y) in enumerate(train_batches(run.data, args.batch_size, args.seed, epoch, run.rank, run.world)):
+        batches = train_batches(run.data, args.batch_size, args.seed, epoch, run.rank, run.world, EXTRA.get(args.method))
+        for i, (x, y, *extra) in enumerate(batches):
             lr = lr_at(epoch * steps + i, steps, args)
             for group in opt.param_groups:
                 group["lr"] = lr
-            total, terms, hits = train_step(run.step_fn, opt, run.speed, x, y, args, run.clip)
+            if run.store:  # PS-KD: soft targets from the previous epoch's rows of these images, then this step's
+                idx = extra.pop()
+                extra.append(run.store.targets(idx, y, ps_kd_alpha(epoch, args.epochs)))
+            total, terms, hits, logits = train_step(run.step_fn, opt, run.speed, x, y, args, run.clip, *extra)
+            if run.store:
+                run.store.write(idx, logits)
             logged = {"total": total, **terms, "hits": hits}
             values = torch.stack([value.float() for value in logged.values()])  # all on the device, no sync
             sums, first_bad = sums + values, torch.where(torch.isfinite(values).all() | (first_bad >= 0), first_bad, i)
@@ -242,15 +264,6 @@ def epoch_means(run, epoch, keys, sums, first_bad, steps_done):
         raise UserError(f"non-finite loss from {where} of epoch {epoch + 1}/{run.args.epochs} on "
                         f"(L_{', L_'.join(bad)}): stopped, {kept_checkpoint(run)}; {divergence_hint(run)}")
     return means
-
-
-def non_finite_tensors(objective):
-    """The names of the weights and BatchNorm statistics that are not finite (one device sync when all are)."""
-    tensors = [(name, t) for name, t in [*objective.named_parameters(), *objective.named_buffers()]
-               if t.is_floating_point()]
-    if torch.stack([torch.isfinite(t).all() for _, t in tensors]).all():
-        return []
-    return [name for name, t in tensors if not torch.isfinite(t).all()]
 
 
 def stop_broken(run, epoch, what):
@@ -282,8 +295,10 @@ def end_epoch(run, epoch, means, lr, epoch_time):
     last.pt (and best.pt when its backbone top-1 on the validation split, else on the test set, is the best)."""
     args = run.args
     loss = {key: value for key, value in means.items() if key != "hits"}
-    if bad := non_finite_tensors(run.objective):  # on every rank, so that all of them stop
+    if bad := runtime.non_finite_tensors(run.objective):  # on every rank, so that all of them stop
         stop_broken(run, epoch, f"{len(bad)} weights or BatchNorm statistics ({bad[0]}, ...)")
+    if run.store:  # every rank gets the rows the others wrote
+        runtime.merge_store(run.store, run.world)
     rng = runtime.all_ranks(runtime.rng_state(run.device), run.world)
     if not run.main:
         return
@@ -306,11 +321,12 @@ def end_epoch(run, epoch, means, lr, epoch_time):
     if top1 > run.best["top1"]:
         run.best = {"epoch": epoch, "top1": top1, "split": chosen_on}
         paths = [run.last, os.path.join(args.out, "best.pt")]
-    checkpoints.save_training(paths, run.meta, args, epoch, run.best, run.objective, run.opt, run.speed.scaler, rng)
-    heads = " ".join(f"{h} {m['top1']:.2f}" for h, m in test.items() if h != "backbone")
+    checkpoints.save_training(paths, run.meta, args, epoch, run.best, run.objective, run.opt, run.speed.scaler, rng,
+                              run.store)
+    heads = "".join(f" {h} {m['top1']:.2f}" for h, m in test.items() if h != "backbone")
     print(f"{CLEAR_LINE if run.live else ''}epoch {epoch + 1}/{args.epochs} loss {loss['total']:.4f} "
           f"train {record['train_top1']:.2f} | {f'val backbone {top1:.2f} | ' if val else ''}"
-          f"test backbone {test['backbone']['top1']:.2f} {heads} | "
+          f"test backbone {test['backbone']['top1']:.2f}{heads} | "
           f"{epoch_time:.1f}s {record['img_per_s']:.0f} img/s", flush=True)
 
 

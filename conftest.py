@@ -1,0 +1,25 @@
+"""Fixtures shared by the test files: a small real dataset."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parent
+SHARED_NPZ = HERE.parent / "shared" / "data" / "cifar10_q75_10k.npz"  # real CIFAR-10 images, when present
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory):
+    """256 train and 128 test images: real CIFAR-10 from ../shared when present, else synthetic."""
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    if SHARED_NPZ.exists():
+        with np.load(SHARED_NPZ) as f:
+            arrays = {"x_train": f["x_train"][:256], "y_train": f["y_train"][:256],
+                      "x_test": f["x_test"][:128], "y_test": f["y_test"][:128], "class_names": f["class_names"]}
+    else:
+        rng = np.random.default_rng(0)
+        arrays = {"x_train": rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8),
+                  "y_train": rng.integers(0, 10, 256), "x_test": rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8),
+                  "y_test": np.arange(128) % 10, "class_names": np.array([f"class{k}" for k in range(10)])}
+    np.savez(path, **arrays)
+    return str(path)
