@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Rerun README "Results on a CPU budget": CE, Mixup, CutMix and MixSKD (recipes paper and official)
-# on the real CIFAR-10 subset, ResNet-18 width 16, batch 64, 90 epochs (5 warmup epochs, milestones 46
-# and 68, the SPEC's 105/205 and 155/205), each seed; then the table (table.md) and the figure.
+# Rerun docs/results.md: CE, label smoothing, Mixup, CutMix, BYOT, DKS, CS-KD, PS-KD and MixSKD (recipes
+# paper and official) on the 10k-image CIFAR-10 subset (DATA), ResNet-18 width 16, batch 64, 90 epochs (5
+# warmup epochs, milestones 46 and 68, the SPEC's 105/205 and 155/205), each seed; then the table (table.md)
+# and the figure.
 #
-#   bash experiments.sh                     # one run at a time
-#   JOBS=5 bash experiments.sh              # five runs at once (the README's runs: one GPU, JOBS=5)
+#   DATA=path/to/cifar10_q75_10k.npz bash experiments.sh        # one run at a time
+#   JOBS=5 bash experiments.sh                                  # five runs at once (one GPU: JOBS=5 to 10)
 #   SEEDS="0 1 2" RUNS=runs/three-seeds bash experiments.sh
 #   SEEDS=2 METHODS="ce mixskd-paper" bash experiments.sh     # a third seed for two methods
 #
@@ -18,15 +19,16 @@ RUNS=${RUNS:-runs/cpu-budget}
 SEEDS=${SEEDS:-"0 1"}
 JOBS=${JOBS:-1}
 EPOCHS=${EPOCHS:-90}
-METHODS=${METHODS:-"ce mixup cutmix mixskd-paper mixskd-official"}
+METHODS=${METHODS:-"ce label-smooth mixup cutmix byot dks cs-kd ps-kd mixskd-paper mixskd-official"}
 PYTHON=${PYTHON:-python}
 cores=$(env -u OMP_NUM_THREADS nproc)  # nproc alone would echo OMP_NUM_THREADS
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / JOBS > 0 ? cores / JOBS : 1 ))}
+[ -f "$DATA" ] || { echo "error: DATA=$DATA does not exist: set DATA to the .npz to train on" >&2; exit 1; }
 mkdir -p "$RUNS"
 
 for seed in $SEEDS; do
   for name in $METHODS; do
-    method=$(echo "$name" | sed 's/-/ --recipe /')  # mixskd-paper -> mixskd --recipe paper
+    method=$(echo "$name" | sed 's/^mixskd-/mixskd --recipe /')  # mixskd-paper -> mixskd --recipe paper
     name="$name-seed$seed"
     dir="$RUNS/$name"
     [ -f "$dir/summary.json" ] && continue

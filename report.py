@@ -48,7 +48,8 @@ def summarise(records):
 
 
 def read_run(run_dir):
-    """(arguments, per-epoch records) of a train.py run folder."""
+    """(arguments, per-epoch records, data) of a train.py run folder; data: what summary.json or last.pt says of
+    the dataset the run trained on."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise UserError(f"{run_dir} is not a run folder of train.py (no metrics.jsonl)")
@@ -58,22 +59,57 @@ def read_run(run_dir):
     summary_path = os.path.join(run_dir, "summary.json")
     if os.path.exists(summary_path):
         with open(summary_path) as f:
-            return json.load(f)["args"], records
-    return read_checkpoint(os.path.join(run_dir, "last.pt"))["args"], records
+            summary = json.load(f)
+        return summary["args"], records, summary.get("data") or {"dataset": summary["args"]["dataset"]}
+    ckpt = read_checkpoint(os.path.join(run_dir, "last.pt"))
+    meta = ckpt.get("meta", {})
+    return ckpt["args"], records, {"dataset": meta.get("dataset_path") or meta.get("dataset"),
+                                   "num_classes": meta.get("num_classes")}
 
 
-METHOD_ORDER = ("ce", "mixup", "cutmix", "mixskd paper", "mixskd official")
+METHOD_ORDER = ("ce", "label-smooth", "mixup", "cutmix", "byot", "dks", "cs-kd", "ps-kd", "mixskd paper",
+                "mixskd official")
+# what does not change what a run computes (and the seed, which a table averages over)
+NOT_THE_EXPERIMENT = {"seed", "out", "resume", "extend", "device", "amp", "channels_last", "compile", "log_every",
+                      "data", "workers", "tensorboard", "dataset"}
 
 
 def method_label(args):
     return f"{args['method']} {args['recipe']}" if args["method"] == "mixskd" else args["method"]
 
 
-def sorted_runs(run_dirs):
-    """[(args, records), ...] in a fixed method order, then by seed."""
-    runs = [read_run(d) for d in run_dirs]
-    rank = lambda label: METHOD_ORDER.index(label) if label in METHOD_ORDER else len(METHOD_ORDER)
-    return sorted(runs, key=lambda run: (rank(method_label(run[0])), run[0]["seed"]))
+def experiment(args, data):
+    """What defines a run's experiment, all but its seed: every training argument, and its data (the file it
+    read, its classes and image counts, as far as the run recorded them)."""
+    return {**{k: v for k, v in args.items() if k not in NOT_THE_EXPERIMENT},
+            **{f"data {k}": v for k, v in data.items() if v is not None}}
+
+
+def grouped_runs(run_dirs):
+    """Runs grouped by experiment, seeds together: [(label, [(args, records), ...]), ...] in a fixed method
+    order. A label is the method, and where groups differ in more than the method, the values that set each
+    group apart (--epochs 2, n_train 300, ...): runs of different experiments are never averaged."""
+    groups = {}
+    for args, records, data in map(read_run, run_dirs):
+        key = json.dumps(experiment(args, data), sort_keys=True, default=str)
+        groups.setdefault(key, []).append((args, records))
+    keys = [json.loads(k) for k in groups]
+    varying = sorted({k for e in keys for k in set().union(*keys) if len({json.dumps(x.get(k)) for x in keys}) > 1}
+                     - {"method", "recipe"})
+    labelled = []
+    for key, runs in zip(keys, groups.values()):
+        label = method_label(runs[0][0])
+        differs = [f"{k[5:]} {shown_value(key.get(k))}" if k.startswith("data ") else
+                   f"--{k.replace('_', '-')} {shown_value(key.get(k))}" for k in varying]
+        labelled.append((label + (f" ({', '.join(differs)})" if differs else ""), sorted(runs, key=lambda r: r[0]["seed"])))
+    rank = lambda label: METHOD_ORDER.index(label.split(" (")[0]) if label.split(" (")[0] in METHOD_ORDER else len(METHOD_ORDER)
+    return sorted(labelled, key=lambda group: (rank(group[0]), group[0]))
+
+
+def shown_value(value):
+    if isinstance(value, str) and os.sep in value:
+        return os.path.basename(os.path.normpath(value))
+    return "-" if value is None else value
 
 
 def mean_std(values, digits=2):
@@ -83,10 +119,8 @@ def mean_std(values, digits=2):
 
 
 def results_table(run_dirs):
-    """Markdown table, one row per method over its seeds, each number labelled by what it is."""
-    groups = {}
-    for args, records in sorted_runs(run_dirs):
-        groups.setdefault(method_label(args), []).append(records)
+    """Markdown table, one row per experiment over its seeds (grouped_runs), each number labelled by what it is."""
+    groups = {label: [records for _, records in runs] for label, runs in grouped_runs(run_dirs)}
     chosen_on = "/".join(sorted({"val" if "val" in r[-1] else "test" for runs in groups.values() for r in runs}))
     rows = ["| method | seeds | epochs | final backbone top-1 (headline) | best-epoch backbone top-1 "
             f"(epoch chosen on {chosen_on}) | "
@@ -132,21 +166,18 @@ def pyplot():
 
 
 def plot_runs(run_dirs, out):
-    """Test top-1 of the backbone per epoch for every run; the loss terms of the first MixSKD run."""
+    """Test top-1 of the backbone per epoch for every run, a colour per experiment (grouped_runs); the loss terms
+    of the first MixSKD run."""
     plt = pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    runs = sorted_runs(run_dirs)
-    colours, seen, archs = {}, {}, {args["arch"] for args, _ in runs}
+    groups = grouped_runs(run_dirs)
+    runs = [run for _, group in groups for run in group]
     # a short run's few points stand out as markers; epochs are whole numbers on the axis
     marker = {"marker": "o", "markersize": 3} if max(len(records) for _, records in runs) <= 30 else {}
-    for args, records in runs:  # one colour per method, one line style per seed (and arch, when several)
-        label = method_label(args)
-        colour = colours.setdefault(label, f"C{len(colours)}")
-        seen[label] = seen.get(label, -1) + 1
-        name = f"{args['arch']} {label}" if len(archs) > 1 else label
-        acc_ax.plot([r["epoch"] + 1 for r in records], [r["test"]["backbone"]["top1"] for r in records], lw=1,
-                    **marker, color=colour, ls=("-", "--", ":", "-.")[seen[label] % 4],
-                    label=f"{name} seed {args['seed']}")
+    for g, (label, group) in enumerate(groups):  # a colour per experiment, a line style per seed
+        for s, (args, records) in enumerate(group):
+            acc_ax.plot([r["epoch"] + 1 for r in records], [r["test"]["backbone"]["top1"] for r in records], lw=1,
+                        **marker, color=f"C{g % 10}", ls=("-", "--", ":", "-.")[s % 4], label=f"{label} seed {args['seed']}")
     acc_ax.set(xlabel="epoch", ylabel="test top-1 of the backbone (%)", title="deployed network, every run")
     acc_ax.legend(fontsize=7, ncol=2)
     mixskd = [run for run in runs if run[0]["method"] == "mixskd"]

@@ -2305,7 +2305,8 @@ def test_experiments_give_each_job_its_share_of_the_cores(tmp_path):
     stub.write_text(f'#!/bin/sh\necho "$OMP_NUM_THREADS" >> {tmp_path}/threads\n')
     stub.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    env.update(PYTHON=str(stub), JOBS="2", SEEDS="0", METHODS="ce mixup", RUNS=str(tmp_path / "runs"))
+    env.update(PYTHON=str(stub), JOBS="2", SEEDS="0", METHODS="ce mixup", RUNS=str(tmp_path / "runs"),
+               DATA=str(stub))  # any file: the stub trains nothing
     subprocess.run(["bash", str(HERE / "experiments.sh")], env=env, check=True, capture_output=True, timeout=60)
     expected = str(max(1, len(os.sched_getaffinity(0)) // 2))
     assert (tmp_path / "threads").read_text().split() == [expected] * 4  # two runs, the table, the figure
@@ -2395,6 +2396,26 @@ def test_table_gives_mean_and_std_over_seeds(run_dir, tmp_path):
     table = report.results_table([str(r) for r in runs]).splitlines()
     assert len(table) == 3 and table[2].startswith("| mixskd paper | 2 | 2 |")
     assert f"| 82.00 ± {np.std([80.0, 84.0], ddof=1):.2f} |" in table[2]
+
+
+@slow
+def test_table_and_plot_never_average_runs_of_different_experiments(run_dir, tmp_path):
+    """Runs that differ in anything but the seed (epochs, data, network, any training argument) get rows of
+    their own, each labelled with the values that set it apart; the figure gives each its colour."""
+    runs = [seeded_copy(run_dir, tmp_path / f"s{k}", k, top1) for k, top1 in enumerate((80.0, 84.0, 10.0, 20.0))]
+    for run, change in ((runs[2], {"args": {"epochs": 5}}), (runs[3], {"data": {"n_train": 300, "num_classes": 3}})):
+        summary = json.loads((run / "summary.json").read_text())
+        for part, values in change.items():
+            summary[part].update(values)
+        (run / "summary.json").write_text(json.dumps(summary))
+    table = report.results_table([str(r) for r in runs]).splitlines()
+    assert len(table) == 5 and [row.split(" |")[0] for row in table[2:]] == [
+        "| mixskd paper (n_train 192, num_classes 10, --epochs 2)",
+        "| mixskd paper (n_train 192, num_classes 10, --epochs 5)",
+        "| mixskd paper (n_train 300, num_classes 3, --epochs 2)"]
+    assert "| 2 | 2 | 82.00 ±" in table[2] and "| 1 | 2 | 10.00 |" in table[3] and "| 1 | 2 | 20.00 |" in table[4]
+    pytest.importorskip("matplotlib")
+    report.plot_runs([str(r) for r in runs], str(tmp_path / "fig.png"))
 
 
 @slow
