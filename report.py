@@ -87,26 +87,28 @@ def experiment(args, data):
 
 def grouped_runs(run_dirs):
     """Runs grouped by experiment, seeds together: [(label, [(args, records), ...]), ...] in a fixed method
-    order. A label is the method, and where groups differ in more than the method, the values that set each
-    group apart (--epochs 2, n_train 300, ...): runs of different experiments are never averaged."""
+    order. A label is the method, and where several groups share a method, the values that set each of them
+    apart (--epochs 2, n_train 300, ...): runs of different experiments are never averaged."""
     groups = {}
     for args, records, data in map(read_run, run_dirs):
         key = json.dumps(experiment(args, data), sort_keys=True, default=str)
         groups.setdefault(key, []).append((args, records))
-    keys = [json.loads(k) for k in groups]
-    varying = sorted({k for e in keys for k in set().union(*keys) if len({json.dumps(x.get(k)) for x in keys}) > 1}
-                     - {"method", "recipe"})
     labelled = []
-    for key, runs in zip(keys, groups.values()):
-        label = method_label(runs[0][0])
+    for key, runs in groups.items():
+        label, key = method_label(runs[0][0]), json.loads(key)
+        peers = [json.loads(k) for k, r in groups.items() if method_label(r[0][0]) == label]
+        varying = sorted(k for k in set().union(*peers) if len({json.dumps(p.get(k)) for p in peers}) > 1)
         differs = [f"{k[5:]} {shown_value(key.get(k))}" if k.startswith("data ") else
                    f"--{k.replace('_', '-')} {shown_value(key.get(k))}" for k in varying]
-        labelled.append((label + (f" ({', '.join(differs)})" if differs else ""), sorted(runs, key=lambda r: r[0]["seed"])))
-    rank = lambda label: METHOD_ORDER.index(label.split(" (")[0]) if label.split(" (")[0] in METHOD_ORDER else len(METHOD_ORDER)
-    return sorted(labelled, key=lambda group: (rank(group[0]), group[0]))
+        labelled.append((label + (f" ({', '.join(differs)})" if differs else ""),
+                         sorted(runs, key=lambda run: run[0]["seed"])))
+    order = lambda label: METHOD_ORDER.index(label.split(" (")[0]) if label.split(" (")[0] in METHOD_ORDER else 99
+    return sorted(labelled, key=lambda group: (order(group[0]), group[0]))
 
 
 def shown_value(value):
+    if isinstance(value, float):
+        return f"{value:g}"
     if isinstance(value, str) and os.sep in value:
         return os.path.basename(os.path.normpath(value))
     return "-" if value is None else value
