@@ -29,7 +29,7 @@ from data import STATS, pixel_stats, train_batches
 from losses import RECIPES
 from mixup import mix_batch
 
-SPEC_STEPS = 50_000 // 64 * 205  # the SPEC's CIFAR-100 run: 781 steps per epoch, 205 epochs
+SPEC_STEPS = 50_000 // 64 * 205  # the recipe's CIFAR-100 run: 781 steps per epoch, 205 epochs
 
 
 def parser():
@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 
 def train_args(args):
-    """train.py's arguments for this benchmark: the SPEC's defaults plus the speed flags."""
+    """train.py's arguments for this benchmark: the recipe's defaults plus the speed flags."""
     width = [] if ":" in args.arch else ["--width", str(args.width)]  # library networks have their own widths
     return cli.parse_args(["--arch", args.arch, *width, "--batch-size", str(args.batch_size),
                              "--method", args.method, "--recipe", args.recipe, "--amp", args.amp,

@@ -4,7 +4,7 @@ Plumbing for train.py and eval.py, not the method; also what a run logs beside t
 TensorBoard). Every file is read with `torch.load(..., weights_only=True)` (or safetensors) onto the CPU
 and every mistake becomes a one-line UserError. Three layouts are understood: this project's (last.pt,
 best.pt, deploy.pt, with a `meta` record; a torchvision or timm network is rebuilt from
-meta["model_kwargs"]), the released MixSKD scripts' `{'net': state_dict, ...}` (SPEC section 11, mapped by
+meta["model_kwargs"]), the released MixSKD scripts' `{'net': state_dict, ...}` (method.md section 11, mapped by
 name), and a plain state dict of the backbone alone (torchvision's ResNet for eval.py; any supported library
 network's for --init-from, also as .safetensors), without the prefixes of PyTorch's wrappers. A resumed run
 gets back every weight, the optimiser, the GradScaler and every random generator (runtime.rng_state), so it
@@ -114,7 +114,7 @@ def run_meta(args, data, backbone):
             "image_pipeline": "folder" if hasattr(data, "train_set") else "tensors",
             "image_size": data.image_size, "class_names": data.class_names, "seed": args.seed,
             "mean": list(data.mean), "std": list(data.std),
-            # a torchvision or timm backbone: what its library builds it from (README, "MixSKD on your own network")
+            # a torchvision or timm backbone: what its library builds it from (docs/networks.md)
             "model_kwargs": model_kwargs(args.arch, data.num_classes, data.image_size) if library(args.arch) else None}
 
 
@@ -203,11 +203,11 @@ def load_state(module, state, what):
 
 
 def released_to_ours(state):
-    """Map a state dict of a released MixSKD network, CIFAR or ImageNet (SPEC section 11), onto ours.
+    """Map a state dict of a released MixSKD network, CIFAR or ImageNet (method.md section 11), onto ours.
 
     Returns (meta, net_state, teacher_state); meta holds arch, num_classes, width, stem and stem_relu:
-    the released CIFAR network has no stem ReLU (SPEC section 6, item 5), the released ImageNet network
-    (7x7 stem conv) has it (SPEC section 9). Any key that does not map raises.
+    the released CIFAR network has no stem ReLU (method.md section 6, item 5), the released ImageNet network
+    (7x7 stem conv) has it (method.md section 9). Any key that does not map raises.
     """
     state = unwrap(state)
     net_state, teacher_state = {}, {}
@@ -222,7 +222,7 @@ def released_to_ours(state):
             teacher_state[m[1]] = value
         else:
             raise UserError(f"released checkpoint key {key!r} does not map onto this implementation "
-                            f"(SPEC section 11)")
+                            f"(method.md section 11)")
     meta = backbone_config(net_state, "backbone.", "released checkpoint")
     return {**meta, "stem_relu": meta["stem"] == "imagenet"}, net_state, teacher_state
 
@@ -290,7 +290,7 @@ def init_from(path, model, teacher):
     """Copy a checkpoint's weights into model (and the self-teacher): ours, the released script's, or a
     plain state dict of the backbone (torchvision's or timm's, a torch file or .safetensors; a timm one goes
     through timm's own checkpoint filter first). From a backbone alone (deploy.pt, a state dict)
-    the branches start as copies of its later stages (README, "MixSKD on your own network"); one trained
+    the branches start as copies of its later stages (docs/networks.md); one trained
     for another class count loads all but its classifier, which stays fresh (fine-tuning)."""
     ckpt = read_checkpoint(path)
     plain = isinstance(ckpt, dict) and bool(ckpt) and all(isinstance(v, torch.Tensor) for v in ckpt.values())
@@ -301,7 +301,7 @@ def init_from(path, model, teacher):
     if None not in (meta.get("stem_relu"), own_relu) and meta["stem_relu"] != own_relu:
         raise UserError(f"--init-from {path}: its network has {'a' if meta['stem_relu'] else 'no'} stem ReLU, this "
                         f"run's has {'one' if own_relu else 'none'}, so the weights would compute another function: "
-                        f"use --recipe {'paper' if meta['stem_relu'] else 'official'} (SPEC section 6, item 5)")
+                        f"use --recipe {'paper' if meta['stem_relu'] else 'official'} (method.md section 6, item 5)")
     whole = source is not None and hasattr(source, "branches")
     if whole and not hasattr(model, "branches"):
         source, whole = source.backbone, False

@@ -2,7 +2,7 @@
 
     args = cli.parse_args(["--arch", "resnet18", "--dataset", "cifar100"])   # what train.py runs
 
-The defaults are the SPEC's recipes (docs/method.md sections 7 and 9): CIFAR's for CIFAR and .npz files, ImageNet's
+The defaults are the recipe's recipes (docs/method.md sections 7 and 9): CIFAR's for CIFAR and .npz files, ImageNet's
 for ImageNet and image folders. Every numeric flag is checked against its range (RANGES) before any data is read.
 `--resume` takes every training argument from the run's last.pt (resume_arguments), so a resumed run computes what
 the run it continues computed. The schedule's defaults for short runs (WARMUP_FLOOR, WARMUP_FLOOR_SHARE, CLIP_NORM)
@@ -27,7 +27,7 @@ DISTILLING = ("mixskd", "byot", "dks", "cs-kd")  # the methods with a KD tempera
 MIXSKD_TEMPERATURE = 3.0  # docs/method.md section 5; the Self-KD baselines' is BASELINE_TEMPERATURE (12.0)
 SPEC_EPOCHS, SPEC_MILESTONES, SPEC_WARMUP_EPOCHS = 205, (105, 155), 5
 WARMUP_FLOOR, WARMUP_FLOOR_SHARE, CLIP_NORM = 500, 0.25, 2.0  # measured: docs/stability.md
-# the flags whose SPEC values differ between CIFAR (section 7) and ImageNet (section 9); ImageNet's
+# the flags whose recipe values differ between CIFAR (section 7) and ImageNet (section 9); ImageNet's
 # batch is 128 in total across processes. The CutMix baseline draws lam with alpha 1.0 (section 7).
 CIFAR_DEFAULTS = {"epochs": SPEC_EPOCHS, "weight_decay": 5e-4, "alpha": 0.4, "batch_size": 64, "schedule": "step"}
 IMAGENET_DEFAULTS = {"epochs": 305, "weight_decay": 1e-4, "alpha": 0.2, "batch_size": 128, "schedule": "cosine"}
@@ -52,7 +52,7 @@ def count_or_fraction(text):
 
 
 parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Train "
-                                 "MixSKD (Yang et al., ECCV 2022) or a baseline on CIFAR or ImageNet with the SPEC's "
+                                 "MixSKD (Yang et al., ECCV 2022) or a baseline on CIFAR or ImageNet with the recipe's "
                                  "recipes (sections 7 and 9) as defaults.")
 g = parser.add_argument_group("what to train")
 g.add_argument("--arch", default="resnet18", help=f"{', '.join(ARCHS)} (the stem follows the dataset: 3x3 on "
@@ -80,7 +80,7 @@ g.add_argument("--method", default="mixskd", choices=METHODS, help="mixskd; a ba
 g.add_argument("--recipe", default="paper", choices=RECIPES[:2],
                help="mixskd objective: paper (Eq. (10), everything trained) or official (the released scripts: on "
                     "CIFAR Eq. (10'), no L_mix, fixed self-teacher and discriminators; on ImageNet Eq. (10) with "
-                    "fixed discriminators, SPEC section 9)")
+                    "fixed discriminators, method.md section 9)")
 g.add_argument("--mix", default="mixup", choices=MIX_MODES, help="how mixskd mixes images")
 g.add_argument("--alpha", type=float, default=argparse.SUPPRESS,
                help="lam ~ Beta(alpha, alpha) (default 0.4 on CIFAR, 0.2 on ImageNet; 1.0 for --method cutmix)")
@@ -88,14 +88,14 @@ g.add_argument("--temperature", type=float, default=argparse.SUPPRESS, help=f"KD
                f"(default {MIXSKD_TEMPERATURE:g} for mixskd, {BASELINE_TEMPERATURE:g} for the others, as released)")
 for term in TERMS:
     g.add_argument(f"--w-{term}", type=float, default=1.0, help=f"weight of L_{term} (0 disables it)")
-g = parser.add_argument_group("optimisation (SPEC sections 7 and 9)")
+g = parser.add_argument_group("optimisation (method.md sections 7 and 9)")
 g.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 205; 305 on ImageNet)")
-g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup, per iteration (default: the SPEC's 5 "
+g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup, per iteration (default: the recipe's 5 "
                "epochs, times --epochs/205 (305 on ImageNet) when --epochs is shorter, and at least "
-               f"{WARMUP_FLOOR} iterations, or {WARMUP_FLOOR_SHARE:g} of a shorter run: README, Stability)")
+               f"{WARMUP_FLOOR} iterations, or {WARMUP_FLOOR_SHARE:g} of a shorter run: docs/stability.md)")
 g.add_argument("--schedule", choices=("step", "cosine"), default=argparse.SUPPRESS, help="after the warmup: step "
-               "decays at --milestones (default on CIFAR and .npz, SPEC section 7) or a cosine to 0 at the last epoch "
-               "(default on ImageNet, SPEC section 9)")
+               "decays at --milestones (default on CIFAR and .npz, method.md section 7) or a cosine to 0 at the last epoch "
+               "(default on ImageNet, method.md section 9)")
 g.add_argument("--milestones", type=int, nargs="*", default=argparse.SUPPRESS,
                help="--schedule step: absolute epochs where lr is multiplied by 0.1 (default: 105 155, scaled by "
                     "--epochs/205 when --epochs differs)")
@@ -106,7 +106,7 @@ g.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="clean 
                "MixSKD forwards twice as many (default 64; on ImageNet 128 divided by the number of processes)")
 g.add_argument("--clip-grad", type=float, default=None, help="clip the norm of all trained gradients to this value, 0 "
                f"= never (default: {CLIP_NORM} for a MixSKD run too short to warm up for {WARMUP_FLOOR} iterations "
-               "or of a library network, else never, as the SPEC: README, Stability)")
+               "or of a library network, else never, as the recipe: docs/stability.md)")
 g.add_argument("--seed", type=int, default=0, help="seeds initialisation, data order, augmentation, mixing")
 g = parser.add_argument_group("speed")
 g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -131,7 +131,7 @@ g.add_argument("--tensorboard", action="store_true", help="also write metrics.js
 
 
 def parse_args(argv=None):
-    """The command line, with the dataset's SPEC defaults filled in and every value checked."""
+    """The command line, with the dataset's recipe defaults filled in and every value checked."""
     args = parser.parse_args(argv)
     folder = args.dataset not in DATASETS and os.path.isdir(args.dataset)
     imagenet = args.dataset == "imagenet" or folder  # a folder of one's own: the ImageNet recipe
@@ -160,7 +160,7 @@ def parse_args(argv=None):
                      f"or a folder holding train/ and val/ (ImageFolder layout)")
     if hasattr(args, "milestones") and args.schedule == "cosine":
         parser.error("--milestones place the decays of --schedule step; the cosine schedule has none")
-    if not hasattr(args, "milestones"):  # the SPEC's decays at the same fractions of the run, kept distinct
+    if not hasattr(args, "milestones"):  # the recipe's decays at the same fractions of the run, kept distinct
         first, second = (round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES)
         args.milestones = [first, max(second, first + 1)]
     elif args.schedule == "step" and any(m >= args.epochs for m in args.milestones) and runtime.rank() == 0:
@@ -205,7 +205,7 @@ def check_numbers(args):
 
 def optimised_terms(args):
     """The loss terms a MixSKD recipe optimises: all five, but L_mix only logged under `official` on CIFAR
-    (SPEC Eq. (10'))."""
+    (Eq. (10'))."""
     cifar_official = args.recipe == "official" and args.stem != "imagenet"
     return [t for t in TERMS if not (t == "mix" and cifar_official)]
 

@@ -1,6 +1,6 @@
 """CIFAR data on the training device as uint8, with batched augmentation there; ImageNet from folders.
 
-SPEC section 7: random crop 32 with 4-pixel zero padding of the raw pixels, horizontal flip with
+method.md section 7: random crop 32 with 4-pixel zero padding of the raw pixels, horizontal flip with
 probability 0.5, then normalisation. As in airbench, the whole training set is one uint8 tensor on
 the device (150 MB for CIFAR), and augmentation is a few batched tensor ops per batch: no DataLoader,
 no worker processes, no per-image Python.
@@ -8,7 +8,7 @@ no worker processes, no per-image Python.
 Sources: torchvision's CIFAR-10/100 (downloaded when missing and online), or an `.npz` file with
 x_train, y_train, x_test, y_test (uint8 NHWC images, integer labels; class_names optional).
 
-ImageNet (SPEC section 9) does not fit on the device: `DIR/train` and `DIR/val` in torchvision's
+ImageNet (method.md section 9) does not fit on the device: `DIR/train` and `DIR/val` in torchvision's
 ImageFolder layout are read by a DataLoader with workers, RandomResizedCrop + flip for training and
 Resize(256) + CenterCrop(224) for evaluation, as uint8 into pinned memory, copied without blocking,
 and normalised on the device.
@@ -27,7 +27,7 @@ import torch
 from errors import UserError
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
-STATS = {  # per-channel mean and std of the training set, SPEC sections 7 and 9
+STATS = {  # per-channel mean and std of the training set, method.md sections 7 and 9
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -96,7 +96,7 @@ def load_torchvision(dataset, root):
 
 
 def load_image_folder(root, device, image_size, workers, name="imagenet"):
-    """ImageNet (SPEC section 9), or a folder of one's own in the same layout: RandomResizedCrop + flip to
+    """ImageNet (method.md section 9), or a folder of one's own in the same layout: RandomResizedCrop + flip to
     train, Resize + CenterCrop to test, ImageNet's mean and std. image_size None: 224 for ImageNet, the size
     of a folder's first training image for a folder (its images at their own size). Workers: at most the
     cores."""
@@ -132,7 +132,7 @@ def load_image_folder(root, device, image_size, workers, name="imagenet"):
 
 def test_transform(image_size, stem):
     """A PIL image to the uint8 3 x image_size x image_size tensor that a run's test set feeds: on ImageNet
-    (stem "imagenet") Resize(256) + CenterCrop(224) at the SPEC's size (section 9); on CIFAR, whose test
+    (stem "imagenet") Resize(256) + CenterCrop(224) at the recipe's size (section 9); on CIFAR, whose test
     images are used as they are, Resize + CenterCrop to image_size, which leaves an image of that size unchanged."""
     import torchvision.transforms as T
 
@@ -263,7 +263,7 @@ def normalize(x, stats):
 
 def random_crop_flip(x, generator, pad=4):
     """Random crop with `pad` pixels of zero padding and a horizontal flip with probability 0.5,
-    each drawn per image, as batched gathers (SPEC section 7). x: uint8 N x C x H x W."""
+    each drawn per image, as batched gathers (method.md section 7). x: uint8 N x C x H x W."""
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), device=x.device, generator=generator)

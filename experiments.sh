@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rerun docs/results.md: CE, label smoothing, Mixup, CutMix, BYOT, DKS, CS-KD, PS-KD and MixSKD (recipes
 # paper and official) on the 10k-image CIFAR-10 subset (DATA), ResNet-18 width 16, batch 64, 90 epochs (5
-# warmup epochs, milestones 46 and 68, the SPEC's 105/205 and 155/205), each seed; then the table (table.md)
+# warmup epochs, milestones 46 and 68, the recipe's 105/205 and 155/205), each seed; then the table (table.md)
 # and the figure.
 #
 #   DATA=path/to/cifar10_q75_10k.npz bash experiments.sh        # one run at a time

@@ -1,12 +1,12 @@
 """Layouts of torchvision's and timm's classifiers for model.StagedMixSKDNet, and the networks that
 `--arch torchvision:NAME` and `--arch timm:NAME` name.
 
-SPEC section 2, generalised (README, "MixSKD on your own network"). A Layout splits a network's own
+method.md section 2, generalised (docs/networks.md). A Layout splits a network's own
 forward() into stem, stages, post and head; each family's layout is written from its forward(), so one
 layout covers every model of the family. CNNs: four stages at 1/4, 1/8, 1/16 and 1/32 of the input.
 Transformers: a ViT's blocks in four consecutive groups of equal size; Swin's four layers.
 
-F_k of a token network (README, "F_k of a vision transformer"): a ViT's tokens after its final norm,
+F_k of a token network (docs/networks.md): a ViT's tokens after its final norm,
 N x L x C with the class (and any register or distillation) tokens, as a C x L x 1 map; Swin's patch
 grid after its final norm, N x H x W x C, as the C x H x W map it is. Global average pooling over the
 map is then the mean over every token, and the self-teacher (Eq. (4)), L_feat (8), L_adv (9) and the

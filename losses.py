@@ -1,10 +1,10 @@
 """MixSKD objectives: KD, the five loss terms, the discriminators, each recipe's total, the baselines'.
 
-SPEC section 5, Eqs. (5)-(10'), and section 9 (the released ImageNet script's objective). Paper:
+method.md section 5, Eqs. (5)-(10'), and section 9 (the released ImageNet script's objective). Paper:
 Yang et al., "MixSKD: Self-Knowledge Distillation from Mixup for Image Recognition", ECCV 2022,
 section 3.
 
-Notation (SPEC section 3): for every head k, the interpolation of its outputs on the clean batch
+Notation (method.md section 3): for every head k, the interpolation of its outputs on the clean batch
 (`feats_interp`, `logits_interp`) and its outputs on the mixed batch (`feats_mixed`,
 `logits_mixed`) distill into each other. `teacher_interp`, `teacher_mixed` are the self-teacher's
 logits on the interpolated and on the mixed feature maps.
@@ -25,7 +25,7 @@ def check_recipe(recipe):
 
 
 def kd(student, teacher, temperature):
-    """KD(s || t) = T^2 * KL(softmax(sg(t) / T) || softmax(s / T)), batch mean (SPEC section 5).
+    """KD(s || t) = T^2 * KL(softmax(sg(t) / T) || softmax(s / T)), batch mean (method.md section 5).
 
     In float32 whatever the logits' dtype: softmaxes in bf16 under autocast make the KL come out
     negative (-0.05 measured on CPU).
@@ -36,18 +36,18 @@ def kd(student, teacher, temperature):
 
 
 def loss_ce(logits_clean, y):
-    """Task loss on clean images, SPEC Eq. (5): sum over heads of CE(z_k(x), y), in float32."""
+    """Task loss on clean images, Eq. (5): sum over heads of CE(z_k(x), y), in float32."""
     return sum(F.cross_entropy(z.float(), y) for z in logits_clean)
 
 
 def loss_mix(logits_mixed, teacher_interp, teacher_mixed, y, lam, perm):
-    """Mixup loss, SPEC Eq. (6): every head and the self-teacher (both inputs) on the mixup labels."""
+    """Mixup loss, Eq. (6): every head and the self-teacher (both inputs) on the mixup labels."""
     heads = sum(mix_ce(z, y, lam, perm) for z in logits_mixed)
     return heads + mix_ce(teacher_interp, y, lam, perm) + mix_ce(teacher_mixed, y, lam, perm)
 
 
 def loss_kd(logits_interp, logits_mixed, teacher_interp, teacher_mixed, temperature):
-    """Logit self-KD, SPEC Eq. (7).
+    """Logit self-KD, Eq. (7).
 
     Branches (all heads but the last) distill mutually between interpolated and mixed logits; the
     backbone (last head) learns from the self-teacher, crossed: its interpolated logits from the
@@ -62,12 +62,12 @@ def loss_kd(logits_interp, logits_mixed, teacher_interp, teacher_mixed, temperat
 
 
 def loss_feat(feats_interp, feats_mixed):
-    """Feature self-KD, SPEC Eq. (8): sum_k mean((F_bar_k - F_tilde_k)^2), gradient to both sides."""
+    """Feature self-KD, Eq. (8): sum_k mean((F_bar_k - F_tilde_k)^2), gradient to both sides."""
     return sum(F.mse_loss(f_bar, f_tilde) for f_bar, f_tilde in zip(feats_interp, feats_mixed))
 
 
 class GradReverse(torch.autograd.Function):
-    """Gradient reversal: identity forward, negated gradient backward (SPEC Eq. (10))."""
+    """Gradient reversal: identity forward, negated gradient backward (Eq. (10))."""
 
     @staticmethod
     def forward(ctx, x):
@@ -79,17 +79,17 @@ class GradReverse(torch.autograd.Function):
 
 
 def discriminator(channels, hidden=128):
-    """D_k of SPEC Eq. (9) after its GAP: Linear(C, 128) -> ReLU -> Linear(128, 2)."""
+    """D_k of Eq. (9) after its GAP: Linear(C, 128) -> ReLU -> Linear(128, 2)."""
     return nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 2))
 
 
 def discriminators(channels, num_heads=4):
-    """D_1..D_4 as registered modules, so they are optimised and saved (unlike SPEC section 6, item 3)."""
+    """D_1..D_4 as registered modules, so they are optimised and saved (unlike method.md section 6, item 3)."""
     return nn.ModuleList(discriminator(channels) for _ in range(num_heads))
 
 
 def loss_adv(discs, feats_interp, feats_mixed, reverse):
-    """Discriminator loss, SPEC Eq. (9): tell interpolated ([1, 0]) from mixed ([0, 1]) features.
+    """Discriminator loss, Eq. (9): tell interpolated ([1, 0]) from mixed ([0, 1]) features.
 
     reverse=True (recipe `paper`) puts a gradient reversal between the pooled features and D_k: the
     discriminators descend L_adv while the network ascends it. reverse=False (recipe `official`)
@@ -111,7 +111,7 @@ def loss_adv(discs, feats_interp, feats_mixed, reverse):
 def trained_parameters(recipe, net, self_teacher, discs):
     """The parameters a recipe optimises: all of them for `paper` (Eq. (10)); the network alone for
     `official` (Eq. (10')), where self-teacher and discriminators stay at initialisation; network and
-    self-teacher for `official-imagenet` (SPEC section 9), whose discriminators stay fixed."""
+    self-teacher for `official-imagenet` (method.md section 9), whose discriminators stay fixed."""
     check_recipe(recipe)
     modules = {"paper": [net, self_teacher, discs], "official": [net],
                "official-imagenet": [net, self_teacher]}[recipe]
@@ -119,18 +119,18 @@ def trained_parameters(recipe, net, self_teacher, discs):
 
 
 def mixskd_loss(feats, logits, y, lam, perm, self_teacher, discs, recipe="paper", weights=None, temperature=3.0):
-    """The MixSKD objective of one step: SPEC Eq. (10) (`paper`), (10') (`official`) or the released
-    ImageNet script's (`official-imagenet`, SPEC section 9).
+    """The MixSKD objective of one step: Eq. (10) (`paper`), (10') (`official`) or the released
+    ImageNet script's (`official-imagenet`, method.md section 9).
 
     feats, logits: lists over heads (backbone last) of the network's outputs on cat([x, x_mix]).
     y: labels of the clean batch x; lam, perm: the step's pairing (mixup.mix_batch).
     weights: {term: weight} for the terms in TERMS, default 1 each; a weight of 0 removes its term.
     Returns (total, terms): the loss to backpropagate and every term, detached, for logging.
 
-    Recipe `official` (SPEC section 6): L_mix is computed for the log but not optimised, so the
+    Recipe `official` (method.md section 6): L_mix is computed for the log but not optimised, so the
     self-teacher runs without a graph (its logits are detached targets in Eq. (7) anyway), and the
     network minimises L_adv through discriminators that the caller keeps out of the optimiser.
-    Recipe `official-imagenet` (SPEC section 9): Eq. (10) with L_mix optimised, but, as `official`,
+    Recipe `official-imagenet` (method.md section 9): Eq. (10) with L_mix optimised, but, as `official`,
     fixed discriminators that the network minimises, without gradient reversal.
     """
     check_recipe(recipe)
@@ -162,7 +162,7 @@ def mixskd_loss(feats, logits, y, lam, perm, self_teacher, discs, recipe="paper"
 
 class MixSKDObjective(nn.Module):
     """The MixSKD objective of one step as a module: the network's forward on cat([x, x_mix]), then
-    `mixskd_loss`, SPEC Eqs. (5)-(10) for `paper`, (10') for `official`.
+    `mixskd_loss`, Eqs. (5)-(10) for `paper`, (10') for `official`.
 
     It holds the network, the self-teacher and the discriminators, so that one DistributedDataParallel
     wrapper averages every trained gradient and torch.compile sees forward and losses as one graph. What
@@ -188,7 +188,7 @@ class MixSKDObjective(nn.Module):
 
 
 class BaselineObjective(nn.Module):
-    """The baselines of SPEC section 7, shaped like MixSKDObjective: the network alone, with CE on
+    """The baselines of method.md section 7, shaped like MixSKDObjective: the network alone, with CE on
     clean images (lam None) or the mixed CE of Eq. (3) on Mixup or CutMix images."""
 
     def __init__(self, net):

@@ -1,6 +1,6 @@
 """Mixup pairing for MixSKD: lam, perm, Mixup, CutMix, interpolation, mixed CE.
 
-SPEC section 1, Eqs. (1), (1'), (2), (3). Paper: Yang et al., "MixSKD: Self-Knowledge Distillation
+method.md section 1, Eqs. (1), (1'), (2), (3). Paper: Yang et al., "MixSKD: Self-Knowledge Distillation
 from Mixup for Image Recognition", ECCV 2022 (arXiv 2208.05768); Mixup: Zhang et al. 2018; CutMix:
 Yun et al. 2019.
 
@@ -17,9 +17,9 @@ MIX_MODES = ("mixup", "cutmix")
 
 
 def sample_lam(alpha):
-    """One lam ~ Beta(alpha, alpha) for the whole batch (SPEC section 1)."""
+    """One lam ~ Beta(alpha, alpha) for the whole batch (method.md section 1)."""
     if not alpha > 0:
-        raise ValueError(f"mixup alpha must be > 0, got {alpha}; the SPEC uses 0.4 on CIFAR, 0.2 on ImageNet")
+        raise ValueError(f"mixup alpha must be > 0, got {alpha}; MixSKD uses 0.4 on CIFAR, 0.2 on ImageNet")
     return float(np.random.beta(alpha, alpha))
 
 
@@ -29,7 +29,7 @@ def sample_perm(batch_size, device=None):
 
 
 def mixup(x, lam, perm):
-    """Mixup, SPEC Eq. (1): x_mix = lam * x + (1 - lam) * x[perm]. Returns a new tensor."""
+    """Mixup, Eq. (1): x_mix = lam * x + (1 - lam) * x[perm]. Returns a new tensor."""
     return lam * x + (1.0 - lam) * x[perm]
 
 
@@ -47,10 +47,10 @@ def rand_bbox(height, width, lam):
 
 
 def cutmix(x, lam, perm):
-    """CutMix, SPEC Eq. (1'): paste a box from x[perm]; returns (x_mix, corrected lam).
+    """CutMix, Eq. (1'): paste a box from x[perm]; returns (x_mix, corrected lam).
 
     The box is clipped at the border, so its area is not exactly (1 - lam); the returned lam is the
-    exact kept-area fraction, and the SPEC uses that value everywhere downstream.
+    exact kept-area fraction, and MixSKD uses that value everywhere downstream.
     """
     height, width = x.shape[-2:]
     y1, y2, x1, x2 = rand_bbox(height, width, lam)
@@ -73,12 +73,12 @@ def mix_batch(x, alpha, mode="mixup"):
 
 
 def interp(t, lam, perm):
-    """Interpolation of a per-sample tensor computed on the clean batch, SPEC Eq. (2)."""
+    """Interpolation of a per-sample tensor computed on the clean batch, Eq. (2)."""
     return lam * t + (1.0 - lam) * t[perm]
 
 
 def mix_ce(logits, y, lam, perm):
-    """Mixed cross-entropy, SPEC Eq. (3): lam * CE(z, y) + (1 - lam) * CE(z, y[perm]), in float32
+    """Mixed cross-entropy, Eq. (3): lam * CE(z, y) + (1 - lam) * CE(z, y[perm]), in float32
     whatever the logits' dtype (autocast)."""
     logits = logits.float()
     return lam * F.cross_entropy(logits, y) + (1.0 - lam) * F.cross_entropy(logits, y[perm])

@@ -4,7 +4,7 @@
     python eval.py --plot runs/*/ --out fig.png     # backbone test top-1 per epoch, MixSKD loss terms
     python eval.py --plot RUN --per-class           # the confusion matrix of one run (plot_confusion)
 
-SPEC section 8: every number is labelled by what it is and the split it comes from: the headline
+method.md section 8: every number is labelled by what it is and the split it comes from: the headline
 (final backbone top-1 on the test set, selection-free), the best epoch (chosen on the validation split
 when the run has one, else on the test set), and the released code's way (max over heads and epochs,
 chosen on the test set). Reads only run folders (metrics.jsonl, summary.json); matplotlib is needed
@@ -20,7 +20,7 @@ from errors import UserError
 
 
 def summarise(records):
-    """The labelled numbers of a run (SPEC section 8): the headline is the final backbone top-1 on the test
+    """The labelled numbers of a run (method.md section 8): the headline is the final backbone top-1 on the test
     set, chosen by nothing; the best epoch is chosen on the validation split when the run has one
     (train.py --val-split), else on the test set; the released code's metric (max over heads and epochs)
     is always chosen on the test set. `splits` names the split behind every number. Epochs count from 1, as

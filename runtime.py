@@ -3,7 +3,7 @@
 Plumbing for train.py and bench.py: the run folder checked before a start and cleaned after a failed one, Ctrl-C
 answered with the resume command; under torchrun one process group (NCCL on CUDA, gloo on CPU), one
 DistributedDataParallel wrapper and gathers across ranks; every random generator seeded, captured and restored
-(exact resume); `--amp`, `--channels-last`, `--compile` resolved from `auto` (measured: README, Performance).
+(exact resume); `--amp`, `--channels-last`, `--compile` resolved from `auto` (measured: docs/performance.md).
 """
 import contextlib
 import hashlib

@@ -1,6 +1,6 @@
 """The MixSKD self-teacher h: aggregates the four heads' feature maps into soft labels.
 
-SPEC section 4, Eq. (4): h(F_1..F_4) = Linear(GAP(Conv1x1(concat_channels(F_1..F_4)))), the 1x1 conv
+method.md section 4, Eq. (4): h(F_1..F_4) = Linear(GAP(Conv1x1(concat_channels(F_1..F_4)))), the 1x1 conv
 4C -> C without bias, no normalisation or activation. Paper: Yang et al., ECCV 2022, section 3.4.
 """
 import torch
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 
 class SelfTeacher(nn.Module):
-    """Self-teacher h, SPEC Eq. (4). forward(feats) takes a list of the heads' maps, N x C x H x W.
+    """Self-teacher h, Eq. (4). forward(feats) takes a list of the heads' maps, N x C x H x W.
 
     The conv is linear and bias-free, so it commutes with global average pooling: we pool first and
     apply the 1x1 conv as a matrix product, H*W times cheaper (16x at 4x4) and the same function.

@@ -1,13 +1,13 @@
-"""Stability benchmark: the first steps of real runs over a grid of settings (README, "Stability").
+"""Stability benchmark: the first steps of real runs over a grid of settings (docs/stability.md).
 
-    python stability.py                                      # the README's grid on the real CIFAR-10 subset
+    python stability.py                                      # docs/stability.md's grid on the real CIFAR-10 subset
     python stability.py --nets resnet18/64 --batch-sizes 64 --epochs 10 --amps off --steps 100 --trace
 
 Each case is a run as a user starts it: train.py's arguments parsed from the case's flags (so the defaults
 apply, the warmup among them), train.py's objective and optimiser, data.train_batches on real images,
 train.lr_at and train.train_step, for the first --steps steps (or the whole run when it is shorter). It
 reports per case the warmup in iterations, the largest and the last loss, the self-teacher h's weight norms
-(its 1x1 conv and its classifier, SPEC Eq. (4)) at the start, largest and last, the largest norm of h's
+(its 1x1 conv and its classifier, Eq. (4)) at the start, largest and last, the largest norm of h's
 gradient, and whether every loss, weight and BatchNorm statistic stayed finite. This is a measurement, not a
 test: it reads the device every step.
 """

@@ -1,4 +1,4 @@
-"""Self-KD baselines checklist: one test per property of SPEC section 12, smallest case that shows it.
+"""Self-KD baselines checklist: one test per property of method.md section 12, smallest case that shows it.
 
 Each loss is checked against an independent derivation written here (explicit loops over samples,
 classes and heads; nothing from baselines.py or losses.kd), at T = 4 where a temperature enters, and
@@ -62,7 +62,7 @@ def close(a, b):
     torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), rtol=1e-5, atol=1e-6)
 
 
-# -------------------------------------------------------------------- SPEC section 12.1: label smoothing
+# -------------------------------------------------------------------- method.md section 12.1: label smoothing
 
 
 def test_12_1_targets_put_eps_over_c_minus_1_on_the_other_classes():
@@ -93,7 +93,7 @@ def test_12_1_soft_cross_entropy_with_one_hot_targets_is_cross_entropy():
     close(soft_cross_entropy(z, F.one_hot(y, CLASSES)), F.cross_entropy(z, y))
 
 
-# ------------------------------------------------------------------------------ SPEC section 12.2: BYOT
+# ------------------------------------------------------------------------------ method.md section 12.2: BYOT
 
 
 def test_12_2_byot_matches_reference():
@@ -123,7 +123,7 @@ def test_12_2_byot_backbone_learns_from_ce_alone_and_its_feature_map_only_teache
         close(f.grad, 0.05 * 2 * (f - feats[3]).detach() / f.numel())
 
 
-# ------------------------------------------------------------------------------- SPEC section 12.3: DKS
+# ------------------------------------------------------------------------------- method.md section 12.3: DKS
 
 
 def test_12_3_dks_sums_every_ordered_pair_of_heads():
@@ -147,7 +147,7 @@ def test_12_3_dks_every_head_learns_only_as_student():
         close(logits[h].grad, z.grad)
 
 
-# ----------------------------------------------------------------------------- SPEC section 12.4: CS-KD
+# ----------------------------------------------------------------------------- method.md section 12.4: CS-KD
 
 
 def test_12_4_cs_kd_matches_reference_and_the_partner_only_teaches():
@@ -194,7 +194,7 @@ def test_12_4_cs_kd_objective_forwards_partners_second_without_graph_and_bn_sees
         close(total, ref_ce(alone(x), y) + ref_kd(logits, alone(x_partner)))
 
 
-# ----------------------------------------------------------------------------- SPEC section 12.5: PS-KD
+# ----------------------------------------------------------------------------- method.md section 12.5: PS-KD
 
 
 def test_12_5_alpha_grows_linearly_to_alpha_T_at_the_last_epoch():

@@ -1,7 +1,7 @@
-"""MixSKD checklist: one test per property of ../shared/SPEC.md, smallest case that shows it.
+"""MixSKD checklist: one test per property of docs/method.md, smallest case that shows it.
 
-Sections follow the SPEC (1-11). Fast unit tests come first; whole runs of the command line and
-multi-process runs come last and are marked slow, so `pytest -m "not slow"` is the SPEC checklist alone.
+Sections follow docs/method.md (1-11; section 12 is test_baselines.py). Fast unit tests come first; whole runs of the command line and
+multi-process runs come last and are marked slow, so `pytest -m "not slow"` is the method's checklist alone.
 """
 import argparse
 import ast
@@ -74,7 +74,7 @@ def step_outputs(net, seed=0, mode="mixup"):
     return feats, logits, y, lam, perm
 
 
-# ---------------------------------------------------------------------------- SPEC section 1: mixing
+# ---------------------------------------------------------------------------- method.md section 1: mixing
 
 
 def test_lam_is_beta_distributed_in_open_interval():
@@ -141,7 +141,7 @@ def test_eq3_mix_ce_endpoints():
     torch.testing.assert_close(mix_ce(logits, y, 0.25, perm), expected)
 
 
-# ----------------------------------------------------------------------- SPEC section 2: the network
+# ----------------------------------------------------------------------- method.md section 2: the network
 
 
 @pytest.mark.parametrize("arch, backbone, branches, teacher, discs", [
@@ -414,7 +414,7 @@ def test_timm_smallest_efficientnet_and_mobilenets_are_split_at_strides_4_to_32(
 
 
 def test_f_k_of_a_vit_is_every_token_as_a_c_x_l_x_1_map_and_of_swin_its_patch_grid():
-    """README, "F_k of a vision transformer": a ViT's tokens after its final norm, class and distillation tokens
+    """docs/networks.md, "F_k of a vision transformer": a ViT's tokens after its final norm, class and distillation tokens
     included, as N x C x L x 1 (global average pooling: the mean token); Swin's N x C x H x W grid after its norm."""
     x = torch.randn(2, 3, 64, 64)
     deit = timm_small("deit_tiny_distilled_patch16_224", 64)[0].eval()
@@ -562,7 +562,7 @@ def test_init_from_a_timm_vit_state_dict_resamples_its_position_embedding(tmp_pa
         checkpoints.init_from(str(tmp_path / "broken.safetensors"), net, None)
 
 
-# ------------------------------------------------- SPEC section 3: interpolated and mixed quantities
+# ------------------------------------------------- method.md section 3: interpolated and mixed quantities
 
 
 def test_lam_one_with_identity_pairing_has_no_mixup_signal():
@@ -584,7 +584,7 @@ def test_lam_one_with_identity_pairing_has_no_mixup_signal():
     torch.testing.assert_close(terms["kd"], backbone_alone, rtol=1e-5, atol=1e-6)
 
 
-# ------------------------------------------------------------------ SPEC section 4: the self-teacher
+# ------------------------------------------------------------------ method.md section 4: the self-teacher
 
 
 def test_eq4_self_teacher_is_linear_of_gap_of_conv1x1_of_concat():
@@ -595,9 +595,9 @@ def test_eq4_self_teacher_is_linear_of_gap_of_conv1x1_of_concat():
     assert teacher.conv.weight.shape == (6, 24, 1, 1) and teacher.conv.bias is None
 
 
-# ------------------------------------------------------------------------ SPEC section 5: the losses
+# ------------------------------------------------------------------------ method.md section 5: the losses
 
-# An independent derivation of Eqs. (5)-(10') from the SPEC's text, to check losses.py against: it
+# An independent derivation of Eqs. (5)-(10') from the recipe's text, to check losses.py against: it
 # imports nothing from losses.py or mixup.py (its own CE, KD, interpolation and BCE), and it writes the
 # min-max game of Eq. (10) without a reversal layer, as two losses on detached copies.
 
@@ -624,10 +624,10 @@ def ref_bce(logits, targets):
 
 
 def ref_objective(feats, logits, y, lam, perm, teacher, discs, recipe):
-    """(terms, surrogate): the SPEC's five terms, and a loss whose gradient is the SPEC's update. Under
+    """(terms, surrogate): the recipe's five terms, and a loss whose gradient is the recipe's update. Under
     `paper` every module descends L, but the features ascend L_adv while the discriminators descend it;
     under `official` L_mix is left out and the features descend L_adv (Eq. (10')); `official-imagenet`
-    (SPEC section 9) is Eq. (10) with L_mix, the features descending L_adv as well (no reversal)."""
+    (method.md section 9) is Eq. (10) with L_mix, the features descending L_adv as well (no reversal)."""
     b = len(y)
     f_bar, f_tilde = [ref_interp(f[:b], lam, perm) for f in feats], [f[b:] for f in feats]
     z_bar, z_tilde = [ref_interp(z[:b], lam, perm) for z in logits], [z[b:] for z in logits]
@@ -667,7 +667,7 @@ def pairing(lam, mode, n=BATCH, size=20):
 
 
 def trained_by_recipe(recipe, net, teacher, discs):
-    """SPEC sections 5 and 9: `paper` trains everything, `official` the network alone, `official-imagenet`
+    """method.md sections 5 and 9: `paper` trains everything, `official` the network alone, `official-imagenet`
     the network and the self-teacher (its discriminators stay fixed)."""
     modules = {"paper": (net, teacher, discs), "official": (net,), "official-imagenet": (net, teacher)}[recipe]
     return [p for m in modules for p in m.parameters()]
@@ -914,7 +914,7 @@ def test_overfits_one_small_batch(recipe):
     assert backbone_ce() < 0.4 * ce_before
 
 
-# -------------------------------------- SPEC section 6: recipe `official`, the released CIFAR script
+# -------------------------------------- method.md section 6: recipe `official`, the released CIFAR script
 
 
 def test_official_recipe_never_updates_self_teacher_or_discriminators():
@@ -969,7 +969,7 @@ def test_official_adv_gradient_is_opposite_of_paper():
         assert g_paper.abs().sum() > 0
 
 
-# ------------------------------------------------------------- SPEC section 7: optimisation and data
+# ------------------------------------------------------------- method.md section 7: optimisation and data
 
 
 @pytest.mark.parametrize("argv, alpha", [([], 0.4), (["--method", "mixup"], 0.4), (["--method", "cutmix"], 1.0),
@@ -983,19 +983,19 @@ def test_alpha_defaults_are_the_spec_and_released_ones(argv, alpha):
 
 
 @pytest.mark.parametrize("argv, steps, warmup, clip", [
-    ([], 781, 3905, 0.0),  # the SPEC's CIFAR-100 run: 5 epochs of 781 iterations, no clip
-    (["--dataset", "imagenet"], 10009, 5 * 10009, 0.0),  # SPEC section 9
-    (["--epochs", "90"], 156, 500, 0.0),  # the SPEC's share, 342 iterations, is below the floor
+    ([], 781, 3905, 0.0),  # the recipe's CIFAR-100 run: 5 epochs of 781 iterations, no clip
+    (["--dataset", "imagenet"], 10009, 5 * 10009, 0.0),  # method.md section 9
+    (["--epochs", "90"], 156, 500, 0.0),  # the recipe's share, 342 iterations, is below the floor
     (["--epochs", "10"], 10, 25, 2.0),  # 100 iterations in all: a quarter of them, and clipped
     (["--epochs", "205"], 10, 500, 0.0),  # a full-length run of a small dataset: the floor
     (["--epochs", "1"], 16, 4, 2.0),
     (["--epochs", "2", "--warmup-epochs", "1"], 16, 16, 2.0),  # the user's warmup is kept
     (["--epochs", "10", "--clip-grad", "0"], 10, 25, 0.0),  # and the user's clip
     (["--epochs", "10", "--method", "ce"], 10, 25, 0.0),  # the baselines are never clipped by default
-    (["--arch", "torchvision:convnext_tiny"], 781, 3905, 2.0),  # nor is any library network's run the SPEC's
+    (["--arch", "torchvision:convnext_tiny"], 781, 3905, 2.0),  # nor is any library network's run the recipe's
 ])
 def test_warmup_has_a_floor_and_only_runs_too_short_for_it_are_clipped(argv, steps, warmup, clip):
-    """README, Stability: the SPEC's 5 warmup epochs, scaled with a shorter run, but at least 500 iterations
+    """docs/stability.md: the recipe's 5 warmup epochs, scaled with a shorter run, but at least 500 iterations
     or a quarter of a shorter run; MixSKD runs that cannot warm up for 500 iterations clip the gradient norm."""
     args = cli.parse_args(argv)
     assert train.warmup_iterations(args, steps) == warmup
@@ -1007,7 +1007,7 @@ def test_warmup_has_a_floor_and_only_runs_too_short_for_it_are_clipped(argv, ste
 @pytest.mark.parametrize("epochs, milestones", [(1, [1, 2]), (2, [1, 2]), (3, [2, 3]), (4, [2, 3]), (10, [5, 8]),
                                                (90, [46, 68]), (205, [105, 155])])
 def test_short_runs_place_two_distinct_milestones(epochs, milestones):
-    """The SPEC's decays at 105 and 155 of 205 epochs, at the same fractions of a shorter run, kept distinct
+    """The recipe's decays at 105 and 155 of 205 epochs, at the same fractions of a shorter run, kept distinct
     (--epochs 3 was refused when both rounded to epoch 2)."""
     assert cli.parse_args(["--epochs", str(epochs)]).milestones == milestones
 
@@ -1252,7 +1252,7 @@ def test_fast_step_matches_the_reference(method, recipe):
     ("cifar100", "cutmix", "paper", ("net",)),
 ])
 def test_optimiser_is_sgd_as_the_spec_sets_it(dataset, method, recipe, trains):
-    """SPEC sections 7 and 9: SGD with momentum 0.9, Nesterov on CIFAR and not on ImageNet, weight decay
+    """method.md sections 7 and 9: SGD with momentum 0.9, Nesterov on CIFAR and not on ImageNet, weight decay
     (5e-4 CIFAR, 1e-4 ImageNet) on every trained parameter; each recipe's modules, and only those, in it."""
     args = cli.parse_args(["--dataset", dataset, "--method", method, "--recipe", recipe, "--width", str(WIDTH)])
     objective, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
@@ -1269,7 +1269,7 @@ def test_optimiser_is_sgd_as_the_spec_sets_it(dataset, method, recipe, trains):
     assert len(in_opt) == sum(1 for p in objective.parameters() if p.requires_grad)
 
 
-# ----------------------------------------------------------- SPEC section 8: the evaluation protocol
+# ----------------------------------------------------------- method.md section 8: the evaluation protocol
 
 
 def test_ece_of_a_known_case():
@@ -1325,7 +1325,7 @@ def test_tensorboard_without_the_package_gives_a_one_line_hint(tmp_path, monkeyp
         checkpoints.tensorboard_writer(str(tmp_path), 0)
 
 
-# -------------------------------------------------------------------------- SPEC section 9: ImageNet
+# -------------------------------------------------------------------------- method.md section 9: ImageNet
 
 
 def test_imagenet_resnet50_is_torchvisions(tmp_path):
@@ -1342,7 +1342,7 @@ def test_imagenet_resnet50_is_torchvisions(tmp_path):
 
 
 def test_imagenet_stem_is_initialised_as_torchvision_cifar_as_pytorch():
-    """SPEC sections 7 and 9: per layer, our ImageNet ResNet-50's conv weights have the spread of
+    """method.md sections 7 and 9: per layer, our ImageNet ResNet-50's conv weights have the spread of
     torchvision's own initialisation (kaiming-normal, fan_out), BatchNorm weight 1 and bias 0, the
     branches likewise; the CIFAR network keeps PyTorch's default (kaiming-uniform, a = sqrt(5))."""
     import torchvision
@@ -1420,7 +1420,7 @@ def test_imagenet_official_recipe_trains_self_teacher_but_not_discriminators():
     optimised = {id(p) for group in opt.param_groups for p in group["params"]}
     assert all(id(p) in optimised for p in teacher.parameters())
     assert not any(id(p) in optimised for p in discs.parameters())
-    assert model.backbone.stem_relu  # the ImageNet stem keeps its ReLU (SPEC section 9)
+    assert model.backbone.stem_relu  # the ImageNet stem keeps its ReLU (method.md section 9)
     assert objective.recipe == "official-imagenet"
     net, teacher, discs = model, teacher, discs
     feats, logits, y, lam, perm = step_outputs_of(net, size=64)
@@ -1428,12 +1428,12 @@ def test_imagenet_official_recipe_trains_self_teacher_but_not_discriminators():
     torch.testing.assert_close(total.detach(), sum(terms.values()), rtol=1e-6, atol=1e-5)  # L_mix optimised
 
 
-# ----------------------------------------------------------- SPEC section 10: the published numbers
+# ----------------------------------------------------------- method.md section 10: the published numbers
 # Numbers to compare with, not behaviour: nothing to test here. The README says which were reproduced
 # (none at the paper's scale) and what ran instead.
 
 
-# ------------------------------------------------- SPEC section 11: the released checkpoints' layout
+# ------------------------------------------------- method.md section 11: the released checkpoints' layout
 
 
 def to_released_layout(net, teacher):
@@ -1471,7 +1471,7 @@ def test_released_checkpoint_maps_by_name(tmp_path):
 
 
 def test_released_imagenet_checkpoint_keeps_the_stem_relu(tmp_path):
-    """SPEC sections 9 and 11: the released ImageNet network (7x7 stem, saved without `module.`) has the
+    """method.md sections 9 and 11: the released ImageNet network (7x7 stem, saved without `module.`) has the
     stem ReLU, so its checkpoint maps onto a network with it and computes the same function."""
     torch.manual_seed(0)
     net = MixSKDNet("resnet50", CLASSES, WIDTH, stem_relu=True, stem="imagenet").eval()
@@ -1789,7 +1789,7 @@ def test_eval_per_class_gives_top1_per_class_and_the_confusion_matrix(run_dir, t
 @pytest.mark.parametrize("method", ["ce", "mixup", "cutmix"])
 def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path, capsys):
     tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--method", method)
-    alpha = {"ce": None, "mixup": 0.4, "cutmix": 1.0}[method]  # SPEC section 7, as released
+    alpha = {"ce": None, "mixup": 0.4, "cutmix": 1.0}[method]  # method.md section 7, as released
     header, epoch_line = capsys.readouterr().out.splitlines()[:2]
     assert (" amp off " in header or " amp bf16 " in header) and "torch." not in header
     assert header.endswith("epochs 1..1, warmup 8 iterations, milestones [1]")  # baselines are never clipped
@@ -1950,7 +1950,7 @@ def test_nan_stop_names_every_non_finite_term_and_the_step(term, recipe, named, 
 @slow
 @pytest.mark.skipif(not SHARED_NPZ.exists(), reason="the divergence is measured on real images")
 def test_the_smallest_run_that_diverged_now_trains_finite(tiny_npz):
-    """README, Stability: width 16, batch 8, lr 0.1 from the first step made the self-teacher's weights grow
+    """docs/stability.md: width 16, batch 8, lr 0.1 from the first step made the self-teacher's weights grow
     without bound (non-finite at step 12 on the first 256 real images); the default warmup and clip keep
     every loss, weight and BatchNorm statistic finite over the same 16 steps."""
     import stability

@@ -6,7 +6,7 @@
     python train.py --arch resnet18 --dataset cifar100 --resume            # continue OUT/last.pt
     torchrun --standalone --nproc_per_node=8 train.py --arch resnet50 --dataset imagenet --data DIR
 
-Top to bottom: arguments; the method (schedule, objective, optimiser; SPEC sections 5-9); the run (setup,
+Top to bottom: arguments; the method (schedule, objective, optimiser; method.md sections 5-9); the run (setup,
 one step, the loop, the end of an epoch, the summary). Plumbing: runtime.py, checkpoints.py. A run writes
 into --out: metrics.jsonl (a line per epoch), last.pt (every epoch, atomically), best.pt (best backbone
 top-1 on the validation split of --val-split, else on the test set), deploy.pt (the backbone alone),
@@ -43,10 +43,10 @@ EXTRA = {"cs-kd": "partner", "ps-kd": "index"}  # what a method's batches carry 
 
 
 def default_warmup_iterations(args, steps_per_epoch):
-    """The SPEC's 5 warmup epochs (sections 7 and 9), shortened by --epochs / 205 (305 on ImageNet) in a
+    """The recipe's 5 warmup epochs (sections 7 and 9), shortened by --epochs / 205 (305 on ImageNet) in a
     shorter run, but never below WARMUP_FLOOR iterations, or WARMUP_FLOOR_SHARE of a run shorter than
-    that: a warmup that rounds to a few iterations lets the self-teacher diverge (README, Stability). The
-    SPEC's full runs (3,905 iterations on CIFAR) are above the floor, so they warm up exactly as specified."""
+    that: a warmup that rounds to a few iterations lets the self-teacher diverge (docs/stability.md). The
+    recipe's full runs (3,905 iterations on CIFAR) are above the floor, so they warm up exactly as specified."""
     spec_epochs = IMAGENET_DEFAULTS["epochs"] if args.stem == "imagenet" else SPEC_EPOCHS
     spec = SPEC_WARMUP_EPOCHS * steps_per_epoch * min(args.epochs, spec_epochs) / spec_epochs
     floor = min(WARMUP_FLOOR, WARMUP_FLOOR_SHARE * args.epochs * steps_per_epoch)
@@ -64,7 +64,7 @@ def clip_norm(args, steps_per_epoch):
     """The gradient-norm clip of a run, 0 for none: --clip-grad when given; else CLIP_NORM for a MixSKD run
     whose warmup is shorter than WARMUP_FLOOR iterations, where the self-teacher's weights and gradients
     grow without bound at the base lr, or of a library network (torchvision:, timm:), for which no run is
-    the SPEC's and whose loss rose without it (README, Stability); none otherwise, as the SPEC."""
+    the recipe's and whose loss rose without it (docs/stability.md); none otherwise, as the recipe."""
     if args.clip_grad is not None:
         return args.clip_grad
     short = warmup_iterations(args, steps_per_epoch) < WARMUP_FLOOR
@@ -72,8 +72,8 @@ def clip_norm(args, steps_per_epoch):
 
 
 def lr_at(step, steps_per_epoch, args):
-    """SPEC section 7: lr_i = lr (i + 1) / (warmup iterations) during warmup, then lr times 0.1 for
-    every milestone epoch reached. SPEC section 9 (ImageNet): after the warmup, per epoch,
+    """method.md section 7: lr_i = lr (i + 1) / (warmup iterations) during warmup, then lr times 0.1 for
+    every milestone epoch reached. method.md section 9 (ImageNet): after the warmup, per epoch,
     lr 0.5 (1 + cos(pi (epoch - warmup) / (epochs - warmup)))."""
     warmup = warmup_iterations(args, steps_per_epoch)
     if step < warmup:
@@ -88,11 +88,11 @@ def lr_at(step, steps_per_epoch, args):
 
 def build(args, num_classes, device, memory_format, image_size=None):
     """The run's objective (the network, with its branches for MixSKD, BYOT and DKS; for MixSKD also the
-    self-teacher and the discriminators) and one SGD over what it trains (SPEC sections 7, 9 and 12). image_size:
+    self-teacher and the discriminators) and one SGD over what it trains (method.md sections 7, 9 and 12). image_size:
     the side of the images, for the transformers that are built for one input size."""
     # the released ImageNet script optimises L_mix and keeps the stem ReLU, its CIFAR script does neither
     recipe = "official-imagenet" if args.recipe == "official" and args.stem == "imagenet" else args.recipe
-    stem_relu = not (args.method == "mixskd" and recipe == "official")  # SPEC section 6, item 5
+    stem_relu = not (args.method == "mixskd" and recipe == "official")  # method.md section 6, item 5
     heads = args.method in ("mixskd", *BRANCHED)
     net = network(args.arch, num_classes, args.width, stem_relu, args.stem, heads, image_size)
     if args.method == "mixskd":
@@ -167,7 +167,7 @@ def setup(args, rank, world, device):
     run.n_deployed = sum(p.numel() for p in run.backbone.parameters())
     if not run.main:
         return run
-    spec_batch = " (the SPEC: 128 on ImageNet)" if args.dataset == "imagenet" and run.images != 128 else ""
+    spec_batch = " (the recipe: 128 on ImageNet)" if args.dataset == "imagenet" and run.images != 128 else ""
     heads = len(net.branches) + 1 if hasattr(net, "branches") else 1
     print(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''}"
           f"{f' alpha {args.alpha}' if args.method in ('mixskd', 'mixup', 'cutmix') else ''}"
@@ -196,7 +196,7 @@ def train_step(objective, opt, speed, x, y, args, clip=0.0, extra=None):
     inputs, lam, perm = x, None, None
     if args.method in ("mixskd", "mixup", "cutmix"):
         x_mix, perm, lam = mix_batch(x, args.alpha, args.mix if args.method == "mixskd" else args.method)
-        # MixSKD forwards clean and mixed images in one pass, so BatchNorm sees both (SPEC section 2)
+        # MixSKD forwards clean and mixed images in one pass, so BatchNorm sees both (method.md section 2)
         inputs = torch.cat([x, x_mix]) if args.method == "mixskd" else x_mix
         lam = torch.full((), lam, device=x.device)
     if speed.cudagraphs:
@@ -285,8 +285,8 @@ def divergence_hint(run):
         return (f"--warmup-epochs {args.warmup_epochs:g} gives {warmup} warmup iterations where the default gives "
                 f"{default}: drop the flag")
     if args.lr > parser.get_default("lr"):
-        return f"--lr {args.lr:g} is above the SPEC's {parser.get_default('lr')}: lower it"
-    return ("a longer --warmup-epochs or a lower --lr help (README, Stability)"
+        return f"--lr {args.lr:g} is above the recipe's {parser.get_default('lr')}: lower it"
+    return ("a longer --warmup-epochs or a lower --lr help (docs/stability.md)"
             + ("; fp16 overflows where bf16 does not: try --amp bf16 or off" if run.speed.amp == "fp16" else ""))
 
 
@@ -331,7 +331,7 @@ def end_epoch(run, epoch, means, lr, epoch_time):
 
 
 def finish(run):
-    """deploy.pt (the backbone alone) and summary.json (SPEC section 8: each number labelled)."""
+    """deploy.pt (the backbone alone) and summary.json (method.md section 8: each number labelled)."""
     digests = runtime.all_ranks(runtime.parameter_digest(run.objective), run.world)
     if not run.main:
         return
