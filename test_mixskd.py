@@ -31,6 +31,7 @@ import errors
 import eval as evaluation
 import report
 import runtime
+import stability
 import train
 
 from losses import (TERMS, MixSKDObjective, discriminator, discriminators, kd, loss_adv, loss_ce, loss_feat, loss_kd,
@@ -1590,13 +1591,16 @@ def readme_block(after, language="python"):
 
 
 @slow
-def test_readme_deploy_script_runs_as_written(run_dir):
+def test_readme_deploy_script_runs_beside_model_py_and_deploy_pt(run_dir, tmp_path):
+    """As the README says: in a folder holding the run's deploy.pt and a copy of model.py, nothing else."""
     meta = torch.load(run_dir / "deploy.pt", weights_only=True)["meta"]
     assert meta["image_size"] == 32 and len(meta["class_names"]) == 10  # what the run trained on
-    script = run_dir / "deploy_snippet.py"
-    script.write_text(readme_block("script (the tests run it as written here, in a run folder)"))
-    result = subprocess.run([sys.executable, str(script)], cwd=run_dir, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(HERE)}, timeout=120)
+    shutil.copy(run_dir / "deploy.pt", tmp_path)
+    shutil.copy(HERE / "model.py", tmp_path)
+    (tmp_path / "deploy_snippet.py").write_text(readme_block("(the tests do exactly that)"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "deploy_snippet.py"], cwd=tmp_path, capture_output=True, text=True,
+                            env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     predicted = ast.literal_eval(result.stdout.strip())
     assert len(predicted) == 2 and all(name in meta["class_names"] for name in predicted)
@@ -2201,19 +2205,53 @@ def test_readme_first_try_is_one_valid_command_of_train_eval_and_plot():
     train_cmd, eval_cmd, plot_cmd = (shlex.split(c) for c in readme_block("### A first try", "bash").split("&&"))
     assert train_cmd[:2] == eval_cmd[:2][:1] + ["train.py"] and train_cmd[0] == "python"
     args = cli.parse_args(train_cmd[2:])
-    assert (args.method, args.epochs, args.out) == ("mixskd", 2, "runs/first-try") and args.dataset.endswith(".npz")
+    assert (args.method, args.epochs, args.out, args.dataset) == ("mixskd", 2, "runs/first-try", "cifar10")
     assert evaluation.parse_args(eval_cmd[2:]).checkpoint == "runs/first-try/deploy.pt"
     assert evaluation.parse_args(plot_cmd[2:]).plot == ["runs/first-try"]
 
 
-def test_readme_model_selection_commands_are_valid_and_name_the_run_folder():
-    block = readme_block("### Model selection without the test set", "bash")
-    train_cmd, tensorboard_cmd, *eval_cmds = (shlex.split(line.split("  #")[0]) for line in block.splitlines())
-    args = cli.parse_args(train_cmd[2:])
-    assert (args.val_split, args.tensorboard, tensorboard_cmd) == (1000, True, ["tensorboard", "--logdir", "runs"])
-    parsed = [evaluation.parse_args(cmd[2:]) for cmd in eval_cmds]
-    assert [p.checkpoint or p.plot[0] for p in parsed] == [f"{args.out}/deploy.pt", args.out, f"{args.out}/deploy.pt"]
-    assert parsed[0].per_class and parsed[1].per_class and parsed[2].predict
+DOCUMENTS = [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+TOOLS = {"train.py": cli.parse_args, "eval.py": evaluation.parse_args, "bench.py": bench.parse_args,
+         "stability.py": stability.parse_args}
+
+
+def tool_commands(block):
+    """Every call of a tool of TOOLS in a bash block, as (tool, argv): continued lines joined, a loop's variable
+    as its first value, comments dropped; a call whose arguments still hold a shell variable is left out."""
+    text = block.replace("\\\n", " ")
+    first = {var: value for var, value in re.findall(r"for (\w+) in \"?([^\s;\"]+)", text)}
+    for var, value in first.items():
+        text = re.sub(rf"\$\{{?{var}\}}?", value, text)
+    for line in text.splitlines():
+        lexer = shlex.shlex(line.split("  #")[0], posix=True, punctuation_chars=";&|")
+        lexer.whitespace_split = True
+        words = list(lexer)
+        for start, end in zip([0] + [i + 1 for i, w in enumerate(words) if w in (";", "&&", "|", "&")],
+                              [i for i, w in enumerate(words) if w in (";", "&&", "|", "&")] + [len(words)]):
+            part = words[start:end]
+            tool = next((i for i, w in enumerate(part) if os.path.basename(w) in TOOLS), None)
+            if tool is not None and not any("$" in w for w in part[tool:]):
+                yield os.path.basename(part[tool]), part[tool + 1:]
+
+
+@pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: p.name)
+def test_every_command_in_the_readme_and_docs_parses(path, tmp_path, monkeypatch):
+    """train.py, eval.py and bench.py accept every command the page shows (folders it names exist here)."""
+    monkeypatch.chdir(tmp_path)
+    calls = [c for block in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S) for c in tool_commands(block)]
+    assert calls or path.name not in ("README.md", "usage.md", "results.md")
+    for tool, argv in calls:
+        if tool == "train.py" and "--dataset" in argv:
+            dataset = argv[argv.index("--dataset") + 1]
+            if not dataset.endswith(".npz") and dataset not in data.DATASETS:
+                os.makedirs(dataset, exist_ok=True)  # an image folder of one's own
+        TOOLS[tool](argv)
+
+
+@pytest.mark.parametrize("path", DOCUMENTS[1:], ids=lambda p: p.name)
+def test_python_blocks_in_docs_run_as_written(path):
+    for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S):
+        exec(block, {})
 
 
 def test_help_shows_each_default_once_and_every_flag_has_help():
