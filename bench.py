@@ -132,7 +132,8 @@ def fast_stepper(targs, data, device):
         batch = next(state["batches"], None)
         if batch is None:
             state["epoch"] += 1
-            state["batches"] = train_batches(data, targs.batch_size, 0, state["epoch"], extra=train.EXTRA.get(targs.method))
+            state["batches"] = train_batches(data, targs.batch_size, 0, state["epoch"],
+                                             extra=train.EXTRA.get(targs.method))
             batch = next(state["batches"])
         for group in opt.param_groups:
             group["lr"] = 0.01

@@ -338,9 +338,9 @@ def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank, s
     if store is not None:  # checked before anything is loaded: a refused resume changes nothing
         saved = ckpt.get("ps_kd_store")
         if saved is None or saved.shape != store.probs.shape:
-            raise UserError(f"{path} holds {'no PS-KD store' if saved is None else f'a PS-KD store of {tuple(saved.shape)}'}"
-                            f", this run needs one row per training image and class, {tuple(store.probs.shape)}: "
-                            f"resume it on the data it was trained on, or start a new run")
+            held = "no PS-KD store" if saved is None else f"a PS-KD store of {tuple(saved.shape)}"
+            raise UserError(f"{path} holds {held}, this run needs one row per training image and class, "
+                            f"{tuple(store.probs.shape)}: resume it on the data it was trained on, or start a new run")
         store.probs.copy_(saved)
     load_state(model, ckpt["model"], f"checkpoint {path}")
     for module, key in ((teacher, "self_teacher"), (discs, "discriminators")):

@@ -74,9 +74,9 @@ g.add_argument("--val-split", type=count_or_fraction, default=0, metavar="N", he
                "(a fraction of them when below 1), stratified by class and drawn from --seed, as a validation split: "
                "evaluated every epoch, it chooses best.pt, and the test set chooses nothing. On an ImageNet folder "
                "they come from train/ too, since val/ is the test set; 0: none")
-g.add_argument("--method", default="mixskd", choices=METHODS, help="mixskd; a baseline on the backbone alone: ce "
-               "(clean images), mixup, cutmix; or a Self-KD baseline (docs/method.md section 12) with the released loss: "
-               "label-smooth, byot and dks (which train the branches of mixskd's network), cs-kd, ps-kd")
+g.add_argument("--method", default="mixskd", choices=METHODS, help="mixskd; a baseline on the backbone alone: "
+               "ce (clean images), mixup, cutmix; or a Self-KD baseline (docs/method.md section 12) with the released "
+               "loss: label-smooth, byot and dks (which train the branches of mixskd's network), cs-kd, ps-kd")
 g.add_argument("--recipe", default="paper", choices=RECIPES[:2],
                help="mixskd objective: paper (Eq. (10), everything trained) or official (the released scripts: on "
                     "CIFAR Eq. (10'), no L_mix, fixed self-teacher and discriminators; on ImageNet Eq. (10) with "
@@ -84,18 +84,19 @@ g.add_argument("--recipe", default="paper", choices=RECIPES[:2],
 g.add_argument("--mix", default="mixup", choices=MIX_MODES, help="how mixskd mixes images")
 g.add_argument("--alpha", type=float, default=argparse.SUPPRESS,
                help="lam ~ Beta(alpha, alpha) (default 0.4 on CIFAR, 0.2 on ImageNet; 1.0 for --method cutmix)")
-g.add_argument("--temperature", type=float, default=argparse.SUPPRESS, help=f"KD temperature T of {', '.join(DISTILLING)} "
-               f"(default {MIXSKD_TEMPERATURE:g} for mixskd, {BASELINE_TEMPERATURE:g} for the others, as released)")
+g.add_argument("--temperature", type=float, default=argparse.SUPPRESS,
+               help=f"KD temperature T of {', '.join(DISTILLING)} (default {MIXSKD_TEMPERATURE:g} for mixskd, "
+                    f"{BASELINE_TEMPERATURE:g} for the others, as released)")
 for term in TERMS:
     g.add_argument(f"--w-{term}", type=float, default=1.0, help=f"weight of L_{term} (0 disables it)")
 g = parser.add_argument_group("optimisation (method.md sections 7 and 9)")
 g.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 205; 305 on ImageNet)")
-g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup, per iteration (default: the recipe's 5 "
-               "epochs, times --epochs/205 (305 on ImageNet) when --epochs is shorter, and at least "
+g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup, per iteration (default: the "
+               "recipe's 5 epochs, times --epochs/205 (305 on ImageNet) when --epochs is shorter, and at least "
                f"{WARMUP_FLOOR} iterations, or {WARMUP_FLOOR_SHARE:g} of a shorter run: docs/stability.md)")
 g.add_argument("--schedule", choices=("step", "cosine"), default=argparse.SUPPRESS, help="after the warmup: step "
-               "decays at --milestones (default on CIFAR and .npz, method.md section 7) or a cosine to 0 at the last epoch "
-               "(default on ImageNet, method.md section 9)")
+               "decays at --milestones (default on CIFAR and .npz, method.md section 7) or a cosine to 0 at the last "
+               "epoch (default on ImageNet, method.md section 9)")
 g.add_argument("--milestones", type=int, nargs="*", default=argparse.SUPPRESS,
                help="--schedule step: absolute epochs where lr is multiplied by 0.1 (default: 105 155, scaled by "
                     "--epochs/205 when --epochs differs)")

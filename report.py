@@ -179,7 +179,8 @@ def plot_runs(run_dirs, out):
     for g, (label, group) in enumerate(groups):  # a colour per experiment, a line style per seed
         for s, (args, records) in enumerate(group):
             acc_ax.plot([r["epoch"] + 1 for r in records], [r["test"]["backbone"]["top1"] for r in records], lw=1,
-                        **marker, color=f"C{g % 10}", ls=("-", "--", ":", "-.")[s % 4], label=f"{label} seed {args['seed']}")
+                        **marker, color=f"C{g % 10}", ls=("-", "--", ":", "-.")[s % 4],
+                        label=f"{label} seed {args['seed']}")
     acc_ax.set(xlabel="epoch", ylabel="test top-1 of the backbone (%)", title="deployed network, every run")
     acc_ax.legend(fontsize=7, ncol=2)
     mixskd = [run for run in runs if run[0]["method"] == "mixskd"]

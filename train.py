@@ -228,8 +228,8 @@ def train(run):
     for epoch in range(run.start_epoch, args.epochs):
         run.objective.train()
         sums, first_bad, epoch_start = 0, torch.full((), -1, device=run.device), time.time()
-        batches = train_batches(run.data, args.batch_size, args.seed, epoch, run.rank, run.world, EXTRA.get(args.method))
-        for i, (x, y, *extra) in enumerate(batches):
+        for i, (x, y, *extra) in enumerate(train_batches(run.data, args.batch_size, args.seed, epoch, run.rank,
+                                                         run.world, EXTRA.get(args.method))):
             lr = lr_at(epoch * steps + i, steps, args)
             for group in opt.param_groups:
                 group["lr"] = lr
