@@ -22,7 +22,7 @@ from PIL import Image
 
 import cli
 import runtime
-from errors import run_cli
+from errors import ArgumentParser, run_cli
 import train
 from baselines import PredictionStore
 from data import STATS, pixel_stats, train_batches
@@ -33,7 +33,7 @@ SPEC_STEPS = 50_000 // 64 * 205  # the recipe's CIFAR-100 run: 781 steps per epo
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Time the MixSKD training step (and the plain way with --baseline).",
+    p = ArgumentParser(prog="bench.py", description="Time the MixSKD training step (and the plain way with --baseline).",
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("--arch", default="resnet18", help="as train.py's --arch: ours, torchvision:NAME or timm:NAME")
     p.add_argument("--width", type=int, default=64, help="channels of the first stage, as train.py's --width")

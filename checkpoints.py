@@ -15,13 +15,14 @@ import math
 import os
 import pickle
 import re
+import sys
 
 import torch
 
 import runtime
 from arch import library, network
 from baselines import BRANCHED
-from data import DATASETS
+from data import DATASETS, shown
 from errors import UserError
 from layouts import library_network, model_kwargs, timm_checkpoint_filter
 from model import ARCHS, Bottleneck, MixSKDNet, ResNet
@@ -281,6 +282,39 @@ def model_from_checkpoint(ckpt, path):
         teacher = SelfTeacher(model.feature_channels, meta["num_classes"], len(model.branches) + 1)
         load_state(teacher, ckpt["self_teacher"], f"checkpoint {path} (self-teacher)")
     return model, teacher, meta
+
+
+def recorded_dataset(path, meta):
+    """The dataset a checkpoint was trained on: as typed, else (moved since) as the absolute path recorded."""
+    dataset = meta.get("dataset")
+    if dataset is None:
+        raise UserError(f"{path} does not record its dataset: pass --dataset cifar10, cifar100, PATH.npz or FOLDER")
+    if dataset not in DATASETS and not os.path.exists(dataset):  # an .npz or a folder, moved since
+        dataset = meta.get("dataset_path") or dataset
+        if not os.path.exists(dataset):
+            where = "--dataset PATH.npz to evaluate on the file" if dataset.endswith(".npz") else \
+                "--dataset FOLDER to evaluate on the folder (with train/ and val/)"
+            raise UserError(f"{path} was trained on {meta['dataset']}, which is not found from here (nor at "
+                            f"{dataset}): pass {where} where it is now")
+    return dataset
+
+
+def check_classes(path, meta, data, dataset):
+    """Refuse data whose classes are not the run's (more of them, or other names); say in one line when the
+    classes cannot be checked because the run or the data names none."""
+    if data.num_classes > meta["num_classes"]:
+        raise UserError(f"{path} has {meta['num_classes']} classes but {dataset} has {data.num_classes}")
+    trained, named = meta.get("class_names"), data.class_names
+    if trained and named and list(trained) != list(named):
+        first = next((i for i, (a, b) in enumerate(zip(trained, named)) if a != b), min(len(trained), len(named)))
+        raise UserError(f"{path} was trained on other classes than {dataset} holds (class {first}: "
+                        f"{trained[first] if first < len(trained) else None!r} in training, "
+                        f"{named[first] if first < len(named) else None!r} here): its numbers would mean nothing")
+    if not (trained and named):
+        unnamed = f"{dataset} names no classes" if trained else f"the run recorded no class names ({meta.get('dataset')}"
+        print(f"note: the classes could not be checked: {unnamed}{')' * (not trained)}; label k here is taken to "
+              f"be class k of the run's {meta['num_classes']}"
+              + (f" ({shown(trained)}, from {meta.get('dataset')})" if trained else ""), file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- starting from a checkpoint

@@ -17,8 +17,8 @@ import checkpoints
 import runtime
 from arch import ARCHS, check_arch
 from baselines import BASELINE_TEMPERATURE, SELF_KD_METHODS
-from data import DATASETS, dataset_name
-from errors import UserError
+from data import DATASETS, SMALL_IMAGES, dataset_name, first_image_size
+from errors import ArgumentParser, UserError
 from losses import RECIPES, TERMS
 from mixup import MIX_MODES
 
@@ -39,24 +39,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def count_or_fraction(text):
-    """--val-split: a whole number of images (0 or more), or a fraction of the training set between 0 and 1."""
+    """--val-split: a whole number of images (0 or more, written without a point), or a fraction of the training set
+    strictly between 0 and 1 (1.0 is refused: one image or all of them?)."""
+    if text.isdigit():
+        return int(text)
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if value >= 0 and value.is_integer():
-        return int(value)
     if 0 < value < 1:
         return value
-    raise argparse.ArgumentTypeError(f"{text!r} is neither a number of images nor a fraction between 0 and 1")
+    raise argparse.ArgumentTypeError(f"{text!r}: give a fraction below 1 (0.1) or a whole number of images (1000)")
 
 
-parser = argparse.ArgumentParser(formatter_class=HelpFormatter, description="Train "
-                                 "MixSKD (Yang et al., ECCV 2022) or a baseline on CIFAR or ImageNet with the recipe's "
-                                 "recipes (sections 7 and 9) as defaults.")
+parser = ArgumentParser(prog="train.py", formatter_class=HelpFormatter, description="Train MixSKD (Yang et al., ECCV 2022) or a "
+                        "baseline on CIFAR, ImageNet or your own data, with the paper's recipes as defaults "
+                        "(docs/method.md sections 7 and 9).")
 g = parser.add_argument_group("what to train")
-g.add_argument("--arch", default="resnet18", help=f"{', '.join(ARCHS)} (the stem follows the dataset: 3x3 on "
-               "CIFAR, 7x7 + max-pool on ImageNet), or torchvision:NAME, a torchvision classifier of a family that "
+g.add_argument("--arch", default="resnet18", help=f"{', '.join(ARCHS)} (the stem follows --setting: 3x3 for "
+               "CIFAR, 7x7 + max-pool for ImageNet), or torchvision:NAME, a torchvision classifier of a family that "
                "layouts.TORCHVISION_FAMILIES lists (ResNet, ResNeXt, Wide-ResNet, RegNet, ConvNeXt, MobileNetV2/V3, "
                "EfficientNet, DenseNet, ViT, Swin), or timm:NAME, one of layouts.TIMM_FAMILIES (ResNet, ResNeXt, "
                "ConvNeXt, EfficientNet, MobileNetV3/V4, RegNet, ViT, DeiT, Swin; needs timm); transformers are "
@@ -64,11 +65,18 @@ g.add_argument("--arch", default="resnet18", help=f"{', '.join(ARCHS)} (the stem
 g.add_argument("--width", type=int, default=argparse.SUPPRESS, help="channels of our ResNets' first stage (default "
                "64, as in the paper); library networks (torchvision:, timm:) have their own")
 g.add_argument("--dataset", default="cifar100", help="cifar10, cifar100 (torchvision, downloaded into --data), "
-               "PATH.npz with x_train, y_train, x_test, y_test (uint8 NHWC images), or imagenet (--data holds train/ "
-               "and val/ in ImageFolder layout)")
+               "PATH.npz with x_train, y_train, x_test, y_test (uint8 NHWC images), imagenet (--data holds train/ "
+               "and val/ in ImageFolder layout), or FOLDER, a folder of your own holding train/ and val/ in that "
+               "layout")
+g.add_argument("--setting", default="auto", choices=("auto", "cifar", "imagenet"), help="the paper's recipe to "
+               "follow: cifar (3x3 stem, batch 64, alpha 0.4, step decays, Nesterov, weight decay 5e-4; the images "
+               "on the device, cropped and flipped) or imagenet (7x7 stem and max-pool, batch 128 in all, alpha 0.2, "
+               "cosine, weight decay 1e-4; a folder streamed through RandomResizedCrop). auto: imagenet for "
+               f"imagenet and for a folder of images larger than {SMALL_IMAGES} px, else cifar")
 g.add_argument("--data", default="./data", help="torchvision dataset root, or the ImageNet folder")
-g.add_argument("--image-size", type=int, default=None, help="image folders: the crop size (Resize(size * 256 / 224) "
-               "to test; default 224 on ImageNet, a folder's own image size)")
+g.add_argument("--image-size", type=int, default=None, help="image folders: the size images are cropped to "
+               "(Resize(size * 256 / 224) to test under --setting imagenet); default 224 on ImageNet, a folder's own "
+               "image size (its first training image's)")
 g.add_argument("--workers", type=int, default=8, help="ImageNet DataLoader workers per process")
 g.add_argument("--val-split", type=count_or_fraction, default=0, metavar="N", help="hold out N training images "
                "(a fraction of them when below 1), stratified by class and drawn from --seed, as a validation split: "
@@ -135,7 +143,15 @@ def parse_args(argv=None):
     """The command line, with the dataset's recipe defaults filled in and every value checked."""
     args = parser.parse_args(argv)
     folder = args.dataset not in DATASETS and os.path.isdir(args.dataset)
-    imagenet = args.dataset == "imagenet" or folder  # a folder of one's own: the ImageNet recipe
+    if args.dataset not in DATASETS and not args.dataset.endswith(".npz") and not folder:
+        if os.sep in args.dataset or args.dataset.startswith((".", "~")):
+            parser.error(f"--dataset {args.dataset}: no such folder; a folder of your own holds train/ and val/")
+        parser.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet, the path of an .npz file, "
+                     f"or a folder holding train/ and val/ (ImageFolder layout)")
+    if args.setting == "auto":  # a folder of small images trains as CIFAR does: its images, not its format, decide
+        small = folder and (args.image_size or first_image_size(args.dataset)) <= SMALL_IMAGES
+        args.setting = "imagenet" if args.dataset == "imagenet" or (folder and not small) else "cifar"
+    imagenet = args.setting == "imagenet"
     spec = IMAGENET_DEFAULTS if imagenet else CIFAR_DEFAULTS
     for key, value in {**spec, **({"alpha": 1.0} if args.method == "cutmix" else {})}.items():
         if not hasattr(args, key):
@@ -156,9 +172,6 @@ def parse_args(argv=None):
     if args.method == "mixskd" and not any(getattr(args, f"w_{t}") for t in optimised_terms(args)):
         parser.error(f"every optimised loss weight is 0 (--w-{' --w-'.join(optimised_terms(args))}): nothing to "
                      f"train; recipe {args.recipe} optimises {', '.join('L_' + t for t in optimised_terms(args))}")
-    if args.dataset not in DATASETS and not args.dataset.endswith(".npz") and not folder:
-        parser.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet, the path of an .npz file, "
-                     f"or a folder holding train/ and val/ (ImageFolder layout)")
     if hasattr(args, "milestones") and args.schedule == "cosine":
         parser.error("--milestones place the decays of --schedule step; the cosine schedule has none")
     if not hasattr(args, "milestones"):  # the recipe's decays at the same fractions of the run, kept distinct
@@ -248,7 +261,9 @@ def resume_arguments(args, argv):
                         + ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run: {saved[k]})" for k in differ)
                         + ("; --epochs may change with --extend" if "epochs" in differ else "")
                         + ": drop them, or start a new run in another --out")
-    keep = {**LEGACY, **{key: value for key, value in saved.items() if key not in NOT_TRAINING | renewed}}
+    keep = {**LEGACY, **{key: value for key, value in saved.items() if key not in NOT_TRAINING | renewed},
+            "milestones_given": "milestones" in given}
+    keep.setdefault("setting", saved.get("stem", "cifar"))  # a run saved before --setting: its stem's recipe
     if "dataset" in given:  # the same dataset, perhaps moved: the path as given now
         keep["dataset"] = given["dataset"]
     return argparse.Namespace(**{**vars(args), **keep})

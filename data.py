@@ -18,6 +18,7 @@ drawn from the seed alone (hold_out), so that a model can be selected without th
 """
 import copy
 import os
+import re
 import sys
 from types import SimpleNamespace
 
@@ -34,6 +35,7 @@ STATS = {  # per-channel mean and std of the training set, method.md sections 7 
 }
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+SMALL_IMAGES = 64  # a folder of images up to this size follows the CIFAR setting by default (cli.py --setting)
 
 
 def dataset_name(dataset):
@@ -42,14 +44,23 @@ def dataset_name(dataset):
     return dataset if dataset in DATASETS else os.path.splitext(os.path.basename(os.path.normpath(dataset)))[0]
 
 
-def load_dataset(dataset, root="./data", device="cpu", image_size=None, workers=8):
-    """Train and test sets as device tensors: x uint8 N x 3 x 32 x 32, y int64, plus num_classes, mean,
+def is_folder(dataset):
+    """Whether a dataset argument names image folders: imagenet (in --data), or a folder of one's own."""
+    return dataset == "imagenet" or (dataset not in DATASETS and os.path.isdir(dataset))
+
+
+def load_dataset(dataset, root="./data", device="cpu", image_size=None, workers=8, in_memory=False):
+    """Train and test sets as device tensors: x uint8 N x 3 x H x W, y int64, plus num_classes, mean,
     std; for imagenet (in root) or a folder of its own (the dataset argument), the two ImageFolder datasets
-    of its train/ and val/ that train_batches and eval_batches stream."""
-    if dataset == "imagenet" or (dataset not in DATASETS and os.path.isdir(dataset)):
+    of its train/ and val/ that train_batches and eval_batches stream, or with in_memory (a folder of small
+    images under the CIFAR setting) their images read once into device tensors, as an .npz's are."""
+    if is_folder(dataset) and not in_memory:
         return load_image_folder(root if dataset == "imagenet" else dataset, device, image_size, workers,
                                  dataset_name(dataset))
-    if dataset in DATASETS:
+    if is_folder(dataset):
+        arrays = read_folder(root if dataset == "imagenet" else dataset, image_size, workers)
+        stats_key = "cifar10" if tuple(arrays["class_names"]) == CIFAR10_CLASSES else None
+    elif dataset in DATASETS:
         arrays, stats_key = load_torchvision(dataset, root), dataset
     elif dataset.endswith(".npz"):
         arrays = load_npz(dataset)
@@ -100,34 +111,109 @@ def load_image_folder(root, device, image_size, workers, name="imagenet"):
     train, Resize + CenterCrop to test, ImageNet's mean and std. image_size None: 224 for ImageNet, the size
     of a folder's first training image for a folder (its images at their own size). Workers: at most the
     cores."""
-    import torchvision
     import torchvision.transforms as T
-    from PIL import Image
 
+    train_dir, test_dir = image_folder_splits(root, name)
+    image_size = image_size or (224 if name == "imagenet" else first_image_size(root))
+    train = image_folder(train_dir, T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(),
+                                               T.PILToTensor()]))
+    test = image_folder(test_dir, test_transform(image_size, "imagenet"))
+    if train.classes != test.classes:
+        raise UserError(f"{name}: {train_dir} and {test_dir} hold different class folders")
+    mean, std = STATS["imagenet"]
+    return SimpleNamespace(name=name, train_set=train, test_set=test, n_train=len(train), n_test=len(test),
+                           num_classes=len(train.classes), image_size=image_size, class_names=train.classes,
+                           mean=mean, std=std, device=torch.device(device), workers=min(workers, os.cpu_count() or 1),
+                           stats=pixel_stats(mean, std, device))
+
+
+def image_folder_splits(root, name):
+    """root/train and root/val, or a one-line error naming the one missing."""
     folders = [os.path.join(root, split) for split in ("train", "val")]
     missing = [f for f in folders if not os.path.isdir(f)]
     if missing:
         where = "--data" if name == "imagenet" else "--dataset FOLDER"
         raise UserError(f"{name}: {missing[0]} does not exist; {where} must hold train/ and val/ in "
                         f"torchvision ImageFolder layout (one folder of images per class)")
-    if image_size is None and name != "imagenet":
-        first = torchvision.datasets.ImageFolder(folders[0]).samples
-        if not first:
-            raise UserError(f"{name}: {folders[0]} holds no images")
-        with Image.open(first[0][0]) as image:
-            image_size = min(image.size)
-    image_size = image_size or 224
-    workers = min(workers, os.cpu_count() or 1)
-    train = torchvision.datasets.ImageFolder(folders[0], T.Compose(
-        [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()]))
-    test = torchvision.datasets.ImageFolder(folders[1], test_transform(image_size, "imagenet"))
-    if train.classes != test.classes:
-        raise UserError(f"{name}: {folders[0]} and {folders[1]} hold different class folders")
-    mean, std = STATS["imagenet"]
-    return SimpleNamespace(name=name, train_set=train, test_set=test, n_train=len(train), n_test=len(test),
-                           num_classes=len(train.classes), image_size=image_size, class_names=train.classes,
-                           mean=mean, std=std, device=torch.device(device), workers=workers,
-                           stats=pixel_stats(mean, std, device))
+    return folders
+
+
+def first_image_size(root):
+    """The smaller side of the first image in root/train (ImageFolder's order): a folder's own image size."""
+    import torchvision
+
+    first = torchvision.datasets.ImageFolder(os.path.join(root, "train")).samples if os.path.isdir(
+        os.path.join(root, "train")) else []
+    if not first:
+        raise UserError(f"{root}: {os.path.join(root, 'train')} holds no images in class folders")
+    return min(read_image(first[0][0]).size)
+
+
+def read_folder(root, image_size, workers):
+    """An image folder's train/ and val/ as the arrays of an .npz (uint8 N x H x W x 3, labels, class_names),
+    each image at image_size (Resize + CenterCrop, which leaves an image of that size unchanged), decoded once
+    by a DataLoader with workers. For small images, whose whole set fits in memory (the CIFAR setting)."""
+    image_size = image_size or first_image_size(root)
+    arrays = {}
+    for split, folder in zip(("train", "test"), image_folder_splits(root, os.path.basename(root))):
+        dataset = image_folder(folder, test_transform(image_size, "cifar"))
+        loader = torch.utils.data.DataLoader(dataset, 256, num_workers=min(workers, os.cpu_count() or 1))
+        x, y = zip(*checked(loader, dataset))
+        arrays[f"x_{split}"] = torch.cat(x).permute(0, 2, 3, 1).numpy()
+        arrays[f"y_{split}"] = torch.cat(y).numpy()
+        arrays.setdefault("class_names", np.array(dataset.classes))
+        if list(arrays["class_names"]) != dataset.classes:
+            raise UserError(f"{root}: train/ and val/ hold different class folders")
+    return arrays
+
+
+class UnreadableImage(Exception):
+    """An image file that PIL cannot read; its message starts with the marker that unreadable() finds."""
+
+
+def read_image(path):
+    """An image file as an RGB PIL image (ImageFolder's loader), or UnreadableImage naming the file."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise UnreadableImage(f"unreadable image: {path} ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
+
+
+def image_folder(folder, transform):
+    import torchvision
+
+    return torchvision.datasets.ImageFolder(folder, transform, loader=read_image)
+
+
+def checked(loader, dataset, limit=20_000):
+    """The batches of a DataLoader over an image folder; an image that cannot be read ends it with one line that
+    names the file and how many of the folder's other files cannot be read either (all checked when there are at
+    most `limit`), instead of a traceback from the worker."""
+    try:
+        yield from loader
+    except UnreadableImage as e:
+        found = re.findall(r"unreadable image: (.*?) \((.*?)\)\s*$", str(e), re.M)
+        path, why = found[-1] if found else (str(e), "")
+        while not hasattr(dataset, "samples") and hasattr(dataset, "dataset"):  # a Subset, WithExtra
+            dataset = dataset.dataset
+        files = [p for p, _ in getattr(dataset, "samples", [])]
+        if len(files) <= limit:
+            others = sum(1 for p in files if p != path and not readable(p))
+            also = f"{others} of the other {len(files) - 1} files in it cannot be read either"
+        else:
+            also = f"the other {len(files) - 1} files were not checked"
+        raise UserError(f"cannot read the image {path} ({why}); {also}: remove or replace them") from None
+
+
+def readable(path):
+    try:
+        read_image(path)
+        return True
+    except UnreadableImage:
+        return False
 
 
 def test_transform(image_size, stem):
@@ -174,6 +260,13 @@ def load_npz(path):
             raise UserError(f"{path}: y_{split} holds label {bad[0]}, outside 0..{classes - 1} for the {classes} "
                             f"classes of {source}")
     empty = sorted(set(range(classes)) - set(arrays["y_train"].tolist()))
+    if empty == [0] and source == "the training labels":
+        raise UserError(f"{path}: y_train runs 1..{classes - 1} with no 0: labels look 1-based; subtract 1 so that "
+                        f"they run 0..{classes - 2} (or add class_names to say that class 0 exists)")
+    untrained = sorted(set(arrays["y_test"].tolist()) & set(empty))
+    if untrained:
+        raise UserError(f"{path}: y_test holds label {untrained[0]}, a class with no training image: its test "
+                        f"images could never be classified right; check that both splits use the same labels")
     if empty and source == "the training labels" and 2 * len(empty) > classes:
         raise UserError(f"{path}: {len(empty)} of the {classes} classes 0..{classes - 1} have no training image "
                         f"(labels {shown(sorted(set(arrays['y_train'].tolist())))}): relabel them as 0..K-1, or add "
@@ -369,7 +462,7 @@ def folder_batches(data, dataset, batch_size, seed, epoch, rank, world_size, tra
     loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=data.workers,
                                          pin_memory=cuda, drop_last=train,
                                          generator=epoch_generator(seed, epoch, "cpu", stream=1 + rank))
-    for x, y, *e in loader:
+    for x, y, *e in checked(loader, dataset):
         x, y = x.to(data.device, non_blocking=cuda), y.to(data.device, non_blocking=cuda)
         e = [t.to(data.device, non_blocking=cuda) for t in e]
         yield normalize(x, data.stats), y, *(normalize(t, data.stats) if extra == "partner" else t for t in e)

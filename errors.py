@@ -2,8 +2,9 @@
 
 A mistake in the command line or in the files it names raises UserError; run_cli ends the program with
 one line on stderr, `error: ...`, and exit status 1, never a traceback. Argument errors found by argparse
-keep argparse's usage line and exit status 2.
+(ArgumentParser) are one line too, `PROG: error: ... (see PROG --help)`, with argparse's exit status 2.
 """
+import argparse
 import sys
 
 
@@ -17,3 +18,10 @@ def run_cli(main):
         main()
     except UserError as e:
         sys.exit(f"error: {e}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line that points to --help, instead of the whole usage first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

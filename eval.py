@@ -15,7 +15,6 @@ checkpoints.py reads them. method.md section 8: the backbone is the deployed net
 first and is the headline. `--table` and `--plot` hand run folders to report.py, `--predict` image files to
 predict.py.
 """
-import argparse
 import json
 import os
 
@@ -23,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import report
-from checkpoints import model_from_checkpoint, read_checkpoint
-from data import DATASETS, eval_batches, load_dataset, pixel_stats
-from errors import UserError, run_cli
+from checkpoints import check_classes, model_from_checkpoint, read_checkpoint, recorded_dataset
+from data import eval_batches, load_dataset, pixel_stats
+from errors import ArgumentParser, UserError, run_cli
 from predict import print_predictions
 from runtime import pick_device
 
@@ -44,14 +43,13 @@ def expected_calibration_error(probs, y, bins=15):
 
 
 def head_metrics(logits, y):
-    """top-1 and top-5 accuracy in percent, mean NLL, and ECE (15 bins) of one head's logits."""
+    """top-1 and top-5 accuracy in percent (no top-5 for 5 classes or fewer, where it is 100 by construction),
+    mean NLL, and ECE (15 bins) of one head's logits."""
     top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    return {  # counts to Python floats, so 38.7 prints as 38.7, not 38.6999995
-        "top1": 100.0 * (top5[:, 0] == y).sum().item() / len(y),
-        "top5": 100.0 * (top5 == y[:, None]).any(1).sum().item() / len(y),
-        "nll": F.cross_entropy(logits, y).item(),
-        "ece": expected_calibration_error(logits.softmax(1), y),
-    }
+    top1, nll = 100.0 * (top5[:, 0] == y).sum().item() / len(y), F.cross_entropy(logits, y).item()
+    return {"top1": top1,  # counts to Python floats, so 38.7 prints as 38.7, not 38.6999995
+            **({"top5": 100.0 * (top5 == y[:, None]).any(1).sum().item() / len(y)} if logits.shape[1] > 5 else {}),
+            "nll": nll, "ece": expected_calibration_error(logits.softmax(1), y)}
 
 
 @torch.no_grad()
@@ -102,14 +100,16 @@ def per_class(logits, y, class_names=None):
 
 
 def format_table(metrics):
-    lines = [f"{'head':<13}{'top-1':>8}{'top-5':>8}{'NLL':>8}{'ECE':>8}"]
+    top5 = "top5" in next(iter(metrics.values()))
+    lines = [f"{'head':<13}{'top-1':>8}{'top-5' if top5 else '':>8}{'NLL':>8}{'ECE':>8}"]
     for head, m in metrics.items():
-        lines.append(f"{head:<13}{m['top1']:>8.2f}{m['top5']:>8.2f}{m['nll']:>8.4f}{m['ece']:>8.4f}")
+        top5_cell = f"{m['top5']:>8.2f}" if top5 else " " * 8
+        lines.append(f"{head:<13}{m['top1']:>8.2f}{top5_cell}{m['nll']:>8.4f}{m['ece']:>8.4f}")
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a MixSKD checkpoint (last.pt, best.pt, deploy.pt or the "
+    p = ArgumentParser(prog="eval.py", description="Evaluate a MixSKD checkpoint (last.pt, best.pt, deploy.pt or the "
                                             "released code's) on the test set: top-1, top-5, NLL, ECE per head.")
     p.add_argument("checkpoint", nargs="?", help="path of the checkpoint")
     p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print a markdown table of finished runs instead")
@@ -124,7 +124,8 @@ def parse_args(argv=None):
                    "every image file in a folder and below, prepared as the run's test set was (resized to its image "
                    "size as its test transform does, normalised with its mean and std)")
     p.add_argument("--top-k", type=int, default=5, help="classes per image that --predict prints (default 5)")
-    p.add_argument("--dataset", default=None, help="cifar10, cifar100 or PATH.npz (default: the one it was trained on)")
+    p.add_argument("--dataset", default=None, help="cifar10, cifar100, imagenet, PATH.npz or FOLDER (with train/ and "
+                                                   "val/; default: the one it was trained on)")
     p.add_argument("--data", default="./data", help="torchvision dataset root (default ./data)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers for ImageNet (default 8)")
@@ -136,19 +137,6 @@ def parse_args(argv=None):
         if value < low:
             p.error(f"{flag} must be an integer >= {low}, got {value}")
     return args
-
-
-def recorded_dataset(path, meta):
-    """The dataset a checkpoint was trained on: its .npz as typed, else as the absolute path recorded."""
-    dataset = meta.get("dataset")
-    if dataset is None:
-        raise UserError(f"{path} does not record its dataset: pass --dataset cifar10, cifar100 or PATH.npz")
-    if dataset not in DATASETS and not os.path.exists(dataset):  # an .npz or a folder, moved since
-        dataset = meta.get("dataset_path") or dataset
-        if not os.path.exists(dataset):
-            raise UserError(f"{path} was trained on {meta['dataset']}, which is not found from here (nor at "
-                            f"{dataset}): pass --dataset PATH.npz to evaluate on the file where it is now")
-    return dataset
 
 
 def main(argv=None):
@@ -177,15 +165,9 @@ def main(argv=None):
     if args.predict:
         return print_predictions(model, meta, args, device)
     dataset = args.dataset or recorded_dataset(args.checkpoint, meta)
-    data = load_dataset(dataset, args.data, device, meta.get("image_size", 224), args.workers)
-    if data.num_classes > meta["num_classes"]:
-        raise UserError(f"{args.checkpoint} has {meta['num_classes']} classes but {dataset} has {data.num_classes}")
-    trained, named = meta.get("class_names"), data.class_names
-    if trained and named and list(trained) != list(named):
-        first = next((i for i, (a, b) in enumerate(zip(trained, named)) if a != b), min(len(trained), len(named)))
-        raise UserError(f"{args.checkpoint} was trained on other classes than {dataset} holds (class {first}: "
-                        f"{trained[first] if first < len(trained) else None!r} in training, "
-                        f"{named[first] if first < len(named) else None!r} here): its numbers would mean nothing")
+    data = load_dataset(dataset, args.data, device, meta.get("image_size", 224), args.workers,
+                        in_memory=meta.get("image_pipeline") == "tensors")
+    check_classes(args.checkpoint, meta, data, dataset)
     if "mean" in meta:  # normalise as in training, whatever the dataset argument
         data.mean, data.std = meta["mean"], meta["std"]
         data.stats = pixel_stats(meta["mean"], meta["std"], device)

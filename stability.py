@@ -5,13 +5,12 @@
 
 Each case is a run as a user starts it: train.py's arguments parsed from the case's flags (so the defaults
 apply, the warmup among them), train.py's objective and optimiser, data.train_batches on real images,
-train.lr_at and train.train_step, for the first --steps steps (or the whole run when it is shorter). It
+schedule.lr_at and train.train_step, for the first --steps steps (or the whole run when it is shorter). It
 reports per case the warmup in iterations, the largest and the last loss, the self-teacher h's weight norms
 (its 1x1 conv and its classifier, Eq. (4)) at the start, largest and last, the largest norm of h's
 gradient, and whether every loss, weight and BatchNorm statistic stayed finite. This is a measurement, not a
 test: it reads the device every step.
 """
-import argparse
 import itertools
 import json
 import math
@@ -21,8 +20,9 @@ import torch
 
 import cli
 import runtime
+import schedule
 import train
-from errors import run_cli
+from errors import ArgumentParser, run_cli
 from data import load_dataset, steps_per_epoch, train_batches
 
 GRID = {"nets": ["resnet18/64", "resnet18/16", "torchvision:resnet18", "torchvision:mobilenet_v3_small",
@@ -30,7 +30,7 @@ GRID = {"nets": ["resnet18/64", "resnet18/16", "torchvision:resnet18", "torchvis
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
+    p = ArgumentParser(prog="stability.py", description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--dataset", default="../shared/data/cifar10_q75_10k.npz", help="an .npz, as train.py's")
     p.add_argument("--train-images", type=int, default=640, help="the first N training images (0: all)")
     p.add_argument("--nets", nargs="+", default=GRID["nets"], help="ARCH/WIDTH for ours, or torchvision:NAME")
@@ -64,7 +64,7 @@ def run_case(args, data, device, trace=False):
     runtime.seed_all(args.seed)
     objective, opt = train.build(args, data.num_classes, device, speed.memory_format, data.image_size)
     steps = steps_per_epoch(data, args.batch_size)
-    total_steps, clip = min(args.steps_to_run, steps * args.epochs), train.clip_norm(args, steps)
+    total_steps, clip = min(args.steps_to_run, steps * args.epochs), schedule.clip_norm(args, steps)
     teacher = objective.self_teacher
     conv0, fc0, _ = norms(teacher)
     losses, conv_max, fc_max, grad_max, net_grad_max, start = [], conv0, fc0, 0.0, 0.0, time.time()
@@ -73,7 +73,7 @@ def run_case(args, data, device, trace=False):
         if i == 0:
             batches = train_batches(data, args.batch_size, args.seed, epoch)
         x, y = next(batches)
-        lr = train.lr_at(step, steps, args)
+        lr = schedule.lr_at(step, steps, args)
         for group in opt.param_groups:
             group["lr"] = lr
         total, terms, _, _ = train.train_step(objective, opt, speed, x, y, args, clip)
@@ -91,7 +91,7 @@ def run_case(args, data, device, trace=False):
         if not math.isfinite(losses[-1]):
             break
     finite = all(map(math.isfinite, losses)) and not runtime.non_finite_tensors(objective)
-    return {"warmup_iters": train.warmup_iterations(args, steps), "clip": clip,
+    return {"warmup_iters": schedule.warmup_iterations(args, steps), "clip": clip,
             "steps": len(losses), "run_steps": steps * args.epochs, "loss_first": losses[0], "loss_max": max(losses),
             "loss_last": losses[-1], "h_conv": [conv0, conv_max, conv], "h_fc": [fc0, fc_max, fc],
             "h_grad_max": grad_max, "grad_max": net_grad_max, "finite": finite, "seconds": time.time() - start}

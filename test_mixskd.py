@@ -31,6 +31,7 @@ import errors
 import eval as evaluation
 import report
 import runtime
+import schedule
 import stability
 import train
 
@@ -228,7 +229,7 @@ def test_timm_arch_without_timm_says_how_to_install_it(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(["--arch", "timm:resnet18"])
     assert capsys.readouterr().err.splitlines()[-1].endswith("timm:NAME needs timm, which is not installed: "
-                                                             "pip install timm")
+                                                             "pip install timm (see train.py --help)")
 
 
 def test_model_kwargs_hold_the_image_size_of_the_transformers_alone():
@@ -999,10 +1000,10 @@ def test_warmup_has_a_floor_and_only_runs_too_short_for_it_are_clipped(argv, ste
     """docs/stability.md: the recipe's 5 warmup epochs, scaled with a shorter run, but at least 500 iterations
     or a quarter of a shorter run; MixSKD runs that cannot warm up for 500 iterations clip the gradient norm."""
     args = cli.parse_args(argv)
-    assert train.warmup_iterations(args, steps) == warmup
-    assert train.clip_norm(args, steps) == clip
-    assert train.lr_at(warmup - 1, steps, args) == pytest.approx(args.lr)
-    assert train.lr_at(0, steps, args) == pytest.approx(args.lr / warmup)
+    assert schedule.warmup_iterations(args, steps) == warmup
+    assert schedule.clip_norm(args, steps) == clip
+    assert schedule.lr_at(warmup - 1, steps, args) == pytest.approx(args.lr)
+    assert schedule.lr_at(0, steps, args) == pytest.approx(args.lr / warmup)
 
 
 @pytest.mark.parametrize("epochs, milestones", [(1, [1, 2]), (2, [1, 2]), (3, [2, 3]), (4, [2, 3]), (10, [5, 8]),
@@ -1011,6 +1012,19 @@ def test_short_runs_place_two_distinct_milestones(epochs, milestones):
     """The recipe's decays at 105 and 155 of 205 epochs, at the same fractions of a shorter run, kept distinct
     (--epochs 3 was refused when both rounded to epoch 2)."""
     assert cli.parse_args(["--epochs", str(epochs)]).milestones == milestones
+
+
+def test_no_default_warmup_is_zero_iterations():
+    args = cli.parse_args(["--epochs", "1"])
+    assert schedule.default_warmup_iterations(args, 1) == 1 and schedule.lr_at(0, 1, args) == args.lr
+
+
+def test_top5_is_left_out_for_five_classes_or_fewer():
+    y = torch.arange(5)
+    assert "top5" not in evaluation.head_metrics(torch.randn(5, 5), y)
+    assert "top5" in evaluation.head_metrics(torch.randn(5, 6), y)
+    table = evaluation.format_table({"backbone": evaluation.head_metrics(torch.randn(5, 5), y)})
+    assert "top-5" not in table and len(table.splitlines()) == 2
 
 
 def test_milestones_after_the_last_epoch_are_noted(capsys):
@@ -1044,7 +1058,7 @@ def test_a_number_outside_its_range_is_refused_before_any_data(key, capsys):
         cli.parse_args(["--dataset", "missing.npz", flag, bad])
     assert e.value.code == 2
     line = capsys.readouterr().err.splitlines()[-1]
-    assert flag in line and bad in line and ("must be" in line or "neither" in line)
+    assert flag in line and bad in line and ("must be" in line or "give a fraction" in line)
 
 
 @pytest.mark.parametrize("value", ["-3", "0", "nan"])
@@ -1085,14 +1099,14 @@ def test_lr_follows_spec_schedule():
     args = cli.parse_args([])
     steps = 781
     assert args.milestones == [105, 155] and args.epochs == 205
-    assert train.lr_at(0, steps, args) == pytest.approx(0.1 / (5 * steps))
-    assert train.lr_at(5 * steps - 1, steps, args) == pytest.approx(0.1)
-    assert train.lr_at(5 * steps, steps, args) == pytest.approx(0.1)
-    assert train.lr_at(105 * steps - 1, steps, args) == pytest.approx(0.1)
-    assert train.lr_at(105 * steps, steps, args) == pytest.approx(0.01)
-    assert train.lr_at(155 * steps - 1, steps, args) == pytest.approx(0.01)
-    assert train.lr_at(155 * steps, steps, args) == pytest.approx(0.001)
-    assert train.lr_at(205 * steps - 1, steps, args) == pytest.approx(0.001)
+    assert schedule.lr_at(0, steps, args) == pytest.approx(0.1 / (5 * steps))
+    assert schedule.lr_at(5 * steps - 1, steps, args) == pytest.approx(0.1)
+    assert schedule.lr_at(5 * steps, steps, args) == pytest.approx(0.1)
+    assert schedule.lr_at(105 * steps - 1, steps, args) == pytest.approx(0.1)
+    assert schedule.lr_at(105 * steps, steps, args) == pytest.approx(0.01)
+    assert schedule.lr_at(155 * steps - 1, steps, args) == pytest.approx(0.01)
+    assert schedule.lr_at(155 * steps, steps, args) == pytest.approx(0.001)
+    assert schedule.lr_at(205 * steps - 1, steps, args) == pytest.approx(0.001)
     assert cli.parse_args(["--epochs", "90"]).milestones == [46, 68]  # same fractions of training
 
 
@@ -1140,21 +1154,21 @@ def test_schedule_defaults_are_the_spec_and_cifar_can_take_a_cosine():
     args = cli.parse_args(["--schedule", "cosine", "--epochs", "10", "--warmup-epochs", "2"])
     assert (args.nesterov, args.weight_decay) == (True, 5e-4)  # the rest of the CIFAR recipe stays
     steps = 50
-    assert train.lr_at(2 * steps - 1, steps, args) == pytest.approx(0.1)
-    assert train.lr_at(2 * steps, steps, args) == pytest.approx(0.1)
-    assert train.lr_at(6 * steps + 7, steps, args) == pytest.approx(0.05)  # halfway through the 8 epochs of cosine
-    assert train.lr_at(9 * steps, steps, args) == pytest.approx(0.05 * (1 + np.cos(np.pi * 7 / 8)))
+    assert schedule.lr_at(2 * steps - 1, steps, args) == pytest.approx(0.1)
+    assert schedule.lr_at(2 * steps, steps, args) == pytest.approx(0.1)
+    assert schedule.lr_at(6 * steps + 7, steps, args) == pytest.approx(0.05)  # halfway through the 8 epochs of cosine
+    assert schedule.lr_at(9 * steps, steps, args) == pytest.approx(0.05 * (1 + np.cos(np.pi * 7 / 8)))
     imagenet_step = cli.parse_args(["--dataset", "imagenet", "--schedule", "step", "--milestones", "6",
                                       "--warmup-epochs", "5"])
-    assert train.lr_at(6 * 10 - 1, 10, imagenet_step) == pytest.approx(0.1)
-    assert train.lr_at(6 * 10, 10, imagenet_step) == pytest.approx(0.01)
+    assert schedule.lr_at(6 * 10 - 1, 10, imagenet_step) == pytest.approx(0.1)
+    assert schedule.lr_at(6 * 10, 10, imagenet_step) == pytest.approx(0.01)
     with pytest.raises(SystemExit):
         cli.parse_args(["--schedule", "cosine", "--milestones", "3"])
     assert cli.parse_args(["--schedule", "cosine", "--epochs", "3"]).schedule == "cosine"  # no milestones to collide
 
 
 @pytest.mark.parametrize("text, value", [("1000", 1000), ("0.1", 0.1), ("0", 0), ("1.5", None), ("-3", None),
-                                         ("ten", None)])
+                                         ("ten", None), ("1.0", None), ("1e3", None)])
 def test_val_split_is_a_count_or_a_fraction(text, value):
     if value is None:
         with pytest.raises(SystemExit):
@@ -1400,10 +1414,10 @@ def test_imagenet_defaults_and_cosine_schedule():
     assert (args.epochs, args.weight_decay, args.alpha, args.batch_size, args.nesterov) == (305, 1e-4, 0.2, 128, False)
     assert args.stem == "imagenet"
     steps = 100
-    assert train.lr_at(0, steps, args) == pytest.approx(0.1 / 500)
-    assert train.lr_at(5 * steps, steps, args) == pytest.approx(0.1)
-    assert train.lr_at(155 * steps, steps, args) == pytest.approx(0.05)  # halfway through the cosine
-    assert train.lr_at(304 * steps, steps, args) == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 299 / 300)))
+    assert schedule.lr_at(0, steps, args) == pytest.approx(0.1 / 500)
+    assert schedule.lr_at(5 * steps, steps, args) == pytest.approx(0.1)
+    assert schedule.lr_at(155 * steps, steps, args) == pytest.approx(0.05)  # halfway through the cosine
+    assert schedule.lr_at(304 * steps, steps, args) == pytest.approx(0.1 * 0.5 * (1 + np.cos(np.pi * 299 / 300)))
 
 
 def step_outputs_of(net, size):
@@ -1796,7 +1810,7 @@ def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path, capsys):
     alpha = {"ce": None, "mixup": 0.4, "cutmix": 1.0}[method]  # method.md section 7, as released
     header, epoch_line = capsys.readouterr().out.splitlines()[:2]
     assert (" amp off " in header or " amp bf16 " in header) and "torch." not in header
-    assert header.endswith("epochs 1..1, warmup 8 iterations, milestones [1]")  # baselines are never clipped
+    assert header.endswith("epochs 1..1, warmup 8 iterations, lr 0.1 in epoch 1")  # baselines are never clipped
     assert epoch_line.startswith("epoch 1/1 loss ")
     assert (f" alpha {alpha} " in header) if alpha else (" alpha " not in header)
     assert json.loads((tmp_path / "summary.json").read_text())["args"]["alpha"] == alpha or alpha is None
@@ -1863,11 +1877,27 @@ def test_official_recipe_run_has_no_stem_relu_and_frozen_teacher(tiny_npz, tmp_p
 @pytest.mark.parametrize("argv", [["--arch", "resnet20"], ["--method", "kd"], ["--recipe", "released"],
                                   ["--dataset", "svhn"], ["--alpha", "0"], ["--batch-size", "1"],
                                   ["--w-kd", "nan"]])
-def test_bad_arguments_exit_with_usage_error(argv, capsys):
+def test_bad_arguments_exit_with_one_line_that_points_to_help(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse_args(argv)
     assert e.value.code == 2
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: ") and err.endswith(" (see train.py --help)\n") and err.count("\n") == 1
+    for parse in (evaluation.parse_args, bench.parse_args, stability.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--no-such-flag"])
+        assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("dataset, message", [("../mydata/nofolder", "--dataset ../mydata/nofolder: no such folder"),
+                                              ("svhn", "unknown dataset 'svhn'")])
+def test_a_dataset_that_is_not_there_is_named_as_a_path_or_a_name(dataset, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--dataset", dataset])
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluation.parse_args(["--help"])
+    assert "FOLDER" in cli.parser.format_help() and "FOLDER" in capsys.readouterr().out
 
 
 def test_missing_dataset_offline_names_folder_and_url(tmp_path, monkeypatch):
@@ -2005,11 +2035,37 @@ def test_a_network_with_non_finite_outputs_is_never_saved(broken, tiny_npz, tmp_
 @slow
 def test_non_finite_loss_stops_naming_the_term_and_keeps_last_checkpoint(kept_run, tiny_npz, monkeypatch):
     """An lr of 1e30 from the third epoch on (a resume takes the run's own --lr, so the schedule stands in)."""
-    real = train.lr_at
+    real = schedule.lr_at
     monkeypatch.setattr(train, "lr_at", lambda step, steps, args: 1e30 if step >= 2 * steps else real(step, steps, args))
     kept = r"non-finite loss from step 2/6 of epoch 3/3 on \(L_.*last.pt from the previous epoch is kept"
     with pytest.raises(errors.UserError, match=kept):
         tiny_run(tiny_npz, kept_run, "--epochs", "3", "--resume", "--extend", "--log-every", "2")
+
+
+@slow
+def test_an_extended_run_never_raises_its_lr_unless_milestones_say_so(tiny_npz, tmp_path, capsys):
+    """Four epochs (lr 0.1, 0.1, 0.01, 0.001), extended to six: the default milestones of six epochs would put
+    epoch 5 back at 0.01; the extension stays at 0.001, and the header says so and how to choose otherwise."""
+    run = lambda out, *extra: train.main(["--dataset", tiny_npz, "--width", "4", "--batch-size", "32",
+                                          "--warmup-epochs", "1", "--out", str(out), *extra])
+    run(tmp_path / "a", "--epochs", "4")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    capsys.readouterr()
+    run(tmp_path / "a", "--epochs", "6", "--resume", "--extend")
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.endswith("lr 0.001 in epochs 5-6 (an --extend keeps the lr at or below 0.001, its last; "
+                           "--milestones places its decays instead)")
+    assert [round(r["lr"], 6) for r in metric_lines(tmp_path / "a")] == [0.1, 0.1, 0.01, 0.001, 0.001, 0.001]
+    run(tmp_path / "b", "--epochs", "6", "--resume", "--extend", "--milestones", "5")
+    assert [round(r["lr"], 6) for r in metric_lines(tmp_path / "b")][4:] == [0.1, 0.01]  # asked for
+
+
+@slow
+def test_an_epoch_that_drops_more_than_a_tenth_of_the_images_says_so(tiny_npz, tmp_path, capsys):
+    train.main(["--dataset", tiny_npz, "--width", "4", "--batch-size", "200", "--epochs", "1", "--out",
+                str(tmp_path / "run")])
+    assert ("note: each epoch trains on 200 of the 256 training images and drops the other 56 (its last, "
+            "incomplete batch of --batch-size 200)") in capsys.readouterr().err
 
 
 @slow
@@ -2100,15 +2156,20 @@ def test_a_class_held_out_whole_for_validation_is_named(capsys):
     assert "holds out every training image of class 1: it will not be learned" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("labels, refused, named", [
-    ([0, 3, 7, 12, 40], True, "36 of the 41 classes 0..40 have no training image (labels 0, 3, 7, 12, 40)"),
-    ([1, 2, 3, 4, 5], False, "note: {path}: class 0 of 6 has no training image"),
+@pytest.mark.parametrize("labels, test_labels, refused, named", [
+    ([0, 3, 7, 12, 40], None, True, "36 of the 41 classes 0..40 have no training image (labels 0, 3, 7, 12, 40)"),
+    ([0, 2, 3, 4, 5], None, False, "note: {path}: class 1 of 6 has no training image"),
+    ([1, 2, 3, 4, 5], None, True, "y_train runs 1..5 with no 0: labels look 1-based; subtract 1"),
+    ([0, 2, 3, 4, 5], [0, 1, 2], True, "y_test holds label 1, a class with no training image"),
 ])
-def test_labels_with_gaps_are_named_or_refused(labels, refused, named, tmp_path, capsys):
+def test_labels_with_gaps_are_named_or_refused(labels, test_labels, refused, named, tmp_path, capsys):
+    """A few empty classes are named; many, labels that look 1-based (training labels 1..N, test labels 0..N-1
+    would score nothing), or test labels of a class without training images are refused."""
     path = tmp_path / "gaps.npz"
     y = np.array(labels * 4)
-    np.savez(path, x_train=np.zeros((len(y), 8, 8, 3), np.uint8), y_train=y, x_test=np.zeros((2, 8, 8, 3), np.uint8),
-             y_test=y[:2])
+    y_test = np.array(test_labels or labels[:2])
+    np.savez(path, x_train=np.zeros((len(y), 8, 8, 3), np.uint8), y_train=y,
+             x_test=np.zeros((len(y_test), 8, 8, 3), np.uint8), y_test=y_test)
     if refused:
         with pytest.raises(errors.UserError, match=re.escape(named)):
             data.load_npz(str(path))
@@ -2153,15 +2214,60 @@ def test_the_figure_of_a_short_run_has_whole_epochs_and_markers(run_dir, tmp_pat
 
 @slow
 def test_an_image_folder_is_a_dataset_of_its_own(image_folder, tmp_path, capsys):
-    """--dataset FOLDER: its name in the run files, its images at their own size (40 px), workers at most the cores."""
+    """--dataset FOLDER --setting imagenet: its name in the run files, its images at their own size (40 px),
+    streamed through the ImageNet recipe, workers at most the cores."""
     out = tmp_path / "run"
     train.main(["--dataset", str(image_folder), "--width", "4", "--epochs", "1", "--batch-size", "8", "--workers",
-                "999", "--out", str(out)])
+                "999", "--setting", "imagenet", "--out", str(out)])
     header = capsys.readouterr().out.splitlines()[0]
-    assert f"on {image_folder.name} (24 train, 12 test, 3 classes)" in header
+    assert f"on {image_folder.name} (imagenet setting, 40 px; 24 train, 12 test, 3 classes)" in header
     meta = torch.load(out / "deploy.pt", weights_only=True)["meta"]
     assert (meta["image_size"], meta["image_pipeline"], meta["stem"]) == (40, "folder", "imagenet")
     assert data.load_dataset(str(image_folder), workers=999).workers <= os.cpu_count()
+
+
+@slow
+def test_a_folder_of_small_images_trains_as_its_npz_does(tiny_npz, tmp_path, capsys):
+    """The recipe follows the images, not the file format: the .npz written as a folder trains with the CIFAR
+    setting on the same pixels (read once into tensors), and --setting chooses either recipe for any dataset."""
+    import npz_to_imagefolder
+
+    npz_to_imagefolder.main([tiny_npz, str(tmp_path / "folder")])
+    args = cli.parse_args(["--dataset", str(tmp_path / "folder")])
+    assert (args.setting, args.stem, args.batch_size, args.alpha, args.schedule) == ("cifar", "cifar", 64, 0.4, "step")
+    assert cli.parse_args(["--dataset", tiny_npz, "--setting", "imagenet"]).stem == "imagenet"
+    folder, npz = data.load_dataset(str(tmp_path / "folder"), in_memory=True), data.load_dataset(tiny_npz)
+    flat = lambda x: np.sort(x.reshape(len(x), -1).numpy(), axis=0)
+    assert np.array_equal(flat(folder.x_train), flat(npz.x_train)) and np.array_equal(flat(folder.x_test),
+                                                                                     flat(npz.x_test))
+    assert torch.equal(folder.y_train.bincount(), npz.y_train.bincount())
+    train.main(["--dataset", str(tmp_path / "folder"), "--width", "4", "--epochs", "1", "--batch-size", "32",
+                "--out", str(tmp_path / "run")])
+    assert "on folder (cifar setting, 32 px; 256 train" in capsys.readouterr().out
+    meta = torch.load(tmp_path / "run" / "deploy.pt", weights_only=True)["meta"]
+    assert (meta["stem"], meta["image_pipeline"]) == ("cifar", "tensors")
+    evaluation.main([str(tmp_path / "run" / "deploy.pt")])  # evaluated on the folder as it trained
+
+
+@slow
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_unreadable_image_in_a_folder_is_one_line_naming_it(image_folder, tmp_path, split):
+    """Truncated files in train/ (or val/) end the run with one line that names one and counts the others."""
+    folder = tmp_path / "folder"
+    shutil.copytree(image_folder, folder)
+    bad = [folder / split / "class1" / "3.png", folder / split / "class2" / "1.png"]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:100])
+    files = 24 if split == "train" else 12
+    for extra in (["--setting", "imagenet", "--workers", "1"], []):  # streamed by workers, or read into memory
+        out = tmp_path / f"run{len(extra)}"
+        with pytest.raises(errors.UserError) as e:
+            train.main(["--dataset", str(folder), "--width", "4", "--epochs", "1", "--batch-size", "8", "--out",
+                        str(out), *extra])
+        named = next(path for path in bad if str(e.value).startswith(f"cannot read the image {path} (OSError: "))
+        assert str(e.value).endswith(f"1 of the other {files - 1} files in it cannot be read either: remove or "
+                                     f"replace them") and "\n" not in str(e.value) and named
+        assert not (out / "last.pt").exists()
 
 
 @slow
@@ -2243,8 +2349,11 @@ def test_every_command_in_the_readme_and_docs_parses(path, tmp_path, monkeypatch
     for tool, argv in calls:
         if tool == "train.py" and "--dataset" in argv:
             dataset = argv[argv.index("--dataset") + 1]
-            if not dataset.endswith(".npz") and dataset not in data.DATASETS:
-                os.makedirs(dataset, exist_ok=True)  # an image folder of one's own
+            if not dataset.endswith(".npz") and dataset not in data.DATASETS:  # an image folder of one's own
+                os.makedirs(f"{dataset}/train/cat", exist_ok=True)
+                from PIL import Image
+
+                Image.new("RGB", (32, 32)).save(f"{dataset}/train/cat/0.png")
         TOOLS[tool](argv)
 
 
@@ -2497,6 +2606,24 @@ def test_eval_finds_the_dataset_from_another_directory(run_dir, tmp_path, monkey
     torch.save(ckpt, tmp_path / "deploy.pt")
     with pytest.raises(errors.UserError, match=r"not found from here.*pass --dataset PATH.npz"):
         evaluation.main(["deploy.pt"])
+    ckpt["meta"].update(dataset="../elsewhere/folder", dataset_path=str(tmp_path / "folder"))  # a folder, moved
+    torch.save(ckpt, tmp_path / "deploy.pt")
+    with pytest.raises(errors.UserError, match=r"not found from here.*pass --dataset FOLDER"):
+        evaluation.main(["deploy.pt"])
+
+
+@slow
+def test_eval_says_when_the_classes_cannot_be_checked(run_dir, tiny_npz, tmp_path, capsys):
+    """A dataset without class_names, of the run's class count: the numbers come with a note naming the count
+    and where the run's names came from."""
+    with np.load(tiny_npz) as f:
+        np.savez(tmp_path / "unnamed.npz", **{k: f[k] for k in data.NPZ_KEYS})
+    evaluation.main([str(run_dir / "deploy.pt"), "--dataset", str(tmp_path / "unnamed.npz")])
+    err = capsys.readouterr().err
+    meta = torch.load(run_dir / "deploy.pt", weights_only=True)["meta"]
+    assert err.startswith(f"note: the classes could not be checked: {tmp_path / 'unnamed.npz'} names no classes; "
+                          f"label k here is taken to be class k of the run's 10 ({meta['class_names'][0]}, ")
+    assert err.rstrip().endswith(f"from {meta['dataset']})") and err.count("\n") == 1
 
 
 @slow
@@ -2535,6 +2662,20 @@ def image_folder(tmp_path_factory):
     return root
 
 
+def test_image_folder_names_keep_the_label_order_for_any_class_count(tmp_path):
+    """1,001 classes: ImageFolder, which sorts the folder names, gives every image its .npz label."""
+    import torchvision
+
+    import npz_to_imagefolder
+
+    y = np.arange(1001)
+    x = np.zeros((1001, 2, 2, 3), np.uint8)
+    np.savez(tmp_path / "many.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    npz_to_imagefolder.write_image_folder(str(tmp_path / "many.npz"), str(tmp_path / "folder"))
+    folder = torchvision.datasets.ImageFolder(str(tmp_path / "folder" / "train"))
+    assert folder.targets == [int(Path(p).stem) for p, _ in folder.samples] and folder.classes[1000] == "1000_class1000"
+
+
 @slow
 def test_npz_written_as_an_image_folder_keeps_images_labels_and_class_order(tiny_npz, tmp_path):
     from PIL import Image
@@ -2561,7 +2702,7 @@ def test_imagenet_folder_trains_one_epoch_and_evaluates(image_folder, tmp_path, 
     train.main(["--dataset", "imagenet", "--data", str(image_folder), "--image-size", "32", "--width", "4",
                 "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--workers", "0", "--out", str(out),
                 "--val-split", "0.25"])
-    assert "(18 train, 6 validation, 12 test, 3 classes)" in capsys.readouterr().out  # 2 of each class's 8
+    assert "(imagenet setting, 32 px; 18 train, 6 validation, 12 test, 3 classes)" in capsys.readouterr().out  # 2 of each class's 8
     record = metric_lines(out)[-1]
     assert record["epoch"] == 0
     assert list(record["test"]) == list(record["val"]) == ["backbone", "branch1", "branch2", "branch3", "self_teacher"]

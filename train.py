@@ -1,13 +1,16 @@
-"""Train MixSKD, or a CE / Mixup / CutMix baseline, on CIFAR or ImageNet, on one device or under torchrun.
+"""Train MixSKD or a baseline (CE, Mixup, CutMix, the Self-KD methods) on CIFAR, ImageNet or your own data,
+on one device or under torchrun.
 
     python train.py --arch resnet18 --dataset cifar100                     # MixSKD, recipe `paper`
     python train.py --arch resnet18 --dataset cifar100 --recipe official   # the released objective
-    python train.py --dataset ../shared/data/cifar10_q75_10k.npz --width 16 --epochs 90 --warmup-epochs 5
-    python train.py --arch resnet18 --dataset cifar100 --resume            # continue OUT/last.pt
+    python train.py --arch resnet18 --dataset cifar100 --method ps-kd      # a Self-KD baseline, same schedule
+    python train.py --dataset path/to/data.npz --width 16 --epochs 90      # your own data
+    python train.py --out runs/cifar100-resnet18-mixskd-paper-seed0 --resume
     torchrun --standalone --nproc_per_node=8 train.py --arch resnet50 --dataset imagenet --data DIR
 
-Top to bottom: arguments; the method (schedule, objective, optimiser; method.md sections 5-9); the run (setup,
-one step, the loop, the end of an epoch, the summary). Plumbing: runtime.py, checkpoints.py. A run writes
+Top to bottom: the objective and its optimiser (docs/method.md sections 5-9 and 12); the run (setup, one step,
+the loop, the end of an epoch, the summary). The command line is cli.py, the lr schedule schedule.py; plumbing:
+runtime.py, checkpoints.py. A run writes
 into --out: metrics.jsonl (a line per epoch), last.pt (every epoch, atomically), best.pt (best backbone
 top-1 on the validation split of --val-split, else on the test set), deploy.pt (the backbone alone),
 summary.json (the headline: final backbone top-1) and, with --tensorboard, TensorBoard's event file.
@@ -26,64 +29,20 @@ import report
 import runtime
 from arch import network
 from baselines import BRANCHED, SELF_KD_METHODS, PredictionStore, SelfKDObjective, ps_kd_alpha
-from cli import (CLIP_NORM, IMAGENET_DEFAULTS, SPEC_EPOCHS, SPEC_WARMUP_EPOCHS, WARMUP_FLOOR,
-                 WARMUP_FLOOR_SHARE, parse_args, parser, resume_arguments)
+from cli import parse_args, parser, resume_arguments
 from data import hold_out, load_dataset, note_single_image_classes, steps_per_epoch, train_batches, train_labels
 from errors import UserError, run_cli
 from eval import evaluate
 from losses import TERMS, BaselineObjective, MixSKDObjective, discriminators
 from mixup import mix_batch
+from schedule import clip_norm, default_warmup_iterations, lr_at, schedule_text, warmup_iterations
 from self_teacher import SelfTeacher
 
 CLEAR_LINE = "\r\033[K"  # back to the start of the terminal line and erase it
 EXTRA = {"cs-kd": "partner", "ps-kd": "index"}  # what a method's batches carry besides images and labels
 
 
-# ----------------------------------------------------------------------------- the method: schedule, objective
-
-
-def default_warmup_iterations(args, steps_per_epoch):
-    """The recipe's 5 warmup epochs (sections 7 and 9), shortened by --epochs / 205 (305 on ImageNet) in a
-    shorter run, but never below WARMUP_FLOOR iterations, or WARMUP_FLOOR_SHARE of a run shorter than
-    that: a warmup that rounds to a few iterations lets the self-teacher diverge (docs/stability.md). The
-    recipe's full runs (3,905 iterations on CIFAR) are above the floor, so they warm up exactly as specified."""
-    spec_epochs = IMAGENET_DEFAULTS["epochs"] if args.stem == "imagenet" else SPEC_EPOCHS
-    spec = SPEC_WARMUP_EPOCHS * steps_per_epoch * min(args.epochs, spec_epochs) / spec_epochs
-    floor = min(WARMUP_FLOOR, WARMUP_FLOOR_SHARE * args.epochs * steps_per_epoch)
-    return round(max(spec, floor))
-
-
-def warmup_iterations(args, steps_per_epoch):
-    """Iterations of linear warmup: --warmup-epochs when given, else default_warmup_iterations."""
-    if args.warmup_epochs is None:
-        return default_warmup_iterations(args, steps_per_epoch)
-    return round(args.warmup_epochs * steps_per_epoch)
-
-
-def clip_norm(args, steps_per_epoch):
-    """The gradient-norm clip of a run, 0 for none: --clip-grad when given; else CLIP_NORM for a MixSKD run
-    whose warmup is shorter than WARMUP_FLOOR iterations, where the self-teacher's weights and gradients
-    grow without bound at the base lr, or of a library network (torchvision:, timm:), for which no run is
-    the recipe's and whose loss rose without it (docs/stability.md); none otherwise, as the recipe."""
-    if args.clip_grad is not None:
-        return args.clip_grad
-    short = warmup_iterations(args, steps_per_epoch) < WARMUP_FLOOR
-    return CLIP_NORM if args.method == "mixskd" and (short or ":" in args.arch) else 0.0
-
-
-def lr_at(step, steps_per_epoch, args):
-    """method.md section 7: lr_i = lr (i + 1) / (warmup iterations) during warmup, then lr times 0.1 for
-    every milestone epoch reached. method.md section 9 (ImageNet): after the warmup, per epoch,
-    lr 0.5 (1 + cos(pi (epoch - warmup) / (epochs - warmup)))."""
-    warmup = warmup_iterations(args, steps_per_epoch)
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    epoch = step // steps_per_epoch
-    if args.schedule == "cosine":
-        warmup_epochs = warmup / steps_per_epoch
-        progress = (epoch - warmup_epochs) / (args.epochs - warmup_epochs)
-        return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
-    return args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)
+# ----------------------------------------------------------------------------- the objective and the optimiser
 
 
 def build(args, num_classes, device, memory_format, image_size=None):
@@ -134,8 +93,8 @@ def setup(args, rank, world, device):
                           start_epoch=0, last=os.path.join(args.out, "last.pt"),
                           metrics=os.path.join(args.out, "metrics.jsonl"), speed=runtime.speed_settings(args, device))
     runtime.seed_all(args.seed)  # the same initialisation on every rank (DDP also broadcasts rank 0's)
-    run.data = data = hold_out(load_dataset(args.dataset, args.data, device, args.image_size, args.workers),
-                               args.val_split, args.seed)
+    run.data = data = hold_out(load_dataset(args.dataset, args.data, device, args.image_size, args.workers,
+                                            in_memory=args.setting == "cifar"), args.val_split, args.seed)
     runtime.check_writable(args.out, rank)
     if args.method == "cs-kd" and run.main:
         note_single_image_classes(data)
@@ -151,6 +110,9 @@ def setup(args, rank, world, device):
                                                        run.speed.scaler, device, rank, run.store)
     elif args.init_from:
         checkpoints.init_from(args.init_from, net, teacher)
+    if args.extend:  # the extension never raises the lr above its last, unless its decays were given
+        args.lr_ceiling = None if args.milestones_given else run.opt.param_groups[0]["lr"]
+        args.extended_at = run.start_epoch
     run.step_fn = runtime.wrap(run.objective, args, device, world)
     if run.main:
         checkpoints.restart_metrics(run.metrics, run.start_epoch)
@@ -158,6 +120,10 @@ def setup(args, rank, world, device):
     if args.tensorboard and run.main:
         run.tensorboard = checkpoints.tensorboard_writer(args.out, run.start_epoch)
     run.steps = steps_per_epoch(data, args.batch_size, world)
+    if run.main and (dropped := data.n_train - run.steps * args.batch_size * world) > 0.1 * data.n_train:
+        print(f"note: each epoch trains on {data.n_train - dropped} of the {data.n_train} training images and drops "
+              f"the other {dropped} (its last, incomplete batch of --batch-size {args.batch_size}): a smaller batch "
+              f"drops fewer", file=sys.stderr)
     # the run's arguments record the warmup and the clip it resolved: a resume, --extend too, keeps them
     args.warmup_epochs = warmup_iterations(args, run.steps) / run.steps
     args.clip_grad = run.clip = clip_norm(args, run.steps)
@@ -174,15 +140,17 @@ def setup(args, rank, world, device):
           f"{f' T {args.temperature:g}' if args.temperature else ''} | {args.arch}"
           f"{'' if ':' in args.arch else f' width {args.width}'}, "
           f"{f'backbone and {heads - 1} branches' if heads > 1 else 'the backbone alone'}"
-          f" on {data.name} ({data.n_train} train, "
+          f" on {data.name} ({args.setting} setting, {data.image_size} px; {data.n_train} train, "
           f"{f'{data.n_val} validation, ' if data.n_val else ''}{data.n_test} test, {data.num_classes} classes) | "
           f"{run.world} x {run.device.type} amp {run.speed.amp} "
           f"channels_last {run.speed.memory_format == torch.channels_last} compile {args.compile} | batch "
           f"{args.batch_size} per process, {run.images} in all{spec_batch} | {run.n_trained:,} trained params, "
           f"{run.n_deployed:,} deployed | epochs {run.start_epoch + 1}..{args.epochs}, warmup "
-          f"{warmup_iterations(args, run.steps)} iterations,"
-          f"{f' gradient norm clipped to {run.clip:g},' * bool(run.clip)} "
-          f"{'milestones ' + str(args.milestones) if args.schedule == 'step' else 'cosine schedule'}", flush=True)
+          f"{(w := warmup_iterations(args, run.steps))} iteration{'s' * (w != 1)},"
+          f"{f' gradient norm clipped to {run.clip:g},' * bool(run.clip)}"
+          f" {schedule_text(args, run.steps, run.start_epoch)}"
+          + (f" (an --extend keeps the lr at or below {args.lr_ceiling:.3g}, its last; --milestones places its "
+             f"decays instead)" if args.extend and args.lr_ceiling is not None else ""), flush=True)
     return run
 
 
