@@ -10,13 +10,12 @@ The losses are those of the released Self-KD-Lib (`methods/*.py`, called from it
 code behind the numbers the MixSKD paper reports, here run on MixSKD's network and schedule so that
 only the objective differs. BYOT and DKS train the auxiliary branches (lists over heads, backbone
 last, as model.MixSKDNet returns them); the others train a plain classifier. Every loss computes in
-float32 whatever the logits' dtype, as losses.py does. Needs torch and losses.py (for `kd`).
+float32 whatever the logits' dtype, as losses.py does. Needs torch alone: `kd` is the KD of losses.py
+(docs/method.md section 5), written again here so that this file can be copied on its own.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from losses import kd
 
 BASELINE_TEMPERATURE = 4.0  # the released main.py's --T
 LABEL_SMOOTHING = 0.1
@@ -32,6 +31,14 @@ def check_method(method):
 
 def ce(logits, y):
     return F.cross_entropy(logits.float(), y)
+
+
+def kd(student, teacher, temperature):
+    """KD_T(s || t) = T^2 * KL(softmax(sg(t) / T) || softmax(s / T)), batch mean, in float32: losses.kd, the
+    released DistillKL (docs/method.md sections 5 and 12.0)."""
+    log_p_student = F.log_softmax(student.float() / temperature, dim=1)
+    p_teacher = F.softmax(teacher.detach().float() / temperature, dim=1)
+    return temperature**2 * F.kl_div(log_p_student, p_teacher, reduction="batchmean")
 
 
 def label_smoothing_targets(y, num_classes, eps=LABEL_SMOOTHING):

@@ -1,7 +1,9 @@
-"""Benchmark the MixSKD training step: ms/step, clean images/s, peak memory, projected run time.
+"""Benchmark the training step of MixSKD and the other methods: ms/step, clean images/s, peak memory, the first
+step's time (compilation included), projected run time.
 
-    python bench.py                       # the project's step, best settings for this device
+    python bench.py                       # the project's MixSKD step, best settings for this device
     python bench.py --baseline            # ... and the plain way, same process, with the speed-up
+    python bench.py --method all          # every method's step, one after the other, in one process
     python bench.py --amp off --channels-last off --compile off --json
 
 The timed step is train.py's own (`train.train_step` fed by `data.train_batches`), never a copy.
@@ -30,27 +32,32 @@ from losses import RECIPES
 from mixup import mix_batch
 
 SPEC_STEPS = 50_000 // 64 * 205  # the recipe's CIFAR-100 run: 781 steps per epoch, 205 epochs
+PLAIN = ("mixskd", "ce", "mixup", "cutmix")  # the methods whose plain way plain_step writes
 
 
 def parser():
-    p = ArgumentParser(prog="bench.py", description="Time the MixSKD training step (and the plain way with --baseline).",
+    p = ArgumentParser(prog="bench.py",
+                       description="Time the MixSKD training step (and the plain way with --baseline).",
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("--arch", default="resnet18", help="as train.py's --arch: ours, torchvision:NAME or timm:NAME")
     p.add_argument("--width", type=int, default=64, help="channels of the first stage, as train.py's --width")
     p.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"), help="our ResNets' stem")
     p.add_argument("--image-size", type=int, default=32, help="side of the synthetic square images")
     p.add_argument("--batch-size", type=int, default=64, help="clean images per step")
-    p.add_argument("--method", default="mixskd", choices=cli.METHODS, help="as train.py's --method")
+    p.add_argument("--method", nargs="+", default=["mixskd"], choices=("all", *cli.METHODS),
+                   help="as train.py's --method; several, or all, are timed one after the other in one process")
     p.add_argument("--recipe", default="paper", choices=RECIPES[:2], help="as train.py's --recipe")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="as train.py: auto = bf16 on CUDA and on CPUs with native bf16 kernels")
     p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="auto: on for CUDA")
     p.add_argument("--compile", default="auto", choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
-                   help="as train.py: auto = reduce-overhead (CUDA graphs) on CUDA, off on CPU")
+                   help="as train.py for the recipe's 205-epoch CIFAR-100 run: reduce-overhead (CUDA graphs) on CUDA, "
+                        "default on a CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 on CUDA, 4 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 20 on CUDA, 2 on CPU)")
-    p.add_argument("--baseline", action="store_true", help="also time the plain way and print the ratio")
+    p.add_argument("--baseline", action="store_true", help="also time the plain way and print the ratio (mixskd, "
+                                                           "ce, mixup and cutmix)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -60,13 +67,14 @@ def parse_args(argv=None):
     return parser().parse_args(argv)
 
 
-def train_args(args):
+def train_args(args, method):
     """train.py's arguments for this benchmark: the recipe's defaults plus the speed flags."""
     width = [] if ":" in args.arch else ["--width", str(args.width)]  # library networks have their own widths
-    return cli.parse_args(["--arch", args.arch, *width, "--batch-size", str(args.batch_size),
-                             "--method", args.method, "--recipe", args.recipe, "--amp", args.amp,
-                             "--channels-last", args.channels_last, "--compile", args.compile,
-                             "--dataset", "imagenet" if args.stem == "imagenet" else "cifar100"])
+    targs = cli.parse_args(["--arch", args.arch, *width, "--batch-size", str(args.batch_size), "--method", method,
+                            "--recipe", args.recipe, "--amp", args.amp, "--channels-last", args.channels_last,
+                            "--compile", args.compile,
+                            "--dataset", "imagenet" if args.stem == "imagenet" else "cifar100"])
+    return targs
 
 
 def synthetic_cifar(device, size=32, classes=100):
@@ -100,9 +108,16 @@ def peak_memory_mib(device):
 
 
 def timed(step, warmup, steps, device):
-    """Seconds per step of step(), after warmup steps, with the device drained at both ends."""
-    for _ in range(warmup):
+    """(seconds per step of step() after warmup steps, peak memory, seconds of the first step), with the device
+    drained at both ends. The first step holds the compilation of a compiled step."""
+    first = 0.0
+    for i in range(warmup):
+        start = time.perf_counter()
         step()
+        if i == 0:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first = time.perf_counter() - start
     peak_memory_reset(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -111,7 +126,7 @@ def timed(step, warmup, steps, device):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps, peak_memory_mib(device)
+    return (time.perf_counter() - start) / steps, peak_memory_mib(device), first
 
 
 # ----------------------------------------------------------------------------- the project's step
@@ -120,7 +135,7 @@ def timed(step, warmup, steps, device):
 def fast_stepper(targs, data, device):
     """train.py's loop body: device-side batches from data.train_batches, then train.train_step."""
     torch.manual_seed(0)
-    speed = runtime.speed_settings(targs, device)
+    speed = runtime.speed_settings(targs, device, SPEC_STEPS)  # --compile auto as for the recipe's run
     objective, opt = train.build(targs, data.num_classes, device, speed.memory_format, data.image_size)
     step_fn = runtime.wrap(objective, targs, device, world=1)
     state = {"epoch": 0, "batches": iter(())}
@@ -213,42 +228,43 @@ def main(argv=None):
     steps = args.steps if args.steps is not None else (50 if cuda else 4)
     if steps < 1 or warmup < 0 or args.image_size < 8 or args.workers < 0:
         sys.exit("error: --steps must be at least 1, --warmup and --workers at least 0, --image-size at least 8")
+    methods = list(cli.METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
     # few timed steps make a noisy mean, and the projection multiplies it by 160,000 steps
     estimate = "training steps only" + (f"; rough, from {steps} timed step{'s' * (steps > 1)}" if steps < 10 else "")
-    targs = train_args(args)
     data = synthetic_cifar(device, args.image_size)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-
-    results = {}
-    modes = [("fast", lambda: fast_stepper(targs, data, device))]
-    if args.baseline:
-        modes.insert(0, ("baseline", lambda: plain_stepper(targs, data, device, args.workers)))
-    for mode, make in modes:
-        step, settings = make()
-        seconds, memory = timed(step, warmup, steps, device)
-        results[mode] = {**settings, "ms_per_step": 1000 * seconds, "images_per_s": args.batch_size / seconds,
-                         "peak_memory_mib": memory, "projected_205_epochs_min": seconds * SPEC_STEPS / 60}
-        del step
+    results = []
+    for method in methods:
+        targs = train_args(args, method)
+        modes = [("fast", lambda: fast_stepper(targs, data, device))]
+        if args.baseline and method in PLAIN:
+            modes.insert(0, ("baseline", lambda: plain_stepper(targs, data, device, args.workers)))
+        for mode, make in modes:
+            step, settings = make()
+            seconds, memory, first = timed(step, warmup, steps, device)
+            results.append({"method": method, "mode": mode, **settings, "ms_per_step": 1000 * seconds,
+                            "images_per_s": args.batch_size / seconds, "peak_memory_mib": memory,
+                            "first_step_s": first, "projected_205_epochs_min": seconds * SPEC_STEPS / 60})
+            del step
+    for fast in (r for r in results if r["mode"] == "baseline"):
+        ours = next(r for r in results if r["method"] == fast["method"] and r["mode"] == "fast")
+        ours["speedup"] = fast["ms_per_step"] / ours["ms_per_step"]
     report = {"device": name, "torch": torch.__version__, "arch": args.arch, "width": args.width,
               "stem": "the network's own" if ":" in args.arch else args.stem, "image_size": args.image_size,
-              "batch_size": args.batch_size, "method": args.method, "recipe": args.recipe,
-              "warmup": warmup, "steps": steps, **results}
-    if args.baseline:
-        report["speedup"] = results["baseline"]["ms_per_step"] / results["fast"]["ms_per_step"]
+              "batch_size": args.batch_size, "recipe": args.recipe, "warmup": warmup, "steps": steps,
+              "results": results}
     if args.json:
-        print(json.dumps(report))
-        return
+        return print(json.dumps(report))
     ours = ":" not in args.arch  # width and stem are our ResNets' settings
-    print(f"{name}, torch {torch.__version__}: {args.method} {args.recipe} {args.arch}"
-          f"{f' width {args.width}, {args.stem} stem' if ours else ''}, {args.image_size} px, "
-          f"batch {args.batch_size}, {steps} timed step{'s' * (steps > 1)} after {warmup}")
-    for mode, r in results.items():
-        print(f"{mode:<9} {r['ms_per_step']:9.1f} ms/step {r['images_per_s']:8.0f} img/s  "
-              f"peak {r['peak_memory_mib']:7.0f} MiB"
-              f"  205 epochs ~ {r['projected_205_epochs_min']:.0f} min ({estimate}) | amp {r['amp']}, "
-              f"channels_last {r['channels_last']}, compile {r['compile']}")
-    if args.baseline:
-        print(f"speed-up over the plain way: {report['speedup']:.2f}x")
+    print(f"{name}, torch {torch.__version__}: {args.arch}{f' width {args.width}, {args.stem} stem' if ours else ''}"
+          f", {args.image_size} px, batch {args.batch_size}, {steps} timed step{'s' * (steps > 1)} after {warmup} "
+          f"(mixskd: recipe {args.recipe})")
+    for r in results:
+        print(f"{r['method']:<13}{r['mode']:<9} {r['ms_per_step']:9.1f} ms/step {r['images_per_s']:8.0f} img/s  "
+              f"peak {r['peak_memory_mib']:7.0f} MiB  first step {r['first_step_s']:6.1f} s  205 epochs ~ "
+              f"{r['projected_205_epochs_min']:.0f} min ({estimate}) | amp {r['amp']}, channels_last "
+              f"{r['channels_last']}, compile {r['compile']}"
+              + (f" | {r['speedup']:.2f}x the plain way" if "speedup" in r else ""))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Plumbing for train.py and eval.py, not the method; also what a run logs beside t
 TensorBoard). Every file is read with `torch.load(..., weights_only=True)` (or safetensors) onto the CPU
 and every mistake becomes a one-line UserError. Three layouts are understood: this project's (last.pt,
 best.pt, deploy.pt, with a `meta` record; a torchvision or timm network is rebuilt from
-meta["model_kwargs"]), the released MixSKD scripts' `{'net': state_dict, ...}` (method.md section 11, mapped by
+meta["model_kwargs"]), the released MixSKD scripts' `{'net': state_dict, ...}` (docs/method.md section 11, mapped by
 name), and a plain state dict of the backbone alone (torchvision's ResNet for eval.py; any supported library
 network's for --init-from, also as .safetensors), without the prefixes of PyTorch's wrappers. A resumed run
 gets back every weight, the optimiser, the GradScaler and every random generator (runtime.rng_state), so it
@@ -120,15 +120,16 @@ def run_meta(args, data, backbone):
 
 
 def save_training(paths, meta, args, epoch, best, objective, opt, scaler, rng, store=None):
-    """last.pt (and best.pt): everything a run needs to continue exactly where it stopped, PS-KD's store too."""
+    """last.pt (and best.pt): everything a run needs to continue exactly where it stopped, and in last.pt PS-KD's
+    store too."""
     parts = {name: getattr(objective, attr, None) for name, attr in
              (("model", "net"), ("self_teacher", "self_teacher"), ("discriminators", "discs"))}
     ckpt = {"meta": meta, "args": vars(args), "epoch": epoch, "best": best,
             **{name: module.state_dict() if module is not None else None for name, module in parts.items()},
-            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng,
-            "ps_kd_store": store.probs if store is not None else None}
-    for path in paths:
-        save_atomic(ckpt, path)
+            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+    for path in paths:  # PS-KD's store in last.pt alone: resuming needs it, best.pt does not (5.1 GB on ImageNet)
+        last = os.path.basename(path) == "last.pt" and store is not None
+        save_atomic({**ckpt, "ps_kd_store": store.probs if last else None}, path)
 
 
 # ----------------------------------------------------------------------------- reading and mapping
@@ -204,11 +205,11 @@ def load_state(module, state, what):
 
 
 def released_to_ours(state):
-    """Map a state dict of a released MixSKD network, CIFAR or ImageNet (method.md section 11), onto ours.
+    """Map a state dict of a released MixSKD network, CIFAR or ImageNet (docs/method.md section 11), onto ours.
 
     Returns (meta, net_state, teacher_state); meta holds arch, num_classes, width, stem and stem_relu:
-    the released CIFAR network has no stem ReLU (method.md section 6, item 5), the released ImageNet network
-    (7x7 stem conv) has it (method.md section 9). Any key that does not map raises.
+    the released CIFAR network has no stem ReLU (docs/method.md section 6, item 5), the released ImageNet network
+    (7x7 stem conv) has it (docs/method.md section 9). Any key that does not map raises.
     """
     state = unwrap(state)
     net_state, teacher_state = {}, {}
@@ -223,7 +224,7 @@ def released_to_ours(state):
             teacher_state[m[1]] = value
         else:
             raise UserError(f"released checkpoint key {key!r} does not map onto this implementation "
-                            f"(method.md section 11)")
+                            f"(docs/method.md section 11)")
     meta = backbone_config(net_state, "backbone.", "released checkpoint")
     return {**meta, "stem_relu": meta["stem"] == "imagenet"}, net_state, teacher_state
 
@@ -311,7 +312,8 @@ def check_classes(path, meta, data, dataset):
                         f"{trained[first] if first < len(trained) else None!r} in training, "
                         f"{named[first] if first < len(named) else None!r} here): its numbers would mean nothing")
     if not (trained and named):
-        unnamed = f"{dataset} names no classes" if trained else f"the run recorded no class names ({meta.get('dataset')}"
+        unnamed = (f"{dataset} names no classes" if trained else
+                   f"the run recorded no class names ({meta.get('dataset')}")
         print(f"note: the classes could not be checked: {unnamed}{')' * (not trained)}; label k here is taken to "
               f"be class k of the run's {meta['num_classes']}"
               + (f" ({shown(trained)}, from {meta.get('dataset')})" if trained else ""), file=sys.stderr)
@@ -335,7 +337,8 @@ def init_from(path, model, teacher):
     if None not in (meta.get("stem_relu"), own_relu) and meta["stem_relu"] != own_relu:
         raise UserError(f"--init-from {path}: its network has {'a' if meta['stem_relu'] else 'no'} stem ReLU, this "
                         f"run's has {'one' if own_relu else 'none'}, so the weights would compute another function: "
-                        f"use --recipe {'paper' if meta['stem_relu'] else 'official'} (method.md section 6, item 5)")
+                        f"use --recipe {'paper' if meta['stem_relu'] else 'official'} "
+                        f"(docs/method.md section 6, item 5)")
     whole = source is not None and hasattr(source, "branches")
     if whole and not hasattr(model, "branches"):
         source, whole = source.backbone, False
@@ -361,7 +364,7 @@ def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank, s
     ckpt = read_checkpoint(path)
     if "meta" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a training checkpoint of this project: --resume needs a last.pt")
-    # train.resume_arguments has given this run every training argument of the saved one; the data could
+    # cli.resume_arguments has given this run every training argument of the saved one; the data could
     # still differ (an .npz of the same name with other classes)
     if ckpt["meta"]["num_classes"] != meta["num_classes"]:
         raise UserError(f"{path} was trained on {ckpt['meta']['num_classes']} classes, {meta['dataset']} has "

@@ -2,11 +2,11 @@
 
     args = cli.parse_args(["--arch", "resnet18", "--dataset", "cifar100"])   # what train.py runs
 
-The defaults are the recipe's recipes (docs/method.md sections 7 and 9): CIFAR's for CIFAR and .npz files, ImageNet's
-for ImageNet and image folders. Every numeric flag is checked against its range (RANGES) before any data is read.
+The defaults are the paper's recipes (docs/method.md sections 7 and 9), CIFAR's or ImageNet's as --setting says:
+by default CIFAR's for CIFAR, .npz files and folders of small images, ImageNet's for ImageNet and larger
+images. Every numeric flag is checked against its range (RANGES) before any data is read.
 `--resume` takes every training argument from the run's last.pt (resume_arguments), so a resumed run computes what
-the run it continues computed. The schedule's defaults for short runs (WARMUP_FLOOR, WARMUP_FLOOR_SHARE, CLIP_NORM)
-are measured in docs/stability.md; train.py applies them.
+the run it continues computed. The schedule's defaults for short runs (schedule.py) are measured in docs/stability.md.
 """
 import argparse
 import math
@@ -21,16 +21,17 @@ from data import DATASETS, SMALL_IMAGES, dataset_name, first_image_size
 from errors import ArgumentParser, UserError
 from losses import RECIPES, TERMS
 from mixup import MIX_MODES
+from schedule import (CLIP_NORM, IMAGENET_EPOCHS, SPEC_EPOCHS, SPEC_MILESTONES, WARMUP_FLOOR,
+                      WARMUP_FLOOR_SHARE)
 
 METHODS = ("mixskd", "ce", "mixup", "cutmix", *SELF_KD_METHODS)
 DISTILLING = ("mixskd", "byot", "dks", "cs-kd")  # the methods with a KD temperature
 MIXSKD_TEMPERATURE = 3.0  # docs/method.md section 5; the Self-KD baselines' is BASELINE_TEMPERATURE (12.0)
-SPEC_EPOCHS, SPEC_MILESTONES, SPEC_WARMUP_EPOCHS = 205, (105, 155), 5
-WARMUP_FLOOR, WARMUP_FLOOR_SHARE, CLIP_NORM = 500, 0.25, 2.0  # measured: docs/stability.md
 # the flags whose recipe values differ between CIFAR (section 7) and ImageNet (section 9); ImageNet's
 # batch is 128 in total across processes. The CutMix baseline draws lam with alpha 1.0 (section 7).
 CIFAR_DEFAULTS = {"epochs": SPEC_EPOCHS, "weight_decay": 5e-4, "alpha": 0.4, "batch_size": 64, "schedule": "step"}
-IMAGENET_DEFAULTS = {"epochs": 305, "weight_decay": 1e-4, "alpha": 0.2, "batch_size": 128, "schedule": "cosine"}
+IMAGENET_DEFAULTS = {"epochs": IMAGENET_EPOCHS, "weight_decay": 1e-4, "alpha": 0.2, "batch_size": 128,
+                     "schedule": "cosine"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -52,7 +53,8 @@ def count_or_fraction(text):
     raise argparse.ArgumentTypeError(f"{text!r}: give a fraction below 1 (0.1) or a whole number of images (1000)")
 
 
-parser = ArgumentParser(prog="train.py", formatter_class=HelpFormatter, description="Train MixSKD (Yang et al., ECCV 2022) or a "
+parser = ArgumentParser(prog="train.py", formatter_class=HelpFormatter,
+                        description="Train MixSKD (Yang et al., ECCV 2022) or a "
                         "baseline on CIFAR, ImageNet or your own data, with the paper's recipes as defaults "
                         "(docs/method.md sections 7 and 9).")
 g = parser.add_argument_group("what to train")
@@ -88,7 +90,7 @@ g.add_argument("--method", default="mixskd", choices=METHODS, help="mixskd; a ba
 g.add_argument("--recipe", default="paper", choices=RECIPES[:2],
                help="mixskd objective: paper (Eq. (10), everything trained) or official (the released scripts: on "
                     "CIFAR Eq. (10'), no L_mix, fixed self-teacher and discriminators; on ImageNet Eq. (10) with "
-                    "fixed discriminators, method.md section 9)")
+                    "fixed discriminators, docs/method.md section 9)")
 g.add_argument("--mix", default="mixup", choices=MIX_MODES, help="how mixskd mixes images")
 g.add_argument("--alpha", type=float, default=argparse.SUPPRESS,
                help="lam ~ Beta(alpha, alpha) (default 0.4 on CIFAR, 0.2 on ImageNet; 1.0 for --method cutmix)")
@@ -97,14 +99,14 @@ g.add_argument("--temperature", type=float, default=argparse.SUPPRESS,
                     f"{BASELINE_TEMPERATURE:g} for the others, as released)")
 for term in TERMS:
     g.add_argument(f"--w-{term}", type=float, default=1.0, help=f"weight of L_{term} (0 disables it)")
-g = parser.add_argument_group("optimisation (method.md sections 7 and 9)")
+g = parser.add_argument_group("optimisation (docs/method.md sections 7 and 9)")
 g.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 205; 305 on ImageNet)")
 g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup, per iteration (default: the "
                "recipe's 5 epochs, times --epochs/205 (305 on ImageNet) when --epochs is shorter, and at least "
                f"{WARMUP_FLOOR} iterations, or {WARMUP_FLOOR_SHARE:g} of a shorter run: docs/stability.md)")
 g.add_argument("--schedule", choices=("step", "cosine"), default=argparse.SUPPRESS, help="after the warmup: step "
-               "decays at --milestones (default on CIFAR and .npz, method.md section 7) or a cosine to 0 at the last "
-               "epoch (default on ImageNet, method.md section 9)")
+               "decays at --milestones (default under --setting cifar, docs/method.md section 7) or a cosine to 0 "
+               "at the last epoch (default under --setting imagenet, section 9)")
 g.add_argument("--milestones", type=int, nargs="*", default=argparse.SUPPRESS,
                help="--schedule step: absolute epochs where lr is multiplied by 0.1 (default: 105 155, scaled by "
                     "--epochs/205 when --epochs differs)")
@@ -123,12 +125,17 @@ g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                "CUDA (fp16 without bf16) and on CPUs with native bf16 kernels (AVX512-BF16/AMX), else fp32")
 g.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="auto = on for CUDA")
 g.add_argument("--compile", default="auto", choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
-               help="torch.compile forward and loss; auto = reduce-overhead (CUDA graphs) on CUDA, off on CPU")
+               help="torch.compile forward and loss; auto = reduce-overhead (CUDA graphs) on CUDA; on a CPU, default "
+                    "for a run of at least 3,000 steps (compiling takes about 1.5 minutes there and saves 12-16%% of "
+                    "a step: docs/performance.md), else off")
 g = parser.add_argument_group("files")
 g.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<arch>-<method>[-<recipe>]-seed<k>)")
 g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
 g.add_argument("--extend", action="store_true",
                help="with --resume: continue a run to another --epochs than it was started with (new schedule)")
+g.add_argument("--extend-schedule", default="capped", choices=("capped", "new"), help="with --extend: capped keeps "
+               "the lr at or below the last it used (the new schedule's decays may lie behind the run); new follows "
+               "the schedule of the new --epochs, whose lr may rise")
 g.add_argument("--init-from", default=None,
                help="start from the weights of a checkpoint: ours (last/best/deploy.pt), the released script's, or a "
                     "state dict of the backbone (torchvision's or timm's; a torch file or .safetensors)")
@@ -148,9 +155,14 @@ def parse_args(argv=None):
             parser.error(f"--dataset {args.dataset}: no such folder; a folder of your own holds train/ and val/")
         parser.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet, the path of an .npz file, "
                      f"or a folder holding train/ and val/ (ImageFolder layout)")
-    if args.setting == "auto":  # a folder of small images trains as CIFAR does: its images, not its format, decide
-        small = folder and (args.image_size or first_image_size(args.dataset)) <= SMALL_IMAGES
-        args.setting = "imagenet" if args.dataset == "imagenet" or (folder and not small) else "cifar"
+    if folder or args.dataset == "imagenet":  # its images, not its format, decide: small ones train as CIFAR does
+        size = args.image_size or (first_image_size(args.dataset) if folder else 224)
+        if args.setting == "auto":
+            args.setting = "cifar" if folder and size <= SMALL_IMAGES else "imagenet"
+        elif args.setting == "cifar" and size > SMALL_IMAGES:
+            parser.error(f"--setting cifar reads the images into memory, and these are {size} px: pass --image-size "
+                         f"{SMALL_IMAGES} or less to resize them, or --setting imagenet to stream them")
+    args.setting = "cifar" if args.setting == "auto" else args.setting
     imagenet = args.setting == "imagenet"
     spec = IMAGENET_DEFAULTS if imagenet else CIFAR_DEFAULTS
     for key, value in {**spec, **({"alpha": 1.0} if args.method == "cutmix" else {})}.items():
@@ -227,7 +239,8 @@ def optimised_terms(args):
 # what a run saved before these flags existed did: never clipped, no validation split
 LEGACY = {"clip_grad": 0.0, "val_split": 0}
 # the arguments that do not change what a run computes: a resume may give them anew
-NOT_TRAINING = {"device", "amp", "channels_last", "compile", "out", "resume", "extend", "init_from", "log_every",
+NOT_TRAINING = {"device", "amp", "channels_last", "compile", "out", "resume", "extend", "extend_schedule",
+                "init_from", "log_every",
                 "data", "workers", "tensorboard"}
 
 
@@ -261,8 +274,9 @@ def resume_arguments(args, argv):
                         + ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run: {saved[k]})" for k in differ)
                         + ("; --epochs may change with --extend" if "epochs" in differ else "")
                         + ": drop them, or start a new run in another --out")
-    keep = {**LEGACY, **{key: value for key, value in saved.items() if key not in NOT_TRAINING | renewed},
-            "milestones_given": "milestones" in given}
+    keep = {**LEGACY, **{key: value for key, value in saved.items() if key not in NOT_TRAINING | renewed}}
+    if keep.get("schedule") == "cosine" and "milestones" in given:
+        raise UserError(f"{args.out} follows the cosine schedule, which has no decays for --milestones to place")
     keep.setdefault("setting", saved.get("stem", "cifar"))  # a run saved before --setting: its stem's recipe
     if "dataset" in given:  # the same dataset, perhaps moved: the path as given now
         keep["dataset"] = given["dataset"]

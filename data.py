@@ -1,17 +1,22 @@
 """CIFAR data on the training device as uint8, with batched augmentation there; ImageNet from folders.
 
-method.md section 7: random crop 32 with 4-pixel zero padding of the raw pixels, horizontal flip with
+docs/method.md section 7: random crop 32 with 4-pixel zero padding of the raw pixels, horizontal flip with
 probability 0.5, then normalisation. As in airbench, the whole training set is one uint8 tensor on
 the device (150 MB for CIFAR), and augmentation is a few batched tensor ops per batch: no DataLoader,
 no worker processes, no per-image Python.
 
-Sources: torchvision's CIFAR-10/100 (downloaded when missing and online), or an `.npz` file with
-x_train, y_train, x_test, y_test (uint8 NHWC images, integer labels; class_names optional).
+Sources: torchvision's CIFAR-10/100 (downloaded when missing and online), an `.npz` file with x_train, y_train,
+x_test, y_test (uint8 NHWC images, integer labels; class_names optional), or an image folder of small images
+(the CIFAR setting), decoded once into the same tensors (read_folder).
 
-ImageNet (method.md section 9) does not fit on the device: `DIR/train` and `DIR/val` in torchvision's
-ImageFolder layout are read by a DataLoader with workers, RandomResizedCrop + flip for training and
-Resize(256) + CenterCrop(224) for evaluation, as uint8 into pinned memory, copied without blocking,
-and normalised on the device.
+ImageNet (docs/method.md section 9) does not fit on the device: `DIR/train` and `DIR/val` in torchvision's
+ImageFolder layout (ImageNet's, or a folder of one's own of larger images) are read by a DataLoader with
+workers, RandomResizedCrop + flip for training and Resize(256) + CenterCrop(224) for evaluation, as uint8 into
+pinned memory, copied without blocking, and normalised on the device. An image that cannot be read ends the
+run with one line naming it (checked).
+
+The Self-KD baselines' data (docs/method.md section 12): each image's position in the training set (PS-KD's
+store) or a partner of its class (CS-KD), drawn from the run's seeded generators (train_batches' extra).
 
 A validation split (train.py --val-split) is held out of the training set, stratified by class and
 drawn from the seed alone (hold_out), so that a model can be selected without the test set.
@@ -28,7 +33,7 @@ import torch
 from errors import UserError
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
-STATS = {  # per-channel mean and std of the training set, method.md sections 7 and 9
+STATS = {  # per-channel mean and std of the training set, docs/method.md sections 7 and 9
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -107,7 +112,7 @@ def load_torchvision(dataset, root):
 
 
 def load_image_folder(root, device, image_size, workers, name="imagenet"):
-    """ImageNet (method.md section 9), or a folder of one's own in the same layout: RandomResizedCrop + flip to
+    """ImageNet (docs/method.md section 9), or a folder of one's own in the same layout: RandomResizedCrop + flip to
     train, Resize + CenterCrop to test, ImageNet's mean and std. image_size None: 224 for ImageNet, the size
     of a folder's first training image for a folder (its images at their own size). Workers: at most the
     cores."""
@@ -142,11 +147,14 @@ def first_image_size(root):
     """The smaller side of the first image in root/train (ImageFolder's order): a folder's own image size."""
     import torchvision
 
-    first = torchvision.datasets.ImageFolder(os.path.join(root, "train")).samples if os.path.isdir(
-        os.path.join(root, "train")) else []
-    if not first:
-        raise UserError(f"{root}: {os.path.join(root, 'train')} holds no images in class folders")
-    return min(read_image(first[0][0]).size)
+    folder = os.path.join(root, "train")
+    try:
+        first = torchvision.datasets.ImageFolder(folder).samples[0][0]
+        return min(read_image(first).size)
+    except (FileNotFoundError, IndexError):  # no train/, no class folder, no image file
+        raise UserError(f"{root}: {folder} holds no images in class folders (ImageFolder layout)") from None
+    except UnreadableImage as e:
+        raise UserError(f"cannot read the image {first} ({str(e).split(chr(9))[-1]}): remove or replace it") from None
 
 
 def read_folder(root, image_size, workers):
@@ -168,7 +176,8 @@ def read_folder(root, image_size, workers):
 
 
 class UnreadableImage(Exception):
-    """An image file that PIL cannot read; its message starts with the marker that unreadable() finds."""
+    """An image file that PIL cannot read; its message, "unreadable image:<TAB>path<TAB>why", is what checked()
+    finds again in the traceback text a DataLoader worker passes on."""
 
 
 def read_image(path):
@@ -179,7 +188,7 @@ def read_image(path):
         with open(path, "rb") as f:
             return Image.open(f).convert("RGB")
     except Exception as e:
-        raise UnreadableImage(f"unreadable image: {path} ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
+        raise UnreadableImage(f"unreadable image:\t{path}\t{type(e).__name__}: {' '.join(str(e).split())[:120]}")
 
 
 def image_folder(folder, transform):
@@ -195,7 +204,7 @@ def checked(loader, dataset, limit=20_000):
     try:
         yield from loader
     except UnreadableImage as e:
-        found = re.findall(r"unreadable image: (.*?) \((.*?)\)\s*$", str(e), re.M)
+        found = re.findall(r"unreadable image:\t(.*)\t(.*)$", str(e), re.M)  # tabs: any file name parses
         path, why = found[-1] if found else (str(e), "")
         while not hasattr(dataset, "samples") and hasattr(dataset, "dataset"):  # a Subset, WithExtra
             dataset = dataset.dataset
@@ -356,7 +365,7 @@ def normalize(x, stats):
 
 def random_crop_flip(x, generator, pad=4):
     """Random crop with `pad` pixels of zero padding and a horizontal flip with probability 0.5,
-    each drawn per image, as batched gathers (method.md section 7). x: uint8 N x C x H x W."""
+    each drawn per image, as batched gathers (docs/method.md section 7). x: uint8 N x C x H x W."""
     n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), device=x.device, generator=generator)

@@ -10,8 +10,8 @@
     python eval.py --plot runs/*/ --out results.png             # curves (needs matplotlib)
 
 Accepts this project's last.pt / best.pt (every head and the self-teacher), deploy.pt (the backbone
-alone), checkpoints of the released scripts (method.md section 11) and torchvision ResNet state dicts, as
-checkpoints.py reads them. method.md section 8: the backbone is the deployed network, so its row comes
+alone), checkpoints of the released scripts (docs/method.md section 11) and torchvision ResNet state dicts, as
+checkpoints.py reads them. docs/method.md section 8: the backbone is the deployed network, so its row comes
 first and is the headline. `--table` and `--plot` hand run folders to report.py, `--predict` image files to
 predict.py.
 """

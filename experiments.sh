@@ -4,8 +4,9 @@
 # warmup epochs, milestones 46 and 68, the recipe's 105/205 and 155/205), each seed; then the table (table.md)
 # and the figure.
 #
-#   DATA=path/to/cifar10_q75_10k.npz bash experiments.sh        # one run at a time
-#   JOBS=5 bash experiments.sh                                  # five runs at once (one GPU: JOBS=5 to 10)
+#   export DATA=path/to/cifar10_q75_10k.npz   # the .npz to train on (docs/results.md says how it was made)
+#   bash experiments.sh                                         # one run at a time
+#   JOBS=10 bash experiments.sh                                 # ten runs at once (one GPU)
 #   SEEDS="0 1 2" RUNS=runs/three-seeds bash experiments.sh
 #   SEEDS=2 METHODS="ce mixskd-paper" bash experiments.sh     # a third seed for two methods
 #
@@ -14,7 +15,7 @@
 # core each would oversubscribe the CPU; an OMP_NUM_THREADS you set yourself is kept.
 set -euo pipefail
 cd "$(dirname "$0")"
-DATA=${DATA:-../shared/data/cifar10_q75_10k.npz}
+DATA=${DATA:?set DATA to the .npz to train on, e.g. DATA=path/to/cifar10_q75_10k.npz}
 RUNS=${RUNS:-runs/cpu-budget}
 SEEDS=${SEEDS:-"0 1"}
 JOBS=${JOBS:-1}

@@ -1,7 +1,7 @@
 """Layouts of torchvision's and timm's classifiers for model.StagedMixSKDNet, and the networks that
 `--arch torchvision:NAME` and `--arch timm:NAME` name.
 
-method.md section 2, generalised (docs/networks.md). A Layout splits a network's own
+docs/method.md section 2, generalised (docs/networks.md). A Layout splits a network's own
 forward() into stem, stages, post and head; each family's layout is written from its forward(), so one
 layout covers every model of the family. CNNs: four stages at 1/4, 1/8, 1/16 and 1/32 of the input.
 Transformers: a ViT's blocks in four consecutive groups of equal size; Swin's four layers.

@@ -1,10 +1,10 @@
 """MixSKD objectives: KD, the five loss terms, the discriminators, each recipe's total, the baselines'.
 
-method.md section 5, Eqs. (5)-(10'), and section 9 (the released ImageNet script's objective). Paper:
+docs/method.md section 5, Eqs. (5)-(10'), and section 9 (the released ImageNet script's objective). Paper:
 Yang et al., "MixSKD: Self-Knowledge Distillation from Mixup for Image Recognition", ECCV 2022,
 section 3.
 
-Notation (method.md section 3): for every head k, the interpolation of its outputs on the clean batch
+Notation (docs/method.md section 3): for every head k, the interpolation of its outputs on the clean batch
 (`feats_interp`, `logits_interp`) and its outputs on the mixed batch (`feats_mixed`,
 `logits_mixed`) distill into each other. `teacher_interp`, `teacher_mixed` are the self-teacher's
 logits on the interpolated and on the mixed feature maps.
@@ -25,7 +25,7 @@ def check_recipe(recipe):
 
 
 def kd(student, teacher, temperature):
-    """KD(s || t) = T^2 * KL(softmax(sg(t) / T) || softmax(s / T)), batch mean (method.md section 5).
+    """KD(s || t) = T^2 * KL(softmax(sg(t) / T) || softmax(s / T)), batch mean (docs/method.md section 5).
 
     In float32 whatever the logits' dtype: softmaxes in bf16 under autocast make the KL come out
     negative (-0.05 measured on CPU).
@@ -84,7 +84,7 @@ def discriminator(channels, hidden=128):
 
 
 def discriminators(channels, num_heads=4):
-    """D_1..D_4 as registered modules, so they are optimised and saved (unlike method.md section 6, item 3)."""
+    """D_1..D_4 as registered modules, so they are optimised and saved (unlike docs/method.md section 6, item 3)."""
     return nn.ModuleList(discriminator(channels) for _ in range(num_heads))
 
 
@@ -111,7 +111,7 @@ def loss_adv(discs, feats_interp, feats_mixed, reverse):
 def trained_parameters(recipe, net, self_teacher, discs):
     """The parameters a recipe optimises: all of them for `paper` (Eq. (10)); the network alone for
     `official` (Eq. (10')), where self-teacher and discriminators stay at initialisation; network and
-    self-teacher for `official-imagenet` (method.md section 9), whose discriminators stay fixed."""
+    self-teacher for `official-imagenet` (docs/method.md section 9), whose discriminators stay fixed."""
     check_recipe(recipe)
     modules = {"paper": [net, self_teacher, discs], "official": [net],
                "official-imagenet": [net, self_teacher]}[recipe]
@@ -120,17 +120,17 @@ def trained_parameters(recipe, net, self_teacher, discs):
 
 def mixskd_loss(feats, logits, y, lam, perm, self_teacher, discs, recipe="paper", weights=None, temperature=3.0):
     """The MixSKD objective of one step: Eq. (10) (`paper`), (10') (`official`) or the released
-    ImageNet script's (`official-imagenet`, method.md section 9).
+    ImageNet script's (`official-imagenet`, docs/method.md section 9).
 
     feats, logits: lists over heads (backbone last) of the network's outputs on cat([x, x_mix]).
     y: labels of the clean batch x; lam, perm: the step's pairing (mixup.mix_batch).
     weights: {term: weight} for the terms in TERMS, default 1 each; a weight of 0 removes its term.
     Returns (total, terms): the loss to backpropagate and every term, detached, for logging.
 
-    Recipe `official` (method.md section 6): L_mix is computed for the log but not optimised, so the
+    Recipe `official` (docs/method.md section 6): L_mix is computed for the log but not optimised, so the
     self-teacher runs without a graph (its logits are detached targets in Eq. (7) anyway), and the
     network minimises L_adv through discriminators that the caller keeps out of the optimiser.
-    Recipe `official-imagenet` (method.md section 9): Eq. (10) with L_mix optimised, but, as `official`,
+    Recipe `official-imagenet` (docs/method.md section 9): Eq. (10) with L_mix optimised, but, as `official`,
     fixed discriminators that the network minimises, without gradient reversal.
     """
     check_recipe(recipe)
@@ -188,7 +188,7 @@ class MixSKDObjective(nn.Module):
 
 
 class BaselineObjective(nn.Module):
-    """The baselines of method.md section 7, shaped like MixSKDObjective: the network alone, with CE on
+    """The baselines of docs/method.md section 7, shaped like MixSKDObjective: the network alone, with CE on
     clean images (lam None) or the mixed CE of Eq. (3) on Mixup or CutMix images."""
 
     def __init__(self, net):

@@ -1,6 +1,6 @@
 """Mixup pairing for MixSKD: lam, perm, Mixup, CutMix, interpolation, mixed CE.
 
-method.md section 1, Eqs. (1), (1'), (2), (3). Paper: Yang et al., "MixSKD: Self-Knowledge Distillation
+docs/method.md section 1, Eqs. (1), (1'), (2), (3). Paper: Yang et al., "MixSKD: Self-Knowledge Distillation
 from Mixup for Image Recognition", ECCV 2022 (arXiv 2208.05768); Mixup: Zhang et al. 2018; CutMix:
 Yun et al. 2019.
 
@@ -17,7 +17,7 @@ MIX_MODES = ("mixup", "cutmix")
 
 
 def sample_lam(alpha):
-    """One lam ~ Beta(alpha, alpha) for the whole batch (method.md section 1)."""
+    """One lam ~ Beta(alpha, alpha) for the whole batch (docs/method.md section 1)."""
     if not alpha > 0:
         raise ValueError(f"mixup alpha must be > 0, got {alpha}; MixSKD uses 0.4 on CIFAR, 0.2 on ImageNet")
     return float(np.random.beta(alpha, alpha))

@@ -1,6 +1,6 @@
 """ResNets and the MixSKD network: backbone plus three auxiliary branches.
 
-method.md sections 2 (CIFAR) and 9 (ImageNet stem). Paper: Yang et al., "MixSKD: Self-Knowledge
+docs/method.md sections 2 (CIFAR) and 9 (ImageNet stem). Paper: Yang et al., "MixSKD: Self-Knowledge
 Distillation from Mixup for Image Recognition", ECCV 2022. ResNet: He et al. 2016, with the 3x3
 stride-1 CIFAR stem or torchvision's ImageNet stem.
 
@@ -107,9 +107,9 @@ STEMS = ("cifar", "imagenet")
 
 
 def imagenet_init(module):
-    """The released ImageNet model's initialisation, also torchvision's ResNet's (method.md section 9): every
+    """The released ImageNet model's initialisation, also torchvision's ResNet's (docs/method.md section 9): every
     conv kaiming-normal with fan_out, every BatchNorm weight 1 and bias 0; linear layers keep PyTorch's
-    default. The CIFAR networks keep PyTorch's default everywhere (method.md section 7)."""
+    default. The CIFAR networks keep PyTorch's default everywhere (docs/method.md section 7)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -119,10 +119,10 @@ def imagenet_init(module):
 
 
 class ResNet(nn.Module):
-    """ResNet (method.md sections 2 and 9): the backbone, head 4, and the network deployed at test time.
+    """ResNet (docs/method.md sections 2 and 9): the backbone, head 4, and the network deployed at test time.
 
     width: channels of the first stage (64 in the paper; smaller for tests and CPU runs).
-    stem_relu: ReLU after the stem BN. The released MixSKD CIFAR ResNet omits it (method.md section 6,
+    stem_relu: ReLU after the stem BN. The released MixSKD CIFAR ResNet omits it (docs/method.md section 6,
     item 5), so recipe `official` on CIFAR builds with stem_relu=False.
     stem: "cifar", a 3x3 stride-1 conv (F_k is C x 4 x 4 at 32x32), or "imagenet", torchvision's 7x7
     stride-2 conv and 3x3 stride-2 max-pool (C x 7 x 7 at 224x224), with torchvision's module names,
@@ -165,7 +165,7 @@ class ResNet(nn.Module):
 
 
 class Branch(nn.Module):
-    """Auxiliary branch k (method.md section 2): fresh copies of stages k+1..4 and its own classifier."""
+    """Auxiliary branch k (docs/method.md section 2): fresh copies of stages k+1..4 and its own classifier."""
 
     def __init__(self, arch, num_classes, width, k):
         super().__init__()
@@ -281,7 +281,7 @@ class LayoutBranch(nn.Module):
 
 
 class StagedMixSKDNet(nn.Module):
-    """MixSKD over any staged backbone (method.md section 2, generalised). forward(x) -> (feats, logits) as
+    """MixSKD over any staged backbone (docs/method.md section 2, generalised). forward(x) -> (feats, logits) as
     MixSKDNet's, backbone last. Branch k, after stage k (k = 1..K-1), re-runs stages k+1..K, the post part
     and a head of the network's own kind, with weights of its own: each comes from a call of
     make_backbone(), so a factory that builds fresh networks gives fresh branches and one that loads

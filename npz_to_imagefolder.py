@@ -40,7 +40,8 @@ def write_image_folder(npz, out):
 
 
 def main(argv=None):
-    p = ArgumentParser(prog="npz_to_imagefolder.py", description="Write an .npz dataset as an ImageFolder (train/ and val/).")
+    p = ArgumentParser(prog="npz_to_imagefolder.py",
+                       description="Write an .npz dataset as an ImageFolder (train/ and val/).")
     p.add_argument("npz", help="x_train, y_train, x_test, y_test (uint8 NHWC), class_names optional")
     p.add_argument("out", help="folder to create; it must not exist yet")
     args = p.parse_args(argv)

@@ -3,9 +3,10 @@
     python eval.py runs/cifar100-resnet18-mixskd-paper-seed0/deploy.pt --predict my_photos/ --top-k 3
 
 eval.py's `--predict`. An image is converted to RGB, resized and centre-cropped to the image size the run
-recorded (data.test_transform: as it is at the trained size on CIFAR and .npz; Resize + CenterCrop on ImageNet
-and image folders) and normalised with the run's mean and std. A file that cannot be read as an image gets one
-line and the others go on. Works for every network checkpoints.model_from_checkpoint rebuilds.
+recorded (data.test_transform: as it is at the trained size when the run's images were tensors, CIFAR, .npz
+and small folders; Resize + CenterCrop when they were streamed from folders, ImageNet's way) and normalised
+with the run's mean and std. A file that cannot be read as an image gets one line and the others go on.
+Works for every network checkpoints.model_from_checkpoint rebuilds.
 """
 import json
 import os

@@ -1,10 +1,10 @@
 """Reports over finished runs: the results table (markdown) and the figure of their curves.
 
-    python eval.py --table runs/*/                  # one row per method, mean +- std over seeds
+    python eval.py --table runs/*/                  # one row per experiment, mean +- std over seeds
     python eval.py --plot runs/*/ --out fig.png     # backbone test top-1 per epoch, MixSKD loss terms
     python eval.py --plot RUN --per-class           # the confusion matrix of one run (plot_confusion)
 
-method.md section 8: every number is labelled by what it is and the split it comes from: the headline
+docs/method.md section 8: every number is labelled by what it is and the split it comes from: the headline
 (final backbone top-1 on the test set, selection-free), the best epoch (chosen on the validation split
 when the run has one, else on the test set), and the released code's way (max over heads and epochs,
 chosen on the test set). Reads only run folders (metrics.jsonl, summary.json); matplotlib is needed
@@ -16,11 +16,12 @@ import os
 import numpy as np
 
 from checkpoints import read_checkpoint, read_metrics
+from data import dataset_name
 from errors import UserError
 
 
 def summarise(records):
-    """The labelled numbers of a run (method.md section 8): the headline is the final backbone top-1 on the test
+    """The labelled numbers of a run (docs/method.md section 8): the headline is the final backbone top-1 on the test
     set, chosen by nothing; the best epoch is chosen on the validation split when the run has one
     (train.py --val-split), else on the test set; the released code's metric (max over heads and epochs)
     is always chosen on the test set. `splits` names the split behind every number. Epochs count from 1, as
@@ -70,8 +71,9 @@ def read_run(run_dir):
 METHOD_ORDER = ("ce", "label-smooth", "mixup", "cutmix", "byot", "dks", "cs-kd", "ps-kd", "mixskd paper",
                 "mixskd official")
 # what does not change what a run computes (and the seed, which a table averages over)
-NOT_THE_EXPERIMENT = {"seed", "out", "resume", "extend", "device", "amp", "channels_last", "compile", "log_every",
-                      "data", "workers", "tensorboard", "dataset"}
+NOT_THE_EXPERIMENT = {"seed", "out", "resume", "extend", "extend_schedule", "device", "amp", "channels_last",
+                      "compile", "log_every", "data", "workers", "tensorboard", "dataset",
+                      "setting"}  # the setting's consequences (stem, batch, alpha, ...) are arguments of their own
 
 
 def method_label(args):
@@ -81,6 +83,7 @@ def method_label(args):
 def experiment(args, data):
     """What defines a run's experiment, all but its seed: every training argument, and its data (the file it
     read, its classes and image counts, as far as the run recorded them)."""
+    data = {**data, "dataset": dataset_name(data["dataset"])} if data.get("dataset") else data  # moved: the same
     return {**{k: v for k, v in args.items() if k not in NOT_THE_EXPERIMENT},
             **{f"data {k}": v for k, v in data.items() if v is not None}}
 
@@ -122,13 +125,13 @@ def mean_std(values, digits=2):
 
 def results_table(run_dirs):
     """Markdown table, one row per experiment over its seeds (grouped_runs), each number labelled by what it is."""
-    groups = {label: [records for _, records in runs] for label, runs in grouped_runs(run_dirs)}
-    chosen_on = "/".join(sorted({"val" if "val" in r[-1] else "test" for runs in groups.values() for r in runs}))
+    groups = [(label, [records for _, records in runs]) for label, runs in grouped_runs(run_dirs)]
+    chosen_on = "/".join(sorted({"val" if "val" in r[-1] else "test" for _, runs in groups for r in runs}))
     rows = ["| method | seeds | epochs | final backbone top-1 (headline) | best-epoch backbone top-1 "
             f"(epoch chosen on {chosen_on}) | "
             "max over heads and epochs (released code's way) | self-teacher top-1 | backbone ECE | "
             "training time per run (min) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for label, runs in groups.items():
+    for label, runs in groups:
         final = [r[-1]["test"] for r in runs]
         summaries = [summarise(r) for r in runs]
         best = [s["best_backbone_top1"] for s in summaries]

@@ -8,7 +8,9 @@ library network. A run continued with --extend never goes above the lr it last u
 """
 import math
 
-from cli import CLIP_NORM, IMAGENET_DEFAULTS, SPEC_EPOCHS, SPEC_WARMUP_EPOCHS, WARMUP_FLOOR, WARMUP_FLOOR_SHARE
+SPEC_EPOCHS, SPEC_MILESTONES, SPEC_WARMUP_EPOCHS = 205, (105, 155), 5  # CIFAR, docs/method.md section 7
+IMAGENET_EPOCHS = 305  # docs/method.md section 9: 5 warmup epochs, then a cosine over 300
+WARMUP_FLOOR, WARMUP_FLOOR_SHARE, CLIP_NORM = 500, 0.25, 2.0  # measured: docs/stability.md
 
 
 def default_warmup_iterations(args, steps_per_epoch):
@@ -16,7 +18,7 @@ def default_warmup_iterations(args, steps_per_epoch):
     shorter run, but never below WARMUP_FLOOR iterations, or WARMUP_FLOOR_SHARE of a run shorter than
     that: a warmup that rounds to a few iterations lets the self-teacher diverge (docs/stability.md). The
     recipe's full runs (3,905 iterations on CIFAR) are above the floor, so they warm up exactly as specified."""
-    spec_epochs = IMAGENET_DEFAULTS["epochs"] if args.stem == "imagenet" else SPEC_EPOCHS
+    spec_epochs = IMAGENET_EPOCHS if args.stem == "imagenet" else SPEC_EPOCHS
     spec = SPEC_WARMUP_EPOCHS * steps_per_epoch * min(args.epochs, spec_epochs) / spec_epochs
     floor = min(WARMUP_FLOOR, WARMUP_FLOOR_SHARE * args.epochs * steps_per_epoch)
     return max(1, round(max(spec, floor)))  # never 0: a run of one step still starts below the base lr
@@ -41,11 +43,10 @@ def clip_norm(args, steps_per_epoch):
 
 
 def lr_at(step, steps_per_epoch, args):
-    """method.md section 7: lr_i = lr (i + 1) / (warmup iterations) during warmup, then lr times 0.1 for
-    every milestone epoch reached. method.md section 9 (ImageNet): after the warmup, per epoch,
+    """docs/method.md section 7: lr_i = lr (i + 1) / (warmup iterations) during warmup, then lr times 0.1 for
+    every milestone epoch reached. docs/method.md section 9 (ImageNet): after the warmup, per epoch,
     lr 0.5 (1 + cos(pi (epoch - warmup) / (epochs - warmup))). A run continued with --extend never goes above
-    the lr it last used (args.lr_ceiling) from the epoch it was extended at, unless --milestones placed the
-    extension's decays."""
+    the lr it last used (args.lr_ceiling) from the epoch it was extended at, unless --extend-schedule new."""
     warmup = warmup_iterations(args, steps_per_epoch)
     if step < warmup:
         return args.lr * (step + 1) / warmup

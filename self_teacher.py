@@ -1,6 +1,6 @@
 """The MixSKD self-teacher h: aggregates the four heads' feature maps into soft labels.
 
-method.md section 4, Eq. (4): h(F_1..F_4) = Linear(GAP(Conv1x1(concat_channels(F_1..F_4)))), the 1x1 conv
+docs/method.md section 4, Eq. (4): h(F_1..F_4) = Linear(GAP(Conv1x1(concat_channels(F_1..F_4)))), the 1x1 conv
 4C -> C without bias, no normalisation or activation. Paper: Yang et al., ECCV 2022, section 3.4.
 """
 import torch

@@ -1,7 +1,8 @@
 """Stability benchmark: the first steps of real runs over a grid of settings (docs/stability.md).
 
-    python stability.py                                      # docs/stability.md's grid on the real CIFAR-10 subset
-    python stability.py --nets resnet18/64 --batch-sizes 64 --epochs 10 --amps off --steps 100 --trace
+    python stability.py --dataset path/to/cifar10_q75_10k.npz       # docs/stability.md's grid
+    python stability.py --dataset path/to/cifar10_q75_10k.npz --nets resnet18/64 --batch-sizes 64 --epochs 10 \
+        --amps off --steps 100 --trace
 
 Each case is a run as a user starts it: train.py's arguments parsed from the case's flags (so the defaults
 apply, the warmup among them), train.py's objective and optimiser, data.train_batches on real images,
@@ -31,7 +32,8 @@ GRID = {"nets": ["resnet18/64", "resnet18/16", "torchvision:resnet18", "torchvis
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="stability.py", description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
-    p.add_argument("--dataset", default="../shared/data/cifar10_q75_10k.npz", help="an .npz, as train.py's")
+    p.add_argument("--dataset", required=True, help="an .npz, as train.py's (docs/stability.md: the 10,000-image "
+                                                    "CIFAR-10 subset of docs/results.md)")
     p.add_argument("--train-images", type=int, default=640, help="the first N training images (0: all)")
     p.add_argument("--nets", nargs="+", default=GRID["nets"], help="ARCH/WIDTH for ours, or torchvision:NAME")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=GRID["batch_sizes"])

@@ -1,9 +1,10 @@
-"""Self-KD baselines checklist: one test per property of method.md section 12, smallest case that shows it.
+"""Self-KD baselines checklist: one test per property of docs/method.md section 12, smallest case that shows it.
 
 Each loss is checked against an independent derivation written here (explicit loops over samples,
 classes and heads; nothing from baselines.py or losses.kd), at T = 4 where a temperature enters, and
 each detach is checked on the gradients of leaf logits and feature maps.
 """
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import cli
 import data
 import errors
 import eval as evaluation
+import report
 import runtime
 import train
 from baselines import (BRANCHED, SELF_KD_METHODS, PredictionStore, SelfKDObjective, byot_loss, cs_kd_loss, dks_loss,
@@ -62,7 +65,7 @@ def close(a, b):
     torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), rtol=1e-5, atol=1e-6)
 
 
-# -------------------------------------------------------------------- method.md section 12.1: label smoothing
+# -------------------------------------------------------------------- docs/method.md section 12.1: label smoothing
 
 
 def test_12_1_targets_put_eps_over_c_minus_1_on_the_other_classes():
@@ -93,7 +96,7 @@ def test_12_1_soft_cross_entropy_with_one_hot_targets_is_cross_entropy():
     close(soft_cross_entropy(z, F.one_hot(y, CLASSES)), F.cross_entropy(z, y))
 
 
-# ------------------------------------------------------------------------------ method.md section 12.2: BYOT
+# ------------------------------------------------------------------------------ docs/method.md section 12.2: BYOT
 
 
 def test_12_2_byot_matches_reference():
@@ -123,7 +126,7 @@ def test_12_2_byot_backbone_learns_from_ce_alone_and_its_feature_map_only_teache
         close(f.grad, 0.05 * 2 * (f - feats[3]).detach() / f.numel())
 
 
-# ------------------------------------------------------------------------------- method.md section 12.3: DKS
+# ------------------------------------------------------------------------------- docs/method.md section 12.3: DKS
 
 
 def test_12_3_dks_sums_every_ordered_pair_of_heads():
@@ -147,7 +150,7 @@ def test_12_3_dks_every_head_learns_only_as_student():
         close(logits[h].grad, z.grad)
 
 
-# ----------------------------------------------------------------------------- method.md section 12.4: CS-KD
+# ----------------------------------------------------------------------------- docs/method.md section 12.4: CS-KD
 
 
 def test_12_4_cs_kd_matches_reference_and_the_partner_only_teaches():
@@ -194,7 +197,7 @@ def test_12_4_cs_kd_objective_forwards_partners_second_without_graph_and_bn_sees
         close(total, ref_ce(alone(x), y) + ref_kd(logits, alone(x_partner)))
 
 
-# ----------------------------------------------------------------------------- method.md section 12.5: PS-KD
+# ----------------------------------------------------------------------------- docs/method.md section 12.5: PS-KD
 
 
 def test_12_5_alpha_grows_linearly_to_alpha_T_at_the_last_epoch():
@@ -396,25 +399,38 @@ def test_12_5_targets_are_read_from_the_previous_epochs_predictions(tiny_npz, tm
 
 
 @pytest.mark.slow
-def test_12_5_resume_is_bitwise_exact_and_refused_without_its_store(tiny_npz, tmp_path):
+def test_12_5_an_interrupted_run_resumes_bitwise_and_is_refused_without_its_store(tiny_npz, tmp_path, monkeypatch):
+    """Two epochs straight, and two epochs stopped by Ctrl-C after the first and resumed with --resume alone:
+    the same weights and store, bit for bit, and one experiment to the results table. A last.pt whose store is
+    missing or of another shape is refused in one line and left as it was."""
     ps_kd_run(tiny_npz, tmp_path / "straight", "--epochs", "2", "--val-split", "16")
-    ps_kd_run(tiny_npz, tmp_path / "resumed", "--epochs", "1", "--val-split", "16")
-    one_epoch = (tmp_path / "resumed" / "last.pt").read_bytes()
-    (tmp_path / "copy").mkdir()
+    real_save = checkpoints.save_training
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "save_training", save_then_stop)
+    with pytest.raises(SystemExit):
+        ps_kd_run(tiny_npz, tmp_path / "resumed", "--epochs", "2", "--val-split", "16")
+    monkeypatch.setattr(checkpoints, "save_training", real_save)
     ckpt = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
-    assert ckpt["ps_kd_store"].shape == (240, 10)  # one row per image that trains, none held out
+    assert ckpt["epoch"] == 0 and ckpt["ps_kd_store"].shape == (240, 10)  # a row per image that trains
+    (tmp_path / "copy").mkdir()
     for broken, named in ((None, "holds no PS-KD store"), (torch.zeros(256, 10), "a PS-KD store of (256, 10)")):
         torch.save({**ckpt, "ps_kd_store": broken}, tmp_path / "copy" / "last.pt")
         kept = (tmp_path / "copy" / "last.pt").read_bytes()
-        with pytest.raises(errors.UserError, match=named.replace("(", r"\(").replace(")", r"\)")):
-            train.main(["--out", str(tmp_path / "copy"), "--resume", "--extend", "--epochs", "2"])
+        with pytest.raises(errors.UserError, match=re.escape(named)):
+            train.main(["--out", str(tmp_path / "copy"), "--resume"])
         assert (tmp_path / "copy" / "last.pt").read_bytes() == kept  # nothing overwritten
-    ps_kd_run(tiny_npz, tmp_path / "resumed", "--epochs", "2", "--val-split", "16", "--resume", "--extend")
-    assert one_epoch != (tmp_path / "resumed" / "last.pt").read_bytes()
+    train.main(["--out", str(tmp_path / "resumed"), "--resume"])
     straight, resumed = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "resumed"))
     assert torch.equal(straight["ps_kd_store"], resumed["ps_kd_store"])
     for k, v in straight["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
+    assert torch.load(tmp_path / "resumed" / "best.pt", weights_only=True)["ps_kd_store"] is None
+    runs = [report.read_run(tmp_path / run) for run in ("straight", "resumed")]
+    assert report.experiment(*runs[0][::2]) == report.experiment(*runs[1][::2])
 
 
 @pytest.mark.slow
@@ -431,3 +447,12 @@ def test_byot_and_dks_train_their_branches_deploy_the_backbone_and_eval_reports_
     evaluation.main([str(tmp_path / "last.pt")])
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
     assert rows == ["backbone", "branch1", "branch2", "branch3"]
+
+
+def test_its_kd_is_the_kd_of_losses_py():
+    """baselines.py carries its own copy of KD so that it can be copied alone: the same function."""
+    import losses
+    import baselines
+
+    student, teacher = leaves(BATCH, CLASSES, n=2)
+    close(baselines.kd(student, teacher, T), losses.kd(student, teacher, T))

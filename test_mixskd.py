@@ -76,7 +76,7 @@ def step_outputs(net, seed=0, mode="mixup"):
     return feats, logits, y, lam, perm
 
 
-# ---------------------------------------------------------------------------- method.md section 1: mixing
+# ---------------------------------------------------------------------------- docs/method.md section 1: mixing
 
 
 def test_lam_is_beta_distributed_in_open_interval():
@@ -143,7 +143,7 @@ def test_eq3_mix_ce_endpoints():
     torch.testing.assert_close(mix_ce(logits, y, 0.25, perm), expected)
 
 
-# ----------------------------------------------------------------------- method.md section 2: the network
+# ----------------------------------------------------------------------- docs/method.md section 2: the network
 
 
 @pytest.mark.parametrize("arch, backbone, branches, teacher, discs", [
@@ -564,7 +564,7 @@ def test_init_from_a_timm_vit_state_dict_resamples_its_position_embedding(tmp_pa
         checkpoints.init_from(str(tmp_path / "broken.safetensors"), net, None)
 
 
-# ------------------------------------------------- method.md section 3: interpolated and mixed quantities
+# ------------------------------------------------- docs/method.md section 3: interpolated and mixed quantities
 
 
 def test_lam_one_with_identity_pairing_has_no_mixup_signal():
@@ -586,7 +586,7 @@ def test_lam_one_with_identity_pairing_has_no_mixup_signal():
     torch.testing.assert_close(terms["kd"], backbone_alone, rtol=1e-5, atol=1e-6)
 
 
-# ------------------------------------------------------------------ method.md section 4: the self-teacher
+# ------------------------------------------------------------------ docs/method.md section 4: the self-teacher
 
 
 def test_eq4_self_teacher_is_linear_of_gap_of_conv1x1_of_concat():
@@ -597,7 +597,7 @@ def test_eq4_self_teacher_is_linear_of_gap_of_conv1x1_of_concat():
     assert teacher.conv.weight.shape == (6, 24, 1, 1) and teacher.conv.bias is None
 
 
-# ------------------------------------------------------------------------ method.md section 5: the losses
+# ------------------------------------------------------------------------ docs/method.md section 5: the losses
 
 # An independent derivation of Eqs. (5)-(10') from the recipe's text, to check losses.py against: it
 # imports nothing from losses.py or mixup.py (its own CE, KD, interpolation and BCE), and it writes the
@@ -629,7 +629,7 @@ def ref_objective(feats, logits, y, lam, perm, teacher, discs, recipe):
     """(terms, surrogate): the recipe's five terms, and a loss whose gradient is the recipe's update. Under
     `paper` every module descends L, but the features ascend L_adv while the discriminators descend it;
     under `official` L_mix is left out and the features descend L_adv (Eq. (10')); `official-imagenet`
-    (method.md section 9) is Eq. (10) with L_mix, the features descending L_adv as well (no reversal)."""
+    (docs/method.md section 9) is Eq. (10) with L_mix, the features descending L_adv as well (no reversal)."""
     b = len(y)
     f_bar, f_tilde = [ref_interp(f[:b], lam, perm) for f in feats], [f[b:] for f in feats]
     z_bar, z_tilde = [ref_interp(z[:b], lam, perm) for z in logits], [z[b:] for z in logits]
@@ -669,7 +669,7 @@ def pairing(lam, mode, n=BATCH, size=20):
 
 
 def trained_by_recipe(recipe, net, teacher, discs):
-    """method.md sections 5 and 9: `paper` trains everything, `official` the network alone, `official-imagenet`
+    """docs/method.md sections 5 and 9: `paper` trains everything, `official` the network alone, `official-imagenet`
     the network and the self-teacher (its discriminators stay fixed)."""
     modules = {"paper": (net, teacher, discs), "official": (net,), "official-imagenet": (net, teacher)}[recipe]
     return [p for m in modules for p in m.parameters()]
@@ -916,7 +916,7 @@ def test_overfits_one_small_batch(recipe):
     assert backbone_ce() < 0.4 * ce_before
 
 
-# -------------------------------------- method.md section 6: recipe `official`, the released CIFAR script
+# -------------------------------------- docs/method.md section 6: recipe `official`, the released CIFAR script
 
 
 def test_official_recipe_never_updates_self_teacher_or_discriminators():
@@ -971,7 +971,7 @@ def test_official_adv_gradient_is_opposite_of_paper():
         assert g_paper.abs().sum() > 0
 
 
-# ------------------------------------------------------------- method.md section 7: optimisation and data
+# ------------------------------------------------------------- docs/method.md section 7: optimisation and data
 
 
 @pytest.mark.parametrize("argv, alpha", [([], 0.4), (["--method", "mixup"], 0.4), (["--method", "cutmix"], 1.0),
@@ -986,7 +986,7 @@ def test_alpha_defaults_are_the_spec_and_released_ones(argv, alpha):
 
 @pytest.mark.parametrize("argv, steps, warmup, clip", [
     ([], 781, 3905, 0.0),  # the recipe's CIFAR-100 run: 5 epochs of 781 iterations, no clip
-    (["--dataset", "imagenet"], 10009, 5 * 10009, 0.0),  # method.md section 9
+    (["--dataset", "imagenet"], 10009, 5 * 10009, 0.0),  # docs/method.md section 9
     (["--epochs", "90"], 156, 500, 0.0),  # the recipe's share, 342 iterations, is below the floor
     (["--epochs", "10"], 10, 25, 2.0),  # 100 iterations in all: a quarter of them, and clipped
     (["--epochs", "205"], 10, 500, 0.0),  # a full-length run of a small dataset: the floor
@@ -1012,6 +1012,16 @@ def test_short_runs_place_two_distinct_milestones(epochs, milestones):
     """The recipe's decays at 105 and 155 of 205 epochs, at the same fractions of a shorter run, kept distinct
     (--epochs 3 was refused when both rounded to epoch 2)."""
     assert cli.parse_args(["--epochs", str(epochs)]).milestones == milestones
+
+
+def test_compile_auto_on_a_cpu_compiles_long_runs_and_says_when_it_cannot(monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    resolved = lambda steps: (runtime.speed_settings(args := cli.parse_args([]), cpu, steps), args.compile)[1]
+    assert (resolved(runtime.CPU_COMPILE_STEPS - 1), resolved(runtime.CPU_COMPILE_STEPS)) == ("off", "default")
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert resolved(10**6) == "off"
+    assert capsys.readouterr().err == ("note: --compile default needs a C++ compiler (no-such-compiler), which this "
+                                       "machine lacks: the run is eager\n")
 
 
 def test_no_default_warmup_is_zero_iterations():
@@ -1267,7 +1277,7 @@ def test_fast_step_matches_the_reference(method, recipe):
     ("cifar100", "cutmix", "paper", ("net",)),
 ])
 def test_optimiser_is_sgd_as_the_spec_sets_it(dataset, method, recipe, trains):
-    """method.md sections 7 and 9: SGD with momentum 0.9, Nesterov on CIFAR and not on ImageNet, weight decay
+    """docs/method.md sections 7 and 9: SGD with momentum 0.9, Nesterov on CIFAR and not on ImageNet, weight decay
     (5e-4 CIFAR, 1e-4 ImageNet) on every trained parameter; each recipe's modules, and only those, in it."""
     args = cli.parse_args(["--dataset", dataset, "--method", method, "--recipe", recipe, "--width", str(WIDTH)])
     objective, opt = train.build(args, CLASSES, torch.device("cpu"), torch.contiguous_format)
@@ -1284,7 +1294,7 @@ def test_optimiser_is_sgd_as_the_spec_sets_it(dataset, method, recipe, trains):
     assert len(in_opt) == sum(1 for p in objective.parameters() if p.requires_grad)
 
 
-# ----------------------------------------------------------- method.md section 8: the evaluation protocol
+# ----------------------------------------------------------- docs/method.md section 8: the evaluation protocol
 
 
 def test_ece_of_a_known_case():
@@ -1340,7 +1350,7 @@ def test_tensorboard_without_the_package_gives_a_one_line_hint(tmp_path, monkeyp
         checkpoints.tensorboard_writer(str(tmp_path), 0)
 
 
-# -------------------------------------------------------------------------- method.md section 9: ImageNet
+# -------------------------------------------------------------------------- docs/method.md section 9: ImageNet
 
 
 def test_imagenet_resnet50_is_torchvisions(tmp_path):
@@ -1357,7 +1367,7 @@ def test_imagenet_resnet50_is_torchvisions(tmp_path):
 
 
 def test_imagenet_stem_is_initialised_as_torchvision_cifar_as_pytorch():
-    """method.md sections 7 and 9: per layer, our ImageNet ResNet-50's conv weights have the spread of
+    """docs/method.md sections 7 and 9: per layer, our ImageNet ResNet-50's conv weights have the spread of
     torchvision's own initialisation (kaiming-normal, fan_out), BatchNorm weight 1 and bias 0, the
     branches likewise; the CIFAR network keeps PyTorch's default (kaiming-uniform, a = sqrt(5))."""
     import torchvision
@@ -1435,7 +1445,7 @@ def test_imagenet_official_recipe_trains_self_teacher_but_not_discriminators():
     optimised = {id(p) for group in opt.param_groups for p in group["params"]}
     assert all(id(p) in optimised for p in teacher.parameters())
     assert not any(id(p) in optimised for p in discs.parameters())
-    assert model.backbone.stem_relu  # the ImageNet stem keeps its ReLU (method.md section 9)
+    assert model.backbone.stem_relu  # the ImageNet stem keeps its ReLU (docs/method.md section 9)
     assert objective.recipe == "official-imagenet"
     net, teacher, discs = model, teacher, discs
     feats, logits, y, lam, perm = step_outputs_of(net, size=64)
@@ -1443,12 +1453,12 @@ def test_imagenet_official_recipe_trains_self_teacher_but_not_discriminators():
     torch.testing.assert_close(total.detach(), sum(terms.values()), rtol=1e-6, atol=1e-5)  # L_mix optimised
 
 
-# ----------------------------------------------------------- method.md section 10: the published numbers
+# ----------------------------------------------------------- docs/method.md section 10: the published numbers
 # Numbers to compare with, not behaviour: nothing to test here. The README says which were reproduced
 # (none at the paper's scale) and what ran instead.
 
 
-# ------------------------------------------------- method.md section 11: the released checkpoints' layout
+# ------------------------------------------------- docs/method.md section 11: the released checkpoints' layout
 
 
 def to_released_layout(net, teacher):
@@ -1486,7 +1496,7 @@ def test_released_checkpoint_maps_by_name(tmp_path):
 
 
 def test_released_imagenet_checkpoint_keeps_the_stem_relu(tmp_path):
-    """method.md sections 9 and 11: the released ImageNet network (7x7 stem, saved without `module.`) has the
+    """docs/method.md sections 9 and 11: the released ImageNet network (7x7 stem, saved without `module.`) has the
     stem ReLU, so its checkpoint maps onto a network with it and computes the same function."""
     torch.manual_seed(0)
     net = MixSKDNet("resnet50", CLASSES, WIDTH, stem_relu=True, stem="imagenet").eval()
@@ -1807,7 +1817,7 @@ def test_eval_per_class_gives_top1_per_class_and_the_confusion_matrix(run_dir, t
 @pytest.mark.parametrize("method", ["ce", "mixup", "cutmix"])
 def test_baselines_train_the_backbone_alone(method, tiny_npz, tmp_path, capsys):
     tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--method", method)
-    alpha = {"ce": None, "mixup": 0.4, "cutmix": 1.0}[method]  # method.md section 7, as released
+    alpha = {"ce": None, "mixup": 0.4, "cutmix": 1.0}[method]  # docs/method.md section 7, as released
     header, epoch_line = capsys.readouterr().out.splitlines()[:2]
     assert (" amp off " in header or " amp bf16 " in header) and "torch." not in header
     assert header.endswith("epochs 1..1, warmup 8 iterations, lr 0.1 in epoch 1")  # baselines are never clipped
@@ -2045,7 +2055,8 @@ def test_non_finite_loss_stops_naming_the_term_and_keeps_last_checkpoint(kept_ru
 @slow
 def test_an_extended_run_never_raises_its_lr_unless_milestones_say_so(tiny_npz, tmp_path, capsys):
     """Four epochs (lr 0.1, 0.1, 0.01, 0.001), extended to six: the default milestones of six epochs would put
-    epoch 5 back at 0.01; the extension stays at 0.001, and the header says so and how to choose otherwise."""
+    epoch 5 back at 0.01; the extension stays at 0.001, and the header says so and how to choose otherwise.
+    Resumed or extended, a run's seeds still form one row of the table."""
     run = lambda out, *extra: train.main(["--dataset", tiny_npz, "--width", "4", "--batch-size", "32",
                                           "--warmup-epochs", "1", "--out", str(out), *extra])
     run(tmp_path / "a", "--epochs", "4")
@@ -2054,9 +2065,9 @@ def test_an_extended_run_never_raises_its_lr_unless_milestones_say_so(tiny_npz, 
     run(tmp_path / "a", "--epochs", "6", "--resume", "--extend")
     header = capsys.readouterr().out.splitlines()[0]
     assert header.endswith("lr 0.001 in epochs 5-6 (an --extend keeps the lr at or below 0.001, its last; "
-                           "--milestones places its decays instead)")
+                           "--extend-schedule new follows the new schedule)")
     assert [round(r["lr"], 6) for r in metric_lines(tmp_path / "a")] == [0.1, 0.1, 0.01, 0.001, 0.001, 0.001]
-    run(tmp_path / "b", "--epochs", "6", "--resume", "--extend", "--milestones", "5")
+    run(tmp_path / "b", "--epochs", "6", "--resume", "--extend", "--milestones", "5", "--extend-schedule", "new")
     assert [round(r["lr"], 6) for r in metric_lines(tmp_path / "b")][4:] == [0.1, 0.01]  # asked for
 
 
@@ -2100,8 +2111,8 @@ def test_a_bf16_run_resumed_under_fp16_starts_a_fresh_grad_scaler(run_dir, tmp_p
     "The source state dict is empty"."""
     real = runtime.speed_settings
 
-    def fp16_scaler(args, device):
-        speed = real(args, device)
+    def fp16_scaler(args, device, run_steps=0):
+        speed = real(args, device, run_steps)
         speed.scaler = torch.amp.GradScaler("cpu", enabled=True)
         return speed
 
@@ -2376,10 +2387,54 @@ def test_help_shows_each_default_once_and_every_flag_has_help():
 @pytest.mark.parametrize("arch", ["resnet18", "torchvision:mobilenet_v3_small"])
 def test_bench_says_when_its_estimate_is_rough(arch, capsys):
     bench.main(["--arch", arch, "--width", "4", "--batch-size", "4", "--steps", "1", "--warmup", "0",
-                "--device", "cpu", "--amp", "off"])
+                "--device", "cpu", "--amp", "off", "--compile", "off"])
     out = capsys.readouterr().out
     header = f"{arch} width 4, cifar stem," if arch == "resnet18" else f"{arch}, 32 px"  # width: ours only
     assert header in out and "1 timed step after 0" in out and "rough, from 1 timed step" in out
+
+
+@slow
+def test_bench_times_every_method_and_the_plain_way_where_there_is_one(capsys):
+    bench.main(["--method", "all", "--baseline", "--width", "4", "--batch-size", "4", "--steps", "1", "--warmup", "1",
+                "--device", "cpu", "--amp", "off", "--compile", "off", "--workers", "0", "--json"])
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [r["method"] for r in results if r["mode"] == "fast"] == list(cli.METHODS)
+    assert [r["method"] for r in results if r["mode"] == "baseline"] == list(bench.PLAIN)
+    assert all(("speedup" in r) == (r["method"] in bench.PLAIN) for r in results if r["mode"] == "fast")
+    assert all(r["ms_per_step"] > 0 and r["first_step_s"] > 0 for r in results)
+
+
+def test_readme_evaluates_the_run_its_first_try_writes():
+    """The commands of "Evaluate, predict, deploy" name the folder the first try trains into."""
+    out = cli.parse_args(shlex.split(readme_block("### A first try", "bash").split("&&")[0])[2:]).out
+    calls = [argv for tool, argv in tool_commands(readme_block("### Evaluate, predict, deploy", "bash"))]
+    named = [evaluation.parse_args(argv).checkpoint for argv in calls if not argv[0].startswith(("released", "--"))]
+    assert named and all(path.startswith(f"{out}/") for path in named)
+
+
+def test_a_folder_whose_first_image_cannot_be_read_or_that_holds_none_is_one_line(tmp_path):
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(errors.UserError, match="holds no images in class folders"):
+        cli.parse_args(["--dataset", str(tmp_path / "empty")])
+    (tmp_path / "bad" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "bad" / "train" / "cat" / "0.jpg").write_bytes(b"\xff\xd8\xff not a whole jpeg")
+    with pytest.raises(errors.UserError, match="cannot read the image .*0.jpg"):
+        cli.parse_args(["--dataset", str(tmp_path / "bad")])
+
+
+def test_milestones_are_refused_when_resuming_a_cosine_run(tmp_path):
+    torch.save({"args": {"schedule": "cosine", "epochs": 4, "dataset": "imagenet"}}, tmp_path / "last.pt")
+    argv = ["--out", str(tmp_path), "--resume", "--extend", "--epochs", "6", "--milestones", "5"]
+    with pytest.raises(errors.UserError, match="follows the cosine schedule, which has no decays"):
+        cli.resume_arguments(cli.parse_args(argv), argv)
+
+
+def test_the_cifar_setting_reads_only_small_images_into_memory(image_folder, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--dataset", "imagenet", "--setting", "cifar"])
+    assert "--setting cifar reads the images into memory, and these are 224 px" in capsys.readouterr().err
+    assert cli.parse_args(["--dataset", "imagenet", "--setting", "cifar", "--image-size", "32"]).stem == "cifar"
+    assert cli.parse_args(["--dataset", str(image_folder), "--image-size", "96"]).setting == "imagenet"
 
 
 @slow
@@ -2429,7 +2484,8 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_npz, tmp_path):
     import time
 
     out = tmp_path / "run"
-    argv = ["--dataset", tiny_npz, "--width", "4", "--batch-size", "32", "--epochs", "500", "--out", str(out)]
+    argv = ["--dataset", tiny_npz, "--width", "4", "--batch-size", "32", "--epochs", "500", "--compile", "off",
+            "--out", str(out)]
     process = subprocess.Popen([sys.executable, str(HERE / "train.py"), *argv], cwd=tmp_path, text=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120

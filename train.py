@@ -47,11 +47,11 @@ EXTRA = {"cs-kd": "partner", "ps-kd": "index"}  # what a method's batches carry 
 
 def build(args, num_classes, device, memory_format, image_size=None):
     """The run's objective (the network, with its branches for MixSKD, BYOT and DKS; for MixSKD also the
-    self-teacher and the discriminators) and one SGD over what it trains (method.md sections 7, 9 and 12). image_size:
-    the side of the images, for the transformers that are built for one input size."""
+    self-teacher and the discriminators) and one SGD over what it trains (docs/method.md sections 7, 9, 12).
+    image_size: the side of the images, for the transformers that are built for one input size."""
     # the released ImageNet script optimises L_mix and keeps the stem ReLU, its CIFAR script does neither
     recipe = "official-imagenet" if args.recipe == "official" and args.stem == "imagenet" else args.recipe
-    stem_relu = not (args.method == "mixskd" and recipe == "official")  # method.md section 6, item 5
+    stem_relu = not (args.method == "mixskd" and recipe == "official")  # docs/method.md section 6, item 5
     heads = args.method in ("mixskd", *BRANCHED)
     net = network(args.arch, num_classes, args.width, stem_relu, args.stem, heads, image_size)
     if args.method == "mixskd":
@@ -91,10 +91,12 @@ def setup(args, rank, world, device):
     """Everything that runs once: data, objective, optimiser, resume or init-from, metrics file, header."""
     run = SimpleNamespace(args=args, rank=rank, world=world, device=device, main=rank == 0, best={"top1": -1.0},
                           start_epoch=0, last=os.path.join(args.out, "last.pt"),
-                          metrics=os.path.join(args.out, "metrics.jsonl"), speed=runtime.speed_settings(args, device))
+                          metrics=os.path.join(args.out, "metrics.jsonl"))
     runtime.seed_all(args.seed)  # the same initialisation on every rank (DDP also broadcasts rank 0's)
     run.data = data = hold_out(load_dataset(args.dataset, args.data, device, args.image_size, args.workers,
                                             in_memory=args.setting == "cifar"), args.val_split, args.seed)
+    run.steps = steps_per_epoch(data, args.batch_size, world)
+    run.speed = runtime.speed_settings(args, device, run.steps * args.epochs)
     runtime.check_writable(args.out, rank)
     if args.method == "cs-kd" and run.main:
         note_single_image_classes(data)
@@ -110,8 +112,8 @@ def setup(args, rank, world, device):
                                                        run.speed.scaler, device, rank, run.store)
     elif args.init_from:
         checkpoints.init_from(args.init_from, net, teacher)
-    if args.extend:  # the extension never raises the lr above its last, unless its decays were given
-        args.lr_ceiling = None if args.milestones_given else run.opt.param_groups[0]["lr"]
+    if args.extend:  # the extension never raises the lr above its last, unless asked to
+        args.lr_ceiling = None if args.extend_schedule == "new" else run.opt.param_groups[0]["lr"]
         args.extended_at = run.start_epoch
     run.step_fn = runtime.wrap(run.objective, args, device, world)
     if run.main:
@@ -119,7 +121,6 @@ def setup(args, rank, world, device):
     run.tensorboard = None  # rank 0 alone writes files
     if args.tensorboard and run.main:
         run.tensorboard = checkpoints.tensorboard_writer(args.out, run.start_epoch)
-    run.steps = steps_per_epoch(data, args.batch_size, world)
     if run.main and (dropped := data.n_train - run.steps * args.batch_size * world) > 0.1 * data.n_train:
         print(f"note: each epoch trains on {data.n_train - dropped} of the {data.n_train} training images and drops "
               f"the other {dropped} (its last, incomplete batch of --batch-size {args.batch_size}): a smaller batch "
@@ -131,27 +132,32 @@ def setup(args, rank, world, device):
     run.images = args.batch_size * world  # clean images per step
     run.n_trained = sum(p.numel() for p in run.objective.parameters() if p.requires_grad)
     run.n_deployed = sum(p.numel() for p in run.backbone.parameters())
-    if not run.main:
-        return run
+    if run.main:
+        print(header(run, net), flush=True)
+    return run
+
+
+def header(run, net):
+    """The run's first line: what trains, on what, how fast, for how long, at which lr."""
+    args, data = run.args, run.data
     spec_batch = " (the recipe: 128 on ImageNet)" if args.dataset == "imagenet" and run.images != 128 else ""
     heads = len(net.branches) + 1 if hasattr(net, "branches") else 1
-    print(f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''}"
-          f"{f' alpha {args.alpha}' if args.method in ('mixskd', 'mixup', 'cutmix') else ''}"
-          f"{f' T {args.temperature:g}' if args.temperature else ''} | {args.arch}"
-          f"{'' if ':' in args.arch else f' width {args.width}'}, "
-          f"{f'backbone and {heads - 1} branches' if heads > 1 else 'the backbone alone'}"
-          f" on {data.name} ({args.setting} setting, {data.image_size} px; {data.n_train} train, "
-          f"{f'{data.n_val} validation, ' if data.n_val else ''}{data.n_test} test, {data.num_classes} classes) | "
-          f"{run.world} x {run.device.type} amp {run.speed.amp} "
-          f"channels_last {run.speed.memory_format == torch.channels_last} compile {args.compile} | batch "
-          f"{args.batch_size} per process, {run.images} in all{spec_batch} | {run.n_trained:,} trained params, "
-          f"{run.n_deployed:,} deployed | epochs {run.start_epoch + 1}..{args.epochs}, warmup "
-          f"{(w := warmup_iterations(args, run.steps))} iteration{'s' * (w != 1)},"
-          f"{f' gradient norm clipped to {run.clip:g},' * bool(run.clip)}"
-          f" {schedule_text(args, run.steps, run.start_epoch)}"
-          + (f" (an --extend keeps the lr at or below {args.lr_ceiling:.3g}, its last; --milestones places its "
-             f"decays instead)" if args.extend and args.lr_ceiling is not None else ""), flush=True)
-    return run
+    return (f"{args.method}{' ' + args.recipe if args.method == 'mixskd' else ''}"
+            f"{f' alpha {args.alpha}' if args.method in ('mixskd', 'mixup', 'cutmix') else ''}"
+            f"{f' T {args.temperature:g}' if args.temperature else ''} | {args.arch}"
+            f"{'' if ':' in args.arch else f' width {args.width}'}, "
+            f"{f'backbone and {heads - 1} branches' if heads > 1 else 'the backbone alone'}"
+            f" on {data.name} ({args.setting} setting, {data.image_size} px; {data.n_train} train, "
+            f"{f'{data.n_val} validation, ' if data.n_val else ''}{data.n_test} test, {data.num_classes} classes) | "
+            f"{run.world} x {run.device.type} amp {run.speed.amp} "
+            f"channels_last {run.speed.memory_format == torch.channels_last} compile {args.compile} | batch "
+            f"{args.batch_size} per process, {run.images} in all{spec_batch} | {run.n_trained:,} trained params, "
+            f"{run.n_deployed:,} deployed | epochs {run.start_epoch + 1}..{args.epochs}, warmup "
+            f"{(w := warmup_iterations(args, run.steps))} iteration{'s' * (w != 1)},"
+            f"{f' gradient norm clipped to {run.clip:g},' * bool(run.clip)}"
+            f" {schedule_text(args, run.steps, run.start_epoch)}"
+            + (f" (an --extend keeps the lr at or below {args.lr_ceiling:.3g}, its last; --extend-schedule new "
+               f"follows the new schedule)" if args.extend and args.lr_ceiling is not None else ""))
 
 
 def train_step(objective, opt, speed, x, y, args, clip=0.0, extra=None):
@@ -164,7 +170,7 @@ def train_step(objective, opt, speed, x, y, args, clip=0.0, extra=None):
     inputs, lam, perm = x, None, None
     if args.method in ("mixskd", "mixup", "cutmix"):
         x_mix, perm, lam = mix_batch(x, args.alpha, args.mix if args.method == "mixskd" else args.method)
-        # MixSKD forwards clean and mixed images in one pass, so BatchNorm sees both (method.md section 2)
+        # MixSKD forwards clean and mixed images in one pass, so BatchNorm sees both (docs/method.md section 2)
         inputs = torch.cat([x, x_mix]) if args.method == "mixskd" else x_mix
         lam = torch.full((), lam, device=x.device)
     if speed.cudagraphs:
@@ -299,7 +305,7 @@ def end_epoch(run, epoch, means, lr, epoch_time):
 
 
 def finish(run):
-    """deploy.pt (the backbone alone) and summary.json (method.md section 8: each number labelled)."""
+    """deploy.pt (the backbone alone) and summary.json (docs/method.md section 8: each number labelled)."""
     digests = runtime.all_ranks(runtime.parameter_digest(run.objective), run.world)
     if not run.main:
         return
