@@ -106,7 +106,12 @@ def grouped_runs(run_dirs):
         labelled.append((label + (f" ({', '.join(differs)})" if differs else ""),
                          sorted(runs, key=lambda run: run[0]["seed"])))
     order = lambda label: METHOD_ORDER.index(label.split(" (")[0]) if label.split(" (")[0] in METHOD_ORDER else 99
-    return sorted(labelled, key=lambda group: (order(group[0]), group[0]))
+    labelled = sorted(labelled, key=lambda group: (order(group[0]), group[0]))
+    seen = {}  # groups that differ only in what a label shortens (a file's folder) stay apart, numbered
+    for i, (label, runs) in enumerate(labelled):
+        seen[label] = seen.get(label, 0) + 1
+        labelled[i] = (f"{label} #{seen[label]}" if seen[label] > 1 else label, runs)
+    return labelled
 
 
 def shown_value(value):
