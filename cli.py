@@ -280,4 +280,6 @@ def resume_arguments(args, argv):
     keep.setdefault("setting", saved.get("stem", "cifar"))  # a run saved before --setting: its stem's recipe
     if "dataset" in given:  # the same dataset, perhaps moved: the path as given now
         keep["dataset"] = given["dataset"]
+    # how the run logs stays as it was unless given anew (speed flags are resolved again for this machine)
+    keep.update({key: saved[key] for key in ("tensorboard", "log_every") if key in saved and key not in given})
     return argparse.Namespace(**{**vars(args), **keep})

@@ -1697,16 +1697,26 @@ def test_tensorboard_holds_every_number_of_metrics_jsonl(run_dir):
 
 
 @slow
-def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path):
-    """The same validation split, weights and metrics; TensorBoard, like metrics.jsonl, drops what a process
-    logged after the checkpoint it resumes."""
-    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--val-split", "64", *TENSORBOARD)
+def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path, monkeypatch):
+    """A two-epoch run stopped by Ctrl-C after its first checkpoint, resumed with --resume alone: the same
+    validation split, weights and metrics as the straight run; TensorBoard, like metrics.jsonl, drops what a
+    process logged after the checkpoint it resumes."""
+    real_save = checkpoints.save_training
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "save_training", save_then_stop)
+    with pytest.raises(SystemExit):
+        tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--val-split", "64", *TENSORBOARD)
+    monkeypatch.setattr(checkpoints, "save_training", real_save)
     if HAS_TENSORBOARD:
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(str(tmp_path)) as stale:  # as if a process had died after logging epoch 2
             stale.add_scalar("lr", 123.0, 2)
-    tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--val-split", "64", "--resume", "--extend", *TENSORBOARD)
+    train.main(["--out", str(tmp_path), "--resume"])
     for name in ("last.pt", "best.pt"):
         straight = torch.load(run_dir / name, weights_only=True)
         resumed = torch.load(tmp_path / name, weights_only=True)
