@@ -25,3 +25,25 @@ def tiny_npz(tmp_path_factory):
                   "y_test": np.arange(128) % 10, "class_names": np.array([f"class{k}" for k in range(10)])}
     np.savez(path, **arrays)
     return str(path)
+
+
+@pytest.fixture
+def stopped_after_first_checkpoint(monkeypatch):
+    """stopped(run, *args): calls run(*args), a train.py run, as if Ctrl-C came right after its first
+    checkpoint (train.py then exits with status 130)."""
+    import checkpoints
+
+    def stopped(run, *args):
+        real_save = checkpoints.save_training
+
+        def save_then_stop(*save_args, **kwargs):
+            real_save(*save_args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(checkpoints, "save_training", save_then_stop)
+        with pytest.raises(SystemExit) as e:
+            run(*args)
+        monkeypatch.setattr(checkpoints, "save_training", real_save)
+        assert e.value.code == 130
+
+    return stopped

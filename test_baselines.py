@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoints
 import cli
 import data
 import errors
@@ -399,21 +398,13 @@ def test_12_5_targets_are_read_from_the_previous_epochs_predictions(tiny_npz, tm
 
 
 @pytest.mark.slow
-def test_12_5_an_interrupted_run_resumes_bitwise_and_is_refused_without_its_store(tiny_npz, tmp_path, monkeypatch):
+def test_12_5_an_interrupted_run_resumes_bitwise_and_is_refused_without_its_store(tiny_npz, tmp_path,
+                                                                                  stopped_after_first_checkpoint):
     """Two epochs straight, and two epochs stopped by Ctrl-C after the first and resumed with --resume alone:
     the same weights and store, bit for bit, and one experiment to the results table. A last.pt whose store is
     missing or of another shape is refused in one line and left as it was."""
     ps_kd_run(tiny_npz, tmp_path / "straight", "--epochs", "2", "--val-split", "16")
-    real_save = checkpoints.save_training
-
-    def save_then_stop(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoints, "save_training", save_then_stop)
-    with pytest.raises(SystemExit):
-        ps_kd_run(tiny_npz, tmp_path / "resumed", "--epochs", "2", "--val-split", "16")
-    monkeypatch.setattr(checkpoints, "save_training", real_save)
+    stopped_after_first_checkpoint(ps_kd_run, tiny_npz, tmp_path / "resumed", "--epochs", "2", "--val-split", "16")
     ckpt = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["ps_kd_store"].shape == (240, 10)  # a row per image that trains
     (tmp_path / "copy").mkdir()

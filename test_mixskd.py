@@ -1697,20 +1697,11 @@ def test_tensorboard_holds_every_number_of_metrics_jsonl(run_dir):
 
 
 @slow
-def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path, monkeypatch):
+def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path, stopped_after_first_checkpoint):
     """A two-epoch run stopped by Ctrl-C after its first checkpoint, resumed with --resume alone: the same
     validation split, weights and metrics as the straight run; TensorBoard, like metrics.jsonl, drops what a
     process logged after the checkpoint it resumes."""
-    real_save = checkpoints.save_training
-
-    def save_then_stop(*args, **kwargs):
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoints, "save_training", save_then_stop)
-    with pytest.raises(SystemExit):
-        tiny_run(tiny_npz, tmp_path, "--epochs", "2", "--val-split", "64", *TENSORBOARD)
-    monkeypatch.setattr(checkpoints, "save_training", real_save)
+    stopped_after_first_checkpoint(tiny_run, tiny_npz, tmp_path, "--epochs", "2", "--val-split", "64", *TENSORBOARD)
     if HAS_TENSORBOARD:
         from torch.utils.tensorboard import SummaryWriter
 
