@@ -246,9 +246,9 @@ def main(argv=None):
                             "images_per_s": args.batch_size / seconds, "peak_memory_mib": memory,
                             "first_step_s": first, "projected_205_epochs_min": seconds * SPEC_STEPS / 60})
             del step
-    for fast in (r for r in results if r["mode"] == "baseline"):
-        ours = next(r for r in results if r["method"] == fast["method"] and r["mode"] == "fast")
-        ours["speedup"] = fast["ms_per_step"] / ours["ms_per_step"]
+    for plain in (r for r in results if r["mode"] == "baseline"):
+        ours = next(r for r in results if r["method"] == plain["method"] and r["mode"] == "fast")
+        ours["speedup"] = plain["ms_per_step"] / ours["ms_per_step"]
     report = {"device": name, "torch": torch.__version__, "arch": args.arch, "width": args.width,
               "stem": "the network's own" if ":" in args.arch else args.stem, "image_size": args.image_size,
               "batch_size": args.batch_size, "recipe": args.recipe, "warmup": warmup, "steps": steps,
