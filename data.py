@@ -200,21 +200,28 @@ def image_folder(folder, transform):
 def checked(loader, dataset, limit=20_000):
     """The batches of a DataLoader over an image folder; an image that cannot be read ends it with one line that
     names the file and how many of the folder's other files cannot be read either (all checked when there are at
-    most `limit`), instead of a traceback from the worker."""
+    most `limit`), instead of a traceback from the worker. The workers have ended when it is raised: the worker's
+    exception holds them in a reference cycle, and a later garbage collection (in a notebook, a test) stopped them
+    5 s each."""
+    batches = iter(loader)
     try:
-        yield from loader
+        yield from batches
+        return
     except UnreadableImage as e:
-        found = re.findall(r"unreadable image:\t(.*)\t(.*)$", str(e), re.M)  # tabs: any file name parses
-        path, why = found[-1] if found else (str(e), "")
-        while not hasattr(dataset, "samples") and hasattr(dataset, "dataset"):  # a Subset, WithExtra
-            dataset = dataset.dataset
-        files = [p for p, _ in getattr(dataset, "samples", [])]
-        if len(files) <= limit:
-            others = sum(1 for p in files if p != path and not readable(p))
-            also = f"{others} of the other {len(files) - 1} files in it cannot be read either"
-        else:
-            also = f"the other {len(files) - 1} files were not checked"
-        raise UserError(f"cannot read the image {path} ({why}); {also}: remove or replace them") from None
+        text = str(e)
+        e.__traceback__ = None  # its frames hold the iterator, in a reference cycle through the exception
+    del batches  # the workers end here, by reference count (at a collection they would take 5 s)
+    found = re.findall(r"unreadable image:\t(.*)\t(.*)$", text, re.M)  # tabs: any file name parses
+    path, why = found[-1] if found else (text, "")
+    while not hasattr(dataset, "samples") and hasattr(dataset, "dataset"):  # a Subset, WithExtra
+        dataset = dataset.dataset
+    files = [p for p, _ in getattr(dataset, "samples", [])]
+    if len(files) <= limit:
+        others = sum(1 for p in files if p != path and not readable(p))
+        also = f"{others} of the other {len(files) - 1} files in it cannot be read either"
+    else:
+        also = f"the other {len(files) - 1} files were not checked"
+    raise UserError(f"cannot read the image {path} ({why}); {also}: remove or replace them")
 
 
 def readable(path):

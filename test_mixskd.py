@@ -8,12 +8,14 @@ import ast
 import copy
 import importlib.util
 import json
+import multiprocessing
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1696,12 +1698,19 @@ def test_tensorboard_holds_every_number_of_metrics_jsonl(run_dir):
             assert event.value == pytest.approx(value, rel=1e-6), tag  # TensorBoard keeps float32
 
 
+def tensorboard_threads():
+    """How many TensorBoard event writers (one thread each) are running in this process."""
+    return sum("tensorboard" in type(t).__module__ for t in threading.enumerate())
+
+
 @slow
 def test_resume_is_bitwise_exact(run_dir, tiny_npz, tmp_path, stopped_after_first_checkpoint):
     """A two-epoch run stopped by Ctrl-C after its first checkpoint, resumed with --resume alone: the same
     validation split, weights and metrics as the straight run; TensorBoard, like metrics.jsonl, drops what a
     process logged after the checkpoint it resumes."""
+    writers = tensorboard_threads()
     stopped_after_first_checkpoint(tiny_run, tiny_npz, tmp_path, "--epochs", "2", "--val-split", "64", *TENSORBOARD)
+    assert tensorboard_threads() == writers, "the stopped run left its TensorBoard writer running"
     if HAS_TENSORBOARD:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -2280,6 +2289,7 @@ def test_an_unreadable_image_in_a_folder_is_one_line_naming_it(image_folder, tmp
         assert str(e.value).endswith(f"1 of the other {files - 1} files in it cannot be read either: remove or "
                                      f"replace them") and "\n" not in str(e.value) and named
         assert not (out / "last.pt").exists()
+        assert not multiprocessing.active_children(), "the error kept the DataLoader's workers alive"
 
 
 @slow

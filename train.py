@@ -82,7 +82,12 @@ def main(argv=None):
         return print(complete)
     try:
         with runtime.processes(args) as (rank, world, device), runtime.cleanup_failed_start(args.out, rank):
-            train(setup(args, rank, world, device))
+            run = setup(args, rank, world, device)
+            try:
+                train(run)
+            finally:  # also when the run stops early: its writer's thread ends with it
+                if run.tensorboard:
+                    run.tensorboard.close()
     except KeyboardInterrupt:  # one line, not a traceback: where the run stands and how to resume it
         sys.exit(runtime.interrupted(args, sys.argv[1:] if argv is None else argv))
 
@@ -317,8 +322,6 @@ def finish(run):
          "data": {"dataset": run.meta["dataset_path"] or args.dataset, "num_classes": data.num_classes,
                   "n_train": data.n_train, "n_val": data.n_val, "n_test": data.n_test, "image_size": data.image_size}}
     checkpoints.write_json_atomic(s, f"{args.out}/summary.json")
-    if run.tensorboard:
-        run.tensorboard.close()
     print(f"final backbone top-1 {s['headline_final_backbone_top1']:.2f} (headline) | best epoch "
           f"{s['best_backbone_epoch']} (chosen on {s['best_epoch_chosen_on']}): test top-1 "
           f"{s['best_backbone_top1']:.2f} | released code's metric "
