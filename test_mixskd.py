@@ -1294,6 +1294,19 @@ def test_optimiser_is_sgd_as_the_spec_sets_it(dataset, method, recipe, trains):
         assert all(inside) if name in trains else not any(inside), name
         assert all(p.requires_grad == (name in trains) for p in module.parameters()), name
     assert len(in_opt) == sum(1 for p in objective.parameters() if p.requires_grad)
+    # two updates by the rule of section 7 (torch's SGD: the momentum buffer starts as the first gradient)
+    params = group["params"]
+    expected, buffers = [p.detach().clone() for p in params], [None] * len(params)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        for k, p in enumerate(params):
+            g = p.grad + group["weight_decay"] * expected[k]
+            buffers[k] = g.clone() if buffers[k] is None else 0.9 * buffers[k] + g
+            expected[k] = expected[k] - 0.1 * (g + 0.9 * buffers[k] if group["nesterov"] else buffers[k])
+        opt.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e)
 
 
 # ----------------------------------------------------------- docs/method.md section 8: the evaluation protocol
