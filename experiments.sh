@@ -9,6 +9,10 @@
 #   JOBS=10 bash experiments.sh                                 # ten runs at once (one GPU)
 #   SEEDS="0 1 2" RUNS=runs/three-seeds bash experiments.sh
 #   SEEDS=2 METHODS="ce mixskd-paper" bash experiments.sh     # a third seed for two methods
+#   ARCH=torchvision:resnet18 WIDTH= WARMUP= EPOCHS=15 METHODS="ce mixskd-paper" RUNS=runs/library bash experiments.sh
+#
+# ARCH, WIDTH (empty: the network's own, as for torchvision:/timm: networks), WARMUP (warmup epochs; empty:
+# train.py's default) and EPOCHS set the network and the length; the defaults are the table's.
 #
 # A finished run (summary.json) is skipped and an interrupted one resumed, so rerunning continues.
 # With JOBS=n each job gets (cores / n) CPU threads (OMP_NUM_THREADS), since n jobs of one thread per
@@ -20,6 +24,9 @@ RUNS=${RUNS:-runs/cpu-budget}
 SEEDS=${SEEDS:-"0 1"}
 JOBS=${JOBS:-1}
 EPOCHS=${EPOCHS:-90}
+ARCH=${ARCH:-resnet18}
+WIDTH=${WIDTH-16}
+WARMUP=${WARMUP-5}
 METHODS=${METHODS:-"ce label-smooth mixup cutmix byot dks cs-kd ps-kd mixskd-paper mixskd-official"}
 PYTHON=${PYTHON:-python}
 cores=$(env -u OMP_NUM_THREADS nproc)  # nproc alone would echo OMP_NUM_THREADS
@@ -35,8 +42,9 @@ for seed in $SEEDS; do
     [ -f "$dir/summary.json" ] && continue
     resume=""
     [ -f "$dir/last.pt" ] && resume="--resume"
-    echo "$PYTHON train.py --dataset $DATA --width 16 --batch-size 64 --epochs $EPOCHS --warmup-epochs 5 \
---seed $seed --method $method --out $dir $resume > $dir.log 2>&1 || echo failed: $dir, see $dir.log"
+    echo "$PYTHON train.py --arch $ARCH ${WIDTH:+--width $WIDTH} --dataset $DATA --batch-size 64 --epochs $EPOCHS \
+${WARMUP:+--warmup-epochs $WARMUP} --seed $seed --method $method --out $dir $resume > $dir.log 2>&1 \
+|| echo failed: $dir, see $dir.log"
   done
 done | tr '\n' '\0' | xargs -0 -P "$JOBS" -I{} bash -c {}
 

@@ -128,6 +128,30 @@ def non_finite_tensors(objective):
     return [name for name, t in tensors if not torch.isfinite(t).all()]
 
 
+def provenance(device):
+    """What made a run's numbers: the code's git revision (None outside a git checkout; "dirty" when files
+    differ from it), the device's name, torch's version."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True, timeout=10).stdout.strip()
+    try:
+        revision, dirty = git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        revision, dirty = None, False
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    return {"git_revision": revision, "git_dirty": dirty, "device_name": name, "torch": torch.__version__}
+
+
+def cpu_name():
+    """The CPU's model name (Linux: /proc/cpuinfo), else "CPU"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
+    except OSError:
+        return "CPU"
+
+
 def parameter_digest(*modules):
     """sha256 of every parameter's bytes: equal on all ranks exactly when the replicas agree."""
     h = hashlib.sha256()

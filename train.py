@@ -318,7 +318,8 @@ def finish(run):
     checkpoints.save_atomic({"meta": run.meta, "backbone": run.backbone.state_dict()}, f"{args.out}/deploy.pt")
     s = {**report.summarise(checkpoints.read_metrics(run.metrics)), "trained_params": run.n_trained,
          "deployed_params": run.n_deployed, "wall_time_s_this_process": time.time() - run.start_time,
-         "processes": run.world, "parameter_sha256_per_rank": digests, "args": vars(args),
+         "processes": run.world, "parameter_sha256_per_rank": digests, **runtime.provenance(run.device),
+         "args": vars(args),
          "data": {"dataset": run.meta["dataset_path"] or args.dataset, "num_classes": data.num_classes,
                   "n_train": data.n_train, "n_val": data.n_val, "n_test": data.n_test, "image_size": data.image_size}}
     checkpoints.write_json_atomic(s, f"{args.out}/summary.json")
