@@ -139,8 +139,7 @@ class PredictionStore:
 
 class SelfKDObjective(nn.Module):
     """The objective of one step of a Self-KD baseline (docs/method.md section 12), shaped like
-    losses.BaselineObjective: forward(inputs, y, lam=None, perm=None, extra=None) -> (total, terms,
-    backbone logits on `inputs`). lam and perm are unused: these baselines do not mix.
+    losses.BaselineObjective: forward(inputs, y, extra=None) -> (total, terms, backbone logits on `inputs`).
 
     net: for "byot" and "dks" a network returning (feats, logits) over heads, backbone last
     (model.MixSKDNet or model.StagedMixSKDNet); otherwise a classifier returning logits.
@@ -154,7 +153,7 @@ class SelfKDObjective(nn.Module):
         check_method(method)
         self.net, self.method, self.temperature = net, method, temperature
 
-    def forward(self, inputs, y, lam=None, perm=None, extra=None):
+    def forward(self, inputs, y, extra=None):
         if self.method in BRANCHED:
             feats, logits = self.net(inputs)
             if self.method == "byot":

@@ -24,12 +24,12 @@ from PIL import Image
 
 import cli
 import runtime
-from errors import ArgumentParser, run_cli
 import train
-from baselines import PredictionStore
 from data import STATS, pixel_stats, train_batches
-from losses import RECIPES
+from errors import ArgumentParser, run_cli
+from methods import METHODS, RECIPES
 from mixup import mix_batch
+from settings import resolve
 
 SPEC_STEPS = 50_000 // 64 * 205  # the recipe's CIFAR-100 run: 781 steps per epoch, 205 epochs
 PLAIN = ("mixskd", "ce", "mixup", "cutmix")  # the methods whose plain way plain_step writes
@@ -44,9 +44,9 @@ def parser():
     p.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"), help="our ResNets' stem")
     p.add_argument("--image-size", type=int, default=32, help="side of the synthetic square images")
     p.add_argument("--batch-size", type=int, default=64, help="clean images per step")
-    p.add_argument("--method", nargs="+", default=["mixskd"], choices=("all", *cli.METHODS),
+    p.add_argument("--method", nargs="+", default=["mixskd"], choices=("all", *METHODS),
                    help="as train.py's --method; several, or all, are timed one after the other in one process")
-    p.add_argument("--recipe", default="paper", choices=RECIPES[:2], help="as train.py's --recipe")
+    p.add_argument("--recipe", default="paper", choices=RECIPES, help="as train.py's --recipe (mixskd)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="as train.py: auto = bf16 on CUDA and on CPUs with native bf16 kernels")
@@ -70,11 +70,10 @@ def parse_args(argv=None):
 def train_args(args, method):
     """train.py's arguments for this benchmark: the recipe's defaults plus the speed flags."""
     width = [] if ":" in args.arch else ["--width", str(args.width)]  # library networks have their own widths
-    targs = cli.parse_args(["--arch", args.arch, *width, "--batch-size", str(args.batch_size), "--method", method,
-                            "--recipe", args.recipe, "--amp", args.amp, "--channels-last", args.channels_last,
-                            "--compile", args.compile,
-                            "--dataset", "imagenet" if args.stem == "imagenet" else "cifar100"])
-    return targs
+    recipe = ["--recipe", args.recipe] if method == "mixskd" else []
+    return cli.parse_args(["--arch", args.arch, *width, "--batch-size", str(args.batch_size), "--method", method,
+                           *recipe, "--amp", args.amp, "--channels-last", args.channels_last, "--compile", args.compile,
+                           "--dataset", "imagenet" if args.stem == "imagenet" else "cifar100"])
 
 
 def synthetic_cifar(device, size=32, classes=100):
@@ -84,7 +83,8 @@ def synthetic_cifar(device, size=32, classes=100):
     images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, classes, (n,), generator=g)
     mean, std = STATS["cifar100"]
-    return SimpleNamespace(images=images, labels=labels, num_classes=classes, mean=mean, std=std, n_train=n,
+    return SimpleNamespace(kind="tensors", images=images, labels=labels, num_classes=classes, mean=mean, std=std,
+                           n_train=n,
                            x_train=images.permute(0, 3, 1, 2).contiguous().to(device), y_train=labels.to(device),
                            stats=pixel_stats(mean, std, device), image_size=size)
 
@@ -135,32 +135,24 @@ def timed(step, warmup, steps, device):
 def fast_stepper(targs, data, device):
     """train.py's loop body: device-side batches from data.train_batches, then train.train_step."""
     torch.manual_seed(0)
-    speed = runtime.speed_settings(targs, device, SPEC_STEPS)  # --compile auto as for the recipe's run
-    objective, opt = train.build(targs, data.num_classes, device, speed.memory_format, data.image_size)
-    step_fn = runtime.wrap(objective, targs, device, world=1)
+    s = resolve(targs, data, device)  # --compile auto as for the recipe's run: 50,000 images, 205 epochs
+    speed = runtime.speed(s, device)
+    method, opt = train.build(s, data.num_classes, device, data.y_train)
+    runtime.wrap(method, s.compile, device, world=1)
     state = {"epoch": 0, "batches": iter(())}
-    settings = {"amp": speed.amp,
-                "channels_last": speed.memory_format == torch.channels_last, "compile": targs.compile}
-    store = PredictionStore(data.y_train, data.num_classes) if targs.method == "ps-kd" else None
 
     def step():
         batch = next(state["batches"], None)
         if batch is None:
             state["epoch"] += 1
-            state["batches"] = train_batches(data, targs.batch_size, 0, state["epoch"],
-                                             extra=train.EXTRA.get(targs.method))
+            method.set_epoch(state["epoch"], s.epochs)
+            state["batches"] = train_batches(data, s.batch_size, 0, state["epoch"], extra=method.extra)
             batch = next(state["batches"])
         for group in opt.param_groups:
             group["lr"] = 0.01
-        x, y, *extra = batch
-        if store:  # as train.train: targets from the store, then this step's predictions into it
-            idx = extra.pop()
-            extra.append(store.targets(idx, y, 0.5))
-        logits = train.train_step(step_fn, opt, speed, x, y, targs, 0.0, *extra)[3]
-        if store:
-            store.write(idx, logits)
+        train.train_step(method, opt, speed, batch)
 
-    return step, settings
+    return step, {"amp": s.amp, "channels_last": s.channels_last, "compile": s.compile}
 
 
 # ----------------------------------------------------------------------------- the plain way
@@ -179,14 +171,14 @@ class PILCifar(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def plain_step(targs, objective, opt, x, y):
+def plain_step(method, opt, x, y):
     """The step as it is usually written: eager fp32 NCHW, a host float lam, default SGD, and the
     habit of reading every loss term with .item() each step (one host sync per term)."""
     inputs, lam, perm = x, None, None
-    if targs.method != "ce":
-        x_mix, perm, lam = mix_batch(x, targs.alpha, targs.mix if targs.method == "mixskd" else targs.method)
-        inputs = torch.cat([x, x_mix]) if targs.method == "mixskd" else x_mix
-    total, terms, _ = objective(inputs, y, lam, perm)
+    if method.name != "ce":
+        x_mix, perm, lam = mix_batch(x, method.hp["alpha"], method.hp.get("mix", method.name))
+        inputs = torch.cat([x, x_mix]) if method.name == "mixskd" else x_mix
+    total, terms, _ = method.objective(inputs, y, lam, perm)
     opt.zero_grad()
     total.backward()
     opt.step()
@@ -196,8 +188,8 @@ def plain_step(targs, objective, opt, x, y):
 def plain_stepper(targs, data, device, workers):
     torch.manual_seed(0)
     plain = argparse.Namespace(**{**vars(targs), "amp": "off", "channels_last": "off", "compile": "off"})
-    objective, _ = train.build(plain, data.num_classes, device, torch.contiguous_format, data.image_size)
-    params = [p for p in objective.parameters() if p.requires_grad]
+    method, _ = train.build(resolve(plain, data, device), data.num_classes, device)
+    params = [p for p in method.objective.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     transform = T.Compose([T.RandomCrop(data.images.shape[1], padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(data.mean, data.std)])
@@ -212,7 +204,7 @@ def plain_stepper(targs, data, device, workers):
             state["batches"] = iter(loader)
             batch = next(state["batches"])
         x, y = batch
-        plain_step(plain, objective, opt, x.to(device), y.to(device))
+        plain_step(method, opt, x.to(device), y.to(device))
 
     return step, {"amp": "off", "channels_last": False, "compile": "off", "data": f"DataLoader+PIL, {workers} workers"}
 
@@ -228,7 +220,7 @@ def main(argv=None):
     steps = args.steps if args.steps is not None else (50 if cuda else 4)
     if steps < 1 or warmup < 0 or args.image_size < 8 or args.workers < 0:
         sys.exit("error: --steps must be at least 1, --warmup and --workers at least 0, --image-size at least 8")
-    methods = list(cli.METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
+    methods = list(METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
     # few timed steps make a noisy mean, and the projection multiplies it by 160,000 steps
     estimate = "training steps only" + (f"; rough, from {steps} timed step{'s' * (steps > 1)}" if steps < 10 else "")
     data = synthetic_cifar(device, args.image_size)

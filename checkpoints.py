@@ -21,10 +21,10 @@ import torch
 
 import runtime
 from arch import library, network
-from baselines import BRANCHED
 from data import DATASETS, shown
 from errors import UserError
 from layouts import library_network, model_kwargs, timm_checkpoint_filter
+from methods import METHODS
 from model import ARCHS, Bottleneck, MixSKDNet, ResNet
 from self_teacher import SelfTeacher
 
@@ -104,27 +104,28 @@ def write_tensorboard(writer, record):
     writer.flush()  # an epoch's numbers are on disk when the epoch ends, as metrics.jsonl's are
 
 
-def run_meta(args, data, backbone):
-    """What every checkpoint of a run records about it: enough to rebuild the network and its inputs."""
-    ours = ":" not in args.arch  # width, stem and stem ReLU describe our ResNets alone
-    return {"arch": args.arch, "num_classes": data.num_classes, "width": args.width,
-            "stem_relu": getattr(backbone, "stem_relu", None),
-            "stem": args.stem if ours else None, "method": args.method, "recipe": args.recipe, "dataset": args.dataset,
+def run_meta(args, s, data, backbone):
+    """What every checkpoint of a run records about it: enough to rebuild the network and its inputs (s: the run's
+    settings.Settings)."""
+    ours = ":" not in s.arch  # width, stem and stem ReLU describe our ResNets alone
+    return {"arch": s.arch, "num_classes": data.num_classes, "width": s.width,
+            "stem_relu": getattr(backbone, "stem_relu", None), "stem": s.setting if ours else None,
+            "method": s.method, "recipe": s.hp.get("recipe"), "dataset": args.dataset,
             # absolute too, so that eval.py finds an .npz from any working directory
             "dataset_path": os.path.abspath(args.dataset) if args.dataset not in DATASETS else None,
-            "image_pipeline": "folder" if hasattr(data, "train_set") else "tensors",
-            "image_size": data.image_size, "class_names": data.class_names, "seed": args.seed,
+            "image_pipeline": data.kind,
+            "image_size": data.image_size, "class_names": data.class_names, "seed": s.seed,
             "mean": list(data.mean), "std": list(data.std),
             # a torchvision or timm backbone: what its library builds it from (docs/networks.md)
-            "model_kwargs": model_kwargs(args.arch, data.num_classes, data.image_size) if library(args.arch) else None}
+            "model_kwargs": model_kwargs(s.arch, data.num_classes, data.image_size) if library(s.arch) else None}
 
 
-def save_training(paths, meta, args, epoch, best, objective, opt, scaler, rng, store=None):
+def save_training(paths, record, epoch, best, objective, opt, scaler, rng, store=None):
     """last.pt (and best.pt): everything a run needs to continue exactly where it stopped, and in last.pt PS-KD's
-    store too."""
+    store too. record: the run's meta, its arguments as given and its settings."""
     parts = {name: getattr(objective, attr, None) for name, attr in
              (("model", "net"), ("self_teacher", "self_teacher"), ("discriminators", "discs"))}
-    ckpt = {"meta": meta, "args": vars(args), "epoch": epoch, "best": best,
+    ckpt = {**record, "epoch": epoch, "best": best,
             **{name: module.state_dict() if module is not None else None for name, module in parts.items()},
             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
     for path in paths:  # PS-KD's store in last.pt alone: resuming needs it, best.pt does not (5.1 GB on ImageNet)
@@ -268,7 +269,7 @@ def model_from_checkpoint(ckpt, path):
                         f"its first key is {next(iter(ckpt), None)!r})")
     meta = ckpt["meta"]
     deploy = "backbone" in ckpt  # deploy.pt: the backbone alone
-    heads = meta["method"] in ("mixskd", *BRANCHED) and not deploy  # every head of MixSKD, BYOT, DKS
+    heads = METHODS[meta["method"]].heads and not deploy  # every head of MixSKD, BYOT, DKS
     try:
         if meta.get("model_kwargs") is not None:  # a torchvision or timm network, built as its library builds it
             model = library_network(meta["arch"], meta["model_kwargs"], heads)
@@ -359,8 +360,9 @@ def init_from(path, model, teacher):
         load_state(teacher, source_teacher.state_dict(), f"--init-from {path} (self-teacher)")
 
 
-def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank, store=None):
-    """Load last.pt into everything (PS-KD's store too); returns (first epoch to run, best-so-far record)."""
+def resume(path, epochs, meta, objective, opt, scaler, device, rank, store=None):
+    """Load last.pt into everything (the objective's network, self-teacher and discriminators, PS-KD's store too)
+    for a run of `epochs`; returns (first epoch to run, best-so-far record)."""
     ckpt = read_checkpoint(path)
     if "meta" not in ckpt or "optimizer" not in ckpt:
         raise UserError(f"{path} is not a training checkpoint of this project: --resume needs a last.pt")
@@ -370,8 +372,8 @@ def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank, s
         raise UserError(f"{path} was trained on {ckpt['meta']['num_classes']} classes, {meta['dataset']} has "
                         f"{meta['num_classes']}: resume on the dataset it was trained on, or start a new run")
     done = ckpt["epoch"] + 1
-    if args.epochs < done:
-        raise UserError(f"{path} already holds epoch {done}: --epochs {args.epochs} leaves nothing to train")
+    if epochs < done:
+        raise UserError(f"{path} already holds epoch {done}: --epochs {epochs} leaves nothing to train")
     if store is not None:  # checked before anything is loaded: a refused resume changes nothing
         saved = ckpt.get("ps_kd_store")
         if saved is None or saved.shape != store.probs.shape:
@@ -379,8 +381,9 @@ def resume(path, args, meta, model, teacher, discs, opt, scaler, device, rank, s
             raise UserError(f"{path} holds {held}, this run needs one row per training image and class, "
                             f"{tuple(store.probs.shape)}: resume it on the data it was trained on, or start a new run")
         store.probs.copy_(saved)
-    load_state(model, ckpt["model"], f"checkpoint {path}")
-    for module, key in ((teacher, "self_teacher"), (discs, "discriminators")):
+    load_state(objective.net, ckpt["model"], f"checkpoint {path}")
+    for module, key in ((getattr(objective, "self_teacher", None), "self_teacher"),
+                        (getattr(objective, "discs", None), "discriminators")):
         if module is not None:
             load_state(module, ckpt[key], f"checkpoint {path} ({key})")
     opt.load_state_dict(ckpt["optimizer"])

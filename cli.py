@@ -1,12 +1,14 @@
-"""train.py's command line: the flags, their ranges, the dataset's defaults, the arguments of a resumed run.
+"""train.py's command line: the flags, their ranges, the flags each method reads, the arguments of a resumed run.
 
-    args = cli.parse_args(["--arch", "resnet18", "--dataset", "cifar100"])   # what train.py runs
+    args = cli.parse_args(["--arch", "resnet18", "--dataset", "cifar100"])   # the command line, as given
 
-The defaults are the paper's recipes (docs/method.md sections 7 and 9), CIFAR's or ImageNet's as --setting says:
-by default CIFAR's for CIFAR, .npz files and folders of small images, ImageNet's for ImageNet and larger
-images. Every numeric flag is checked against its range (RANGES) before any data is read.
-`--resume` takes every training argument from the run's last.pt (resume_arguments), so a resumed run computes what
-the run it continues computed. The schedule's defaults for short runs (schedule.py) are measured in docs/stability.md.
+parse_args returns the command line as given: the flags whose defaults depend on the setting or the method are
+left out unless given, and settings.py resolves them (the paper's recipes, docs/method.md sections 7 and 9: by
+default CIFAR's for CIFAR, .npz files and folders of small images, ImageNet's for ImageNet and larger images;
+each method's own, methods.py). Every numeric flag is checked against its range (RANGES) before any data is
+read, and a method flag the chosen method does not read is refused. `--resume` takes every training argument,
+and the settings, from the run's last.pt (resume_arguments), so a resumed run computes what the run it continues
+computed.
 """
 import argparse
 import math
@@ -14,24 +16,15 @@ import os
 import sys
 
 import checkpoints
-import runtime
 from arch import ARCHS, check_arch
-from baselines import BASELINE_TEMPERATURE, SELF_KD_METHODS
-from data import DATASETS, SMALL_IMAGES, dataset_name, first_image_size
+from baselines import BASELINE_TEMPERATURE
+from data import DATASETS, SMALL_IMAGES, dataset_name
 from errors import ArgumentParser, UserError
-from losses import RECIPES, TERMS
+from losses import TERMS
+from methods import FLAGS, METHODS, MIXSKD_TEMPERATURE, RECIPES, readers
 from mixup import MIX_MODES
-from schedule import (CLIP_NORM, IMAGENET_EPOCHS, SPEC_EPOCHS, SPEC_MILESTONES, WARMUP_FLOOR,
-                      WARMUP_FLOOR_SHARE)
-
-METHODS = ("mixskd", "ce", "mixup", "cutmix", *SELF_KD_METHODS)
-DISTILLING = ("mixskd", "byot", "dks", "cs-kd")  # the methods with a KD temperature
-MIXSKD_TEMPERATURE = 3.0  # docs/method.md section 5; the Self-KD baselines' is BASELINE_TEMPERATURE (12.0)
-# the flags whose recipe values differ between CIFAR (section 7) and ImageNet (section 9); ImageNet's
-# batch is 128 in total across processes. The CutMix baseline draws lam with alpha 1.0 (section 7).
-CIFAR_DEFAULTS = {"epochs": SPEC_EPOCHS, "weight_decay": 5e-4, "alpha": 0.4, "batch_size": 64, "schedule": "step"}
-IMAGENET_DEFAULTS = {"epochs": IMAGENET_EPOCHS, "weight_decay": 1e-4, "alpha": 0.2, "batch_size": 128,
-                     "schedule": "cosine"}
+from schedule import CLIP_NORM, WARMUP_FLOOR, WARMUP_FLOOR_SHARE
+from settings import flags_of, recipe_value, setting_of
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -84,21 +77,26 @@ g.add_argument("--val-split", type=count_or_fraction, default=0, metavar="N", he
                "(a fraction of them when below 1), stratified by class and drawn from --seed, as a validation split: "
                "evaluated every epoch, it chooses best.pt, and the test set chooses nothing. On an ImageNet folder "
                "they come from train/ too, since val/ is the test set; 0: none")
-g.add_argument("--method", default="mixskd", choices=METHODS, help="mixskd; a baseline on the backbone alone: "
+g.add_argument("--method", default="mixskd", choices=list(METHODS), help="mixskd; a baseline on the backbone alone: "
                "ce (clean images), mixup, cutmix; or a Self-KD baseline (docs/method.md section 12) with the released "
                "loss: label-smooth, byot and dks (which train the branches of mixskd's network), cs-kd, ps-kd")
-g.add_argument("--recipe", default="paper", choices=RECIPES[:2],
-               help="mixskd objective: paper (Eq. (10), everything trained) or official (the released scripts: on "
-                    "CIFAR Eq. (10'), no L_mix, fixed self-teacher and discriminators; on ImageNet Eq. (10) with "
-                    "fixed discriminators, docs/method.md section 9)")
-g.add_argument("--mix", default="mixup", choices=MIX_MODES, help="how mixskd mixes images")
+g = parser.add_argument_group("the methods' own flags (a method refuses the flags it does not read)")
+read_by = lambda flag: f" (read by {', '.join(readers(flag))})"
+g.add_argument("--recipe", default=argparse.SUPPRESS, choices=RECIPES,
+               help="the objective: paper (Eq. (10), everything trained; the default) or official (the released "
+                    "scripts: on CIFAR Eq. (10'), no L_mix, fixed self-teacher and discriminators; on ImageNet Eq. "
+                    "(10) with fixed discriminators, docs/method.md section 9)" + read_by("recipe"))
+g.add_argument("--mix", default=argparse.SUPPRESS, choices=MIX_MODES,
+               help="how images are mixed (default mixup)" + read_by("mix"))
 g.add_argument("--alpha", type=float, default=argparse.SUPPRESS,
-               help="lam ~ Beta(alpha, alpha) (default 0.4 on CIFAR, 0.2 on ImageNet; 1.0 for --method cutmix)")
+               help="lam ~ Beta(alpha, alpha) (default 0.4 on CIFAR, 0.2 on ImageNet; 1.0 for cutmix)"
+                    + read_by("alpha"))
 g.add_argument("--temperature", type=float, default=argparse.SUPPRESS,
-               help=f"KD temperature T of {', '.join(DISTILLING)} (default {MIXSKD_TEMPERATURE:g} for mixskd, "
-                    f"{BASELINE_TEMPERATURE:g} for the others, as released)")
+               help=f"KD temperature T (default {MIXSKD_TEMPERATURE:g} for mixskd, {BASELINE_TEMPERATURE:g} for the "
+                    f"others, as released)" + read_by("temperature"))
 for term in TERMS:
-    g.add_argument(f"--w-{term}", type=float, default=1.0, help=f"weight of L_{term} (0 disables it)")
+    g.add_argument(f"--w-{term}", type=float, default=argparse.SUPPRESS,
+                   help=f"weight of L_{term} (default 1; 0 disables it)" + read_by(f"w_{term}"))
 g = parser.add_argument_group("optimisation (docs/method.md sections 7 and 9)")
 g.add_argument("--epochs", type=int, default=argparse.SUPPRESS, help="training epochs (default 205; 305 on ImageNet)")
 g.add_argument("--warmup-epochs", type=float, default=None, help="linear warmup, per iteration (default: the "
@@ -147,55 +145,51 @@ g.add_argument("--tensorboard", action="store_true", help="also write metrics.js
 
 
 def parse_args(argv=None):
-    """The command line, with the dataset's recipe defaults filled in and every value checked."""
+    """The command line as given, every value checked: the dataset named, numbers in range, the method's flags its
+    own. The flags whose defaults depend on the setting or the method stay unset unless given (settings.py)."""
     args = parser.parse_args(argv)
     folder = args.dataset not in DATASETS and os.path.isdir(args.dataset)
     if args.dataset not in DATASETS and not args.dataset.endswith(".npz") and not folder:
         if os.sep in args.dataset or args.dataset.startswith((".", "~")):
             parser.error(f"--dataset {args.dataset}: no such folder; a folder of your own holds train/ and val/")
         parser.error(f"unknown dataset {args.dataset!r}: use cifar10, cifar100, imagenet, the path of an .npz file, "
-                     f"or a folder holding train/ and val/ (ImageFolder layout)")
-    if folder or args.dataset == "imagenet":  # its images, not its format, decide: small ones train as CIFAR does
-        size = args.image_size or (first_image_size(args.dataset) if folder else 224)
-        if args.setting == "auto":
-            args.setting = "cifar" if folder and size <= SMALL_IMAGES else "imagenet"
-        elif args.setting == "cifar" and size > SMALL_IMAGES:
-            parser.error(f"--setting cifar reads the images into memory, and these are {size} px: pass --image-size "
-                         f"{SMALL_IMAGES} or less to resize them, or --setting imagenet to stream them")
-    args.setting = "cifar" if args.setting == "auto" else args.setting
-    imagenet = args.setting == "imagenet"
-    spec = IMAGENET_DEFAULTS if imagenet else CIFAR_DEFAULTS
-    for key, value in {**spec, **({"alpha": 1.0} if args.method == "cutmix" else {})}.items():
-        if not hasattr(args, key):
-            setattr(args, key, value // runtime.world_size() if key == "batch_size" and imagenet else value)
-    args.stem, args.nesterov = ("imagenet", False) if imagenet else ("cifar", True)
-    if hasattr(args, "temperature") and args.method not in DISTILLING:
-        parser.error(f"--temperature sets the KD of {', '.join(DISTILLING)}; --method {args.method} distills nothing")
-    args.temperature = getattr(args, "temperature", MIXSKD_TEMPERATURE if args.method == "mixskd" else
-                               BASELINE_TEMPERATURE if args.method in DISTILLING else None)
+                     f"or a folder holding train/ and val/ (ImageNet layout)")
     check_numbers(args)
     try:
         check_arch(args.arch)
+        setting = setting_of(args)
+        check_method_flags(args, vars(args), setting)
     except ValueError as e:
         parser.error(str(e))
     if ":" in args.arch and hasattr(args, "width"):
         parser.error(f"--width sets the channels of our ResNets; {args.arch} has its own: drop --width")
-    args.width = None if ":" in args.arch else getattr(args, "width", 64)
-    if args.method == "mixskd" and not any(getattr(args, f"w_{t}") for t in optimised_terms(args)):
-        parser.error(f"every optimised loss weight is 0 (--w-{' --w-'.join(optimised_terms(args))}): nothing to "
-                     f"train; recipe {args.recipe} optimises {', '.join('L_' + t for t in optimised_terms(args))}")
-    if hasattr(args, "milestones") and args.schedule == "cosine":
+    schedule, epochs = recipe_value(args, "schedule", setting), recipe_value(args, "epochs", setting)
+    if hasattr(args, "milestones") and schedule == "cosine":
         parser.error("--milestones place the decays of --schedule step; the cosine schedule has none")
-    if not hasattr(args, "milestones"):  # the recipe's decays at the same fractions of the run, kept distinct
-        first, second = (round(m * args.epochs / SPEC_EPOCHS) for m in SPEC_MILESTONES)
-        args.milestones = [first, max(second, first + 1)]
-    elif args.schedule == "step" and any(m >= args.epochs for m in args.milestones) and runtime.rank() == 0:
-        print(f"note: --milestones {' '.join(map(str, args.milestones))}: a decay at epoch {args.epochs} or later "
-              f"comes after the last epoch of --epochs {args.epochs}, so the lr never makes it", file=sys.stderr)
-    recipe = f"-{args.recipe}" if args.method == "mixskd" else ""
-    arch = args.arch.replace(":", "-")
-    args.out = args.out or f"runs/{dataset_name(args.dataset)}-{arch}-{args.method}{recipe}-seed{args.seed}"
+    late = hasattr(args, "milestones") and any(m >= epochs for m in args.milestones)
+    if late and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: --milestones {' '.join(map(str, args.milestones))}: a decay at epoch {epochs} or later "
+              f"comes after the last epoch of --epochs {epochs}, so the lr never makes it", file=sys.stderr)
+    if args.out is None:  # --out's default names the run
+        recipe = f"-{getattr(args, 'recipe', 'paper')}" if args.method == "mixskd" else ""
+        arch = args.arch.replace(":", "-")
+        args.out = f"runs/{dataset_name(args.dataset)}-{arch}-{args.method}{recipe}-seed{args.seed}"
     return args
+
+
+def check_method_flags(args, given, setting):
+    """A ValueError naming the method and the flags it reads for every method flag in `given` (a dict of flags
+    given on the command line) that the method does not read; or where its values leave nothing to train."""
+    method = METHODS[args.method]
+    reads = method.defaults(setting)
+    foreign = [flag for flag in FLAGS if flag in given and flag not in reads]
+    if foreign:
+        flag = lambda name: f"--{name.replace('_', '-')}"
+        own = f"its flags: {', '.join(map(flag, reads))}" if reads else "it reads none of the method flags"
+        it = "it" if len(foreign) == 1 else "them"
+        raise ValueError(f"--method {args.method} does not read {', '.join(map(flag, foreign))} ({own}): drop {it}, "
+                         f"or choose a method that reads {it}")
+    method.check({k: v for k, v in given.items() if k in reads}, setting)
 
 
 def finite_at_least(low, strict=False):
@@ -229,13 +223,6 @@ def check_numbers(args):
                 parser.error(f"--{key.replace('_', '-')} must be {valid}{WHY.get(key, '')}, got {value}")
 
 
-def optimised_terms(args):
-    """The loss terms a MixSKD recipe optimises: all five, but L_mix only logged under `official` on CIFAR
-    (Eq. (10'))."""
-    cifar_official = args.recipe == "official" and args.stem != "imagenet"
-    return [t for t in TERMS if not (t == "mix" and cifar_official)]
-
-
 # what a run saved before these flags existed did: never clipped, no validation split
 LEGACY = {"clip_grad": 0.0, "val_split": 0}
 # the arguments that do not change what a run computes: a resume may give them anew
@@ -256,30 +243,53 @@ def given_flags(argv):
 
 
 def resume_arguments(args, argv):
-    """--resume continues the run in --out as it was started: every training argument comes from its last.pt,
-    and one given on the command line that differs is refused, naming each. --epochs may differ with
-    --extend (and the schedule is then placed anew for the new length); speed and file flags may differ."""
+    """--resume continues the run in --out as it was started: every training argument comes from its last.pt, and
+    one given on the command line that differs from what the run trained with is refused, naming each, as is a
+    method flag its method does not read. --epochs may differ with --extend (the schedule is then placed anew for
+    the new length); speed and file flags may differ. Returns (args, resume): the run's arguments, and what
+    settings.resolve takes of its last.pt (its settings, its epochs, the first epoch to run, the lr it last used)."""
     last = os.path.join(args.out, "last.pt")
     if not os.path.exists(last):
         raise UserError(f"--resume: no {last} to continue from")
-    saved = checkpoints.read_checkpoint(last).get("args")
-    if not isinstance(saved, dict):
+    ckpt = checkpoints.read_checkpoint(last)
+    saved, settings = ckpt.get("args"), ckpt.get("settings")  # no settings: saved before they existed
+    if not isinstance(saved, dict) or "optimizer" not in ckpt:
         raise UserError(f"{last} is not a training checkpoint of this project: --resume needs a last.pt")
     given = given_flags(sys.argv[1:] if argv is None else argv)
+    setting = (settings or {}).get("setting") or saved.get("setting") or saved.get("stem", "cifar")
+    reads = METHODS[saved["method"]].defaults(setting)
+    try:
+        check_method_flags(argparse.Namespace(method=saved["method"]), given, setting)
+    except ValueError as e:
+        raise UserError(f"{args.out} was trained with {e}") from None
+    # what the run trained with, under the names of the flags: its settings, else (saved before) its arguments
+    trained = {**saved, **(flags_of(settings) if settings else {})}
     renewed = {"epochs", "milestones"} if args.extend else set()
-    differ = [key for key, value in given.items() if key in saved and key not in NOT_TRAINING | renewed
-              and (dataset_name(value) != dataset_name(saved[key]) if key == "dataset" else value != saved[key])]
+    differ = [key for key, value in given.items() if key in trained and key not in NOT_TRAINING | renewed
+              and value != saved.get(key) and not same(key, value, trained[key])]
     if differ:
         raise UserError(f"--resume continues {args.out} with the arguments it was started with; these differ: "
-                        + ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run: {saved[k]})" for k in differ)
+                        + ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run: {trained[k]})" for k in differ)
                         + ("; --epochs may change with --extend" if "epochs" in differ else "")
                         + ": drop them, or start a new run in another --out")
-    keep = {**LEGACY, **{key: value for key, value in saved.items() if key not in NOT_TRAINING | renewed}}
-    if keep.get("schedule") == "cosine" and "milestones" in given:
+    if trained.get("schedule") == "cosine" and "milestones" in given:
         raise UserError(f"{args.out} follows the cosine schedule, which has no decays for --milestones to place")
-    keep.setdefault("setting", saved.get("stem", "cifar"))  # a run saved before --setting: its stem's recipe
+    keep = {**LEGACY, **{key: value for key, value in saved.items() if key not in NOT_TRAINING | renewed
+                         and (key not in FLAGS or key in reads)}}  # a run saved before: its method's flags alone
+    keep.setdefault("setting", setting)  # a run saved before --setting: its stem's recipe
     if "dataset" in given:  # the same dataset, perhaps moved: the path as given now
         keep["dataset"] = given["dataset"]
     # how the run logs stays as it was unless given anew (speed flags are resolved again for this machine)
     keep.update({key: saved[key] for key in ("tensorboard", "log_every") if key in saved and key not in given})
-    return argparse.Namespace(**{**vars(args), **keep})
+    resume = {"settings": settings, "epochs": (settings or saved)["epochs"], "start_epoch": ckpt["epoch"] + 1,
+              "lr": ckpt["optimizer"]["param_groups"][0]["lr"]}
+    return argparse.Namespace(**{**vars(args), **keep}), resume
+
+
+def same(key, given, trained):
+    """Whether a flag given on resume says what the run trained with."""
+    if key == "dataset":  # the same file, perhaps moved
+        return dataset_name(given) == dataset_name(trained)
+    if key == "warmup_epochs":  # the same number of iterations
+        return given is not None and abs(given - trained) < 1e-9
+    return given == trained

@@ -1,4 +1,4 @@
-"""CIFAR data on the training device as uint8, with batched augmentation there; ImageNet from folders.
+"""Datasets on the training device as uint8 tensors, with batched augmentation there; ImageNet streamed.
 
 docs/method.md section 7: random crop 32 with 4-pixel zero padding of the raw pixels, horizontal flip with
 probability 0.5, then normalisation. As in airbench, the whole training set is one uint8 tensor on
@@ -7,13 +7,11 @@ no worker processes, no per-image Python.
 
 Sources: torchvision's CIFAR-10/100 (downloaded when missing and online), an `.npz` file with x_train, y_train,
 x_test, y_test (uint8 NHWC images, integer labels; class_names optional), or an image folder of small images
-(the CIFAR setting), decoded once into the same tensors (read_folder).
+(the CIFAR setting), decoded once into the same tensors (folders.read_folder).
 
 ImageNet (docs/method.md section 9) does not fit on the device: `DIR/train` and `DIR/val` in torchvision's
-ImageFolder layout (ImageNet's, or a folder of one's own of larger images) are read by a DataLoader with
-workers, RandomResizedCrop + flip for training and Resize(256) + CenterCrop(224) for evaluation, as uint8 into
-pinned memory, copied without blocking, and normalised on the device. An image that cannot be read ends the
-run with one line naming it (checked).
+ImageFolder layout (ImageNet's, or a folder of one's own of larger images) are streamed by folders.py's
+DataLoader and normalised on the device. A dataset's `kind` says which: "tensors" or "folder".
 
 The Self-KD baselines' data (docs/method.md section 12): each image's position in the training set (PS-KD's
 store) or a partner of its class (CS-KD), drawn from the run's seeded generators (train_batches' extra).
@@ -30,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+import folders
 from errors import UserError
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
@@ -63,7 +62,7 @@ def load_dataset(dataset, root="./data", device="cpu", image_size=None, workers=
         return load_image_folder(root if dataset == "imagenet" else dataset, device, image_size, workers,
                                  dataset_name(dataset))
     if is_folder(dataset):
-        arrays = read_folder(root if dataset == "imagenet" else dataset, image_size, workers)
+        arrays = folders.read_folder(root if dataset == "imagenet" else dataset, image_size, workers)
         stats_key = "cifar10" if tuple(arrays["class_names"]) == CIFAR10_CLASSES else None
     elif dataset in DATASETS:
         arrays, stats_key = load_torchvision(dataset, root), dataset
@@ -81,6 +80,7 @@ def load_dataset(dataset, root="./data", device="cpu", image_size=None, workers=
     to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
     classes = [str(c) for c in arrays["class_names"]] if "class_names" in arrays else None
     return SimpleNamespace(
+        kind="tensors",
         name=dataset_name(dataset),
         image_size=arrays["x_train"].shape[1],
         class_names=classes,
@@ -97,6 +97,17 @@ def load_dataset(dataset, root="./data", device="cpu", image_size=None, workers=
     )
 
 
+def load_image_folder(root, device, image_size, workers, name="imagenet"):
+    """ImageNet (docs/method.md section 9), or a folder of one's own in the same layout, streamed from its files
+    (folders.open_image_folder), with ImageNet's mean and std. Workers: at most the cores."""
+    train, test, image_size = folders.open_image_folder(root, image_size, name)
+    mean, std = STATS["imagenet"]
+    return SimpleNamespace(kind="folder", name=name, train_set=train, test_set=test, n_train=len(train),
+                           n_test=len(test), num_classes=len(train.classes), image_size=image_size,
+                           class_names=train.classes, mean=mean, std=std, device=torch.device(device),
+                           workers=min(workers, os.cpu_count() or 1), stats=pixel_stats(mean, std, device))
+
+
 def load_torchvision(dataset, root):
     import torchvision
 
@@ -109,137 +120,6 @@ def load_torchvision(dataset, root):
                         f"download {cls.url} and extract it into {root}, or pass --dataset PATH.npz") from None
     return {"x_train": train.data, "y_train": np.array(train.targets), "x_test": test.data,
             "y_test": np.array(test.targets), "class_names": np.array(train.classes)}
-
-
-def load_image_folder(root, device, image_size, workers, name="imagenet"):
-    """ImageNet (docs/method.md section 9), or a folder of one's own in the same layout: RandomResizedCrop + flip to
-    train, Resize + CenterCrop to test, ImageNet's mean and std. image_size None: 224 for ImageNet, the size
-    of a folder's first training image for a folder (its images at their own size). Workers: at most the
-    cores."""
-    import torchvision.transforms as T
-
-    train_dir, test_dir = image_folder_splits(root, name)
-    image_size = image_size or (224 if name == "imagenet" else first_image_size(root))
-    train = image_folder(train_dir, T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(),
-                                               T.PILToTensor()]))
-    test = image_folder(test_dir, test_transform(image_size, "imagenet"))
-    if train.classes != test.classes:
-        raise UserError(f"{name}: {train_dir} and {test_dir} hold different class folders")
-    mean, std = STATS["imagenet"]
-    return SimpleNamespace(name=name, train_set=train, test_set=test, n_train=len(train), n_test=len(test),
-                           num_classes=len(train.classes), image_size=image_size, class_names=train.classes,
-                           mean=mean, std=std, device=torch.device(device), workers=min(workers, os.cpu_count() or 1),
-                           stats=pixel_stats(mean, std, device))
-
-
-def image_folder_splits(root, name):
-    """root/train and root/val, or a one-line error naming the one missing."""
-    folders = [os.path.join(root, split) for split in ("train", "val")]
-    missing = [f for f in folders if not os.path.isdir(f)]
-    if missing:
-        where = "--data" if name == "imagenet" else "--dataset FOLDER"
-        raise UserError(f"{name}: {missing[0]} does not exist; {where} must hold train/ and val/ in "
-                        f"torchvision ImageFolder layout (one folder of images per class)")
-    return folders
-
-
-def first_image_size(root):
-    """The smaller side of the first image in root/train (ImageFolder's order): a folder's own image size."""
-    import torchvision
-
-    folder = os.path.join(root, "train")
-    try:
-        first = torchvision.datasets.ImageFolder(folder).samples[0][0]
-        return min(read_image(first).size)
-    except (FileNotFoundError, IndexError):  # no train/, no class folder, no image file
-        raise UserError(f"{root}: {folder} holds no images in class folders (ImageFolder layout)") from None
-    except UnreadableImage as e:
-        raise UserError(f"cannot read the image {first} ({str(e).split(chr(9))[-1]}): remove or replace it") from None
-
-
-def read_folder(root, image_size, workers):
-    """An image folder's train/ and val/ as the arrays of an .npz (uint8 N x H x W x 3, labels, class_names),
-    each image at image_size (Resize + CenterCrop, which leaves an image of that size unchanged), decoded once
-    by a DataLoader with workers. For small images, whose whole set fits in memory (the CIFAR setting)."""
-    image_size = image_size or first_image_size(root)
-    arrays = {}
-    for split, folder in zip(("train", "test"), image_folder_splits(root, os.path.basename(root))):
-        dataset = image_folder(folder, test_transform(image_size, "cifar"))
-        loader = torch.utils.data.DataLoader(dataset, 256, num_workers=min(workers, os.cpu_count() or 1))
-        x, y = zip(*checked(loader, dataset))
-        arrays[f"x_{split}"] = torch.cat(x).permute(0, 2, 3, 1).numpy()
-        arrays[f"y_{split}"] = torch.cat(y).numpy()
-        arrays.setdefault("class_names", np.array(dataset.classes))
-        if list(arrays["class_names"]) != dataset.classes:
-            raise UserError(f"{root}: train/ and val/ hold different class folders")
-    return arrays
-
-
-class UnreadableImage(Exception):
-    """An image file that PIL cannot read; its message, "unreadable image:<TAB>path<TAB>why", is what checked()
-    finds again in the traceback text a DataLoader worker passes on."""
-
-
-def read_image(path):
-    """An image file as an RGB PIL image (ImageFolder's loader), or UnreadableImage naming the file."""
-    from PIL import Image
-
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except Exception as e:
-        raise UnreadableImage(f"unreadable image:\t{path}\t{type(e).__name__}: {' '.join(str(e).split())[:120]}")
-
-
-def image_folder(folder, transform):
-    import torchvision
-
-    return torchvision.datasets.ImageFolder(folder, transform, loader=read_image)
-
-
-def checked(loader, dataset, limit=20_000):
-    """The batches of a DataLoader over an image folder; an image that cannot be read ends it with one line that
-    names the file and how many of the folder's other files cannot be read either (all checked when there are at
-    most `limit`), instead of a traceback from the worker. The workers have ended when it is raised: the worker's
-    exception holds them in a reference cycle, and a later garbage collection (in a notebook, a test) stopped them
-    5 s each."""
-    batches = iter(loader)
-    try:
-        yield from batches
-        return
-    except UnreadableImage as e:
-        text = str(e)
-        e.__traceback__ = None  # its frames hold the iterator, in a reference cycle through the exception
-    del batches  # the workers end here, by reference count (at a collection they would take 5 s)
-    found = re.findall(r"unreadable image:\t(.*)\t(.*)$", text, re.M)  # tabs: any file name parses
-    path, why = found[-1] if found else (text, "")
-    while not hasattr(dataset, "samples") and hasattr(dataset, "dataset"):  # a Subset, WithExtra
-        dataset = dataset.dataset
-    files = [p for p, _ in getattr(dataset, "samples", [])]
-    if len(files) <= limit:
-        others = sum(1 for p in files if p != path and not readable(p))
-        also = f"{others} of the other {len(files) - 1} files in it cannot be read either"
-    else:
-        also = f"the other {len(files) - 1} files were not checked"
-    raise UserError(f"cannot read the image {path} ({why}); {also}: remove or replace them")
-
-
-def readable(path):
-    try:
-        read_image(path)
-        return True
-    except UnreadableImage:
-        return False
-
-
-def test_transform(image_size, stem):
-    """A PIL image to the uint8 3 x image_size x image_size tensor that a run's test set feeds: on ImageNet
-    (stem "imagenet") Resize(256) + CenterCrop(224) at the recipe's size (section 9); on CIFAR, whose test
-    images are used as they are, Resize + CenterCrop to image_size, which leaves an image of that size unchanged."""
-    import torchvision.transforms as T
-
-    resize = round(image_size * 256 / 224) if stem == "imagenet" else image_size
-    return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])
 
 
 def class_count(arrays):
@@ -325,7 +205,7 @@ def hold_out(data, val_split, seed):
     data.n_val = 0
     if not val_split:
         return data
-    folder = hasattr(data, "train_set")
+    folder = data.kind == "folder"
     labels = np.asarray(data.train_set.targets) if folder else data.y_train.cpu().numpy()
     n = round(val_split * len(labels)) if val_split < 1 else int(val_split)
     if not 0 < n < len(labels):
@@ -403,8 +283,11 @@ def train_batches(data, batch_size, seed, epoch, rank=0, world_size=1, extra=Non
     incomplete batch is dropped, so every step has the same shape (steady memory, no recompiles).
     Augmentation and partners come from a generator of (seed, epoch, rank): a resumed epoch draws the same.
     """
-    if hasattr(data, "train_set"):
-        yield from folder_batches(data, data.train_set, batch_size, seed, epoch, rank, world_size, True, extra)
+    if data.kind == "folder":
+        generator = epoch_generator(seed, epoch, "cpu", stream=1 + rank)  # the workers' seeds
+        for x, y, *e in folders.folder_batches(data.train_set, batch_size, seed, epoch, rank, world_size, True,
+                                               data.device, data.workers, generator, extra):
+            yield normalize(x, data.stats), y, *(normalize(t, data.stats) if extra == "partner" else t for t in e)
         return
     x, y = data.x_train, data.y_train
     order = torch.randperm(x.shape[0], device=x.device, generator=epoch_generator(seed, epoch, x.device))
@@ -458,63 +341,20 @@ def steps_per_epoch(data, batch_size, world_size=1):
 def eval_batches(data, batch_size, split="test"):
     """The test set (or the validation split, split="val") in order, normalised, in batches of batch_size
     (the last may be smaller)."""
-    if hasattr(data, f"{split}_set"):
-        yield from folder_batches(data, getattr(data, f"{split}_set"), batch_size, 0, 0, 0, 1, train=False)
+    if data.kind == "folder":
+        for x, y in folders.folder_batches(getattr(data, f"{split}_set"), batch_size, 0, 0, 0, 1, False, data.device,
+                                           data.workers):
+            yield normalize(x, data.stats), y
         return
     x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
     for i in range(0, x.shape[0], batch_size):
         yield normalize(x[i:i + batch_size], data.stats), y[i:i + batch_size]
 
 
-def folder_batches(data, dataset, batch_size, seed, epoch, rank, world_size, train, extra=None):
-    """A DataLoader over an ImageFolder: this rank's shard (DistributedSampler, reshuffled by (seed,
-    epoch)), worker seeds drawn from (seed, epoch, rank), uint8 batches in pinned memory copied to the
-    device without blocking, then normalised there. extra as train_batches'."""
-    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed, drop_last=train)
-    sampler.set_epoch(epoch)
-    cuda = data.device.type == "cuda"
-    if extra:
-        dataset = WithExtra(dataset, extra, seed, epoch)
-    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=data.workers,
-                                         pin_memory=cuda, drop_last=train,
-                                         generator=epoch_generator(seed, epoch, "cpu", stream=1 + rank))
-    for x, y, *e in checked(loader, dataset):
-        x, y = x.to(data.device, non_blocking=cuda), y.to(data.device, non_blocking=cuda)
-        e = [t.to(data.device, non_blocking=cuda) for t in e]
-        yield normalize(x, data.stats), y, *(normalize(t, data.stats) if extra == "partner" else t for t in e)
-
-
 def train_labels(data):
     """The training set's labels on the device, in the order of the positions train_batches' "index" gives."""
-    if hasattr(data, "train_set"):
-        return torch.as_tensor(folder_labels(data.train_set), device=data.device)
+    if data.kind == "folder":
+        return torch.as_tensor(folders.folder_labels(data.train_set), device=data.device)
     return data.y_train
 
 
-def folder_labels(dataset):
-    """The labels of an ImageFolder, or of a Subset of one, in the dataset's own order."""
-    if isinstance(dataset, torch.utils.data.Subset):
-        return np.asarray(folder_labels(dataset.dataset))[dataset.indices]
-    return np.asarray(dataset.targets)
-
-
-class WithExtra(torch.utils.data.Dataset):
-    """An image folder's items with what train_batches' `extra` asks for: (image, label, its index) or
-    (image, label, an image of the same class). The partner of item i in an epoch is drawn by a generator of
-    (seed, epoch, i), so it is the same in every worker and in a resumed run."""
-
-    def __init__(self, dataset, extra, seed, epoch):
-        self.dataset, self.extra, self.key = dataset, extra, (seed, epoch)
-        if extra == "partner":
-            labels = folder_labels(dataset)
-            self.labels, self.members = labels, {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        x, y = self.dataset[i]
-        if self.extra == "index":
-            return x, y, i
-        members = self.members[self.labels[i]]
-        return x, y, self.dataset[members[np.random.default_rng([*self.key, i]).integers(len(members))]][0]

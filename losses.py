@@ -168,8 +168,7 @@ class MixSKDObjective(nn.Module):
     wrapper averages every trained gradient and torch.compile sees forward and losses as one graph. What
     the recipe does not train (`trained_parameters`) is frozen here: requires_grad False, so it neither
     enters an optimiser built from the trainable parameters nor piles up a .grad that nothing zeroes.
-    forward(inputs, y, lam, perm, extra=None) -> (total, terms, backbone logits on all of `inputs`); extra
-    is unused (the baselines' objectives take partner images or soft targets there).
+    forward(inputs, y, lam, perm) -> (total, terms, backbone logits on all of `inputs`).
     """
 
     def __init__(self, net, self_teacher, discs, recipe="paper", weights=None, temperature=3.0):
@@ -180,7 +179,7 @@ class MixSKDObjective(nn.Module):
         for p in self.parameters():
             p.requires_grad_(id(p) in trained)
 
-    def forward(self, inputs, y, lam, perm, extra=None):
+    def forward(self, inputs, y, lam, perm):
         feats, logits = self.net(inputs)
         total, terms = mixskd_loss(feats, logits, y, lam, perm, self.self_teacher, self.discs, self.recipe,
                                    self.weights, self.temperature)
@@ -195,7 +194,7 @@ class BaselineObjective(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, inputs, y, lam, perm, extra=None):
+    def forward(self, inputs, y, lam=None, perm=None):
         logits = self.net(inputs)
         if lam is None:
             loss = F.cross_entropy(logits.float(), y)

@@ -3,7 +3,7 @@
     python eval.py runs/cifar100-resnet18-mixskd-paper-seed0/deploy.pt --predict my_photos/ --top-k 3
 
 eval.py's `--predict`. An image is converted to RGB, resized and centre-cropped to the image size the run
-recorded (data.test_transform: as it is at the trained size when the run's images were tensors, CIFAR, .npz
+recorded (folders.test_transform: as it is at the trained size when the run's images were tensors, CIFAR, .npz
 and small folders; Resize + CenterCrop when they were streamed from folders, ImageNet's way) and normalised
 with the run's mean and std. A file that cannot be read as an image gets one line and the others go on.
 Works for every network checkpoints.model_from_checkpoint rebuilds.
@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-from data import normalize, pixel_stats, test_transform
+from data import normalize, pixel_stats
+from folders import test_transform
 from errors import UserError
 
 
@@ -37,7 +38,7 @@ def image_files(path):
 @torch.no_grad()
 def predict(model, meta, paths, device, top_k=5, batch_size=500):
     """The top_k classes of each image file with their probabilities, the image prepared as the run's test
-    set was: data.test_transform at meta's image size and stem (as is at the trained size on CIFAR; Resize
+    set was: folders.test_transform at meta's image size and stem (as is at the trained size on CIFAR; Resize
     + CenterCrop on ImageNet), normalised with meta's mean and std. Yields, in order of paths, one
     {"image": path, "top": [{"class", "index", "probability"}, ...]} per image, or {"image": path,
     "error": why} for a file that cannot be read as an image. model: model_from_checkpoint's, on device."""

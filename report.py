@@ -18,6 +18,8 @@ import numpy as np
 from checkpoints import read_checkpoint, read_metrics
 from data import dataset_name
 from errors import UserError
+from methods import FLAGS, METHODS
+from settings import flags_of
 
 
 def summarise(records):
@@ -48,9 +50,18 @@ def summarise(records):
             "splits": splits, "train_time_s": sum(r["epoch_time"] for r in records)}
 
 
+def trained_with(args, settings=None):
+    """What a run trained with, under the names of the flags: its settings over its arguments as given (a run
+    saved before settings existed: its arguments, which then held every value); the method flags of other methods,
+    which such a run also recorded, left out."""
+    values = {**args, **flags_of(settings)} if settings else dict(args)
+    reads = METHODS[values["method"]].defaults(values.get("setting") or "cifar")
+    return {k: v for k, v in values.items() if k not in FLAGS or k in reads}
+
+
 def read_run(run_dir):
-    """(arguments, per-epoch records, data) of a train.py run folder; data: what summary.json or last.pt says of
-    the dataset the run trained on."""
+    """(what it trained with, per-epoch records, data) of a train.py run folder (trained_with); data: what
+    summary.json or last.pt says of the dataset the run trained on."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise UserError(f"{run_dir} is not a run folder of train.py (no metrics.jsonl)")
@@ -61,11 +72,12 @@ def read_run(run_dir):
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
-        return summary["args"], records, summary.get("data") or {"dataset": summary["args"]["dataset"]}
+        return (trained_with(summary["args"], summary.get("settings")), records,
+                summary.get("data") or {"dataset": summary["args"]["dataset"]})
     ckpt = read_checkpoint(os.path.join(run_dir, "last.pt"))
     meta = ckpt.get("meta", {})
-    return ckpt["args"], records, {"dataset": meta.get("dataset_path") or meta.get("dataset"),
-                                   "num_classes": meta.get("num_classes")}
+    return trained_with(ckpt["args"], ckpt.get("settings")), records, {
+        "dataset": meta.get("dataset_path") or meta.get("dataset"), "num_classes": meta.get("num_classes")}
 
 
 METHOD_ORDER = ("ce", "label-smooth", "mixup", "cutmix", "byot", "dks", "cs-kd", "ps-kd", "mixskd paper",
@@ -77,7 +89,7 @@ NOT_THE_EXPERIMENT = {"seed", "out", "resume", "extend", "extend_schedule", "dev
 
 
 def method_label(args):
-    return f"{args['method']} {args['recipe']}" if args["method"] == "mixskd" else args["method"]
+    return f"{args['method']} {args.get('recipe', 'paper')}" if args["method"] == "mixskd" else args["method"]
 
 
 def experiment(args, data):
@@ -193,7 +205,7 @@ def plot_runs(run_dirs, out):
     acc_ax.legend(fontsize=7, ncol=2)
     mixskd = [run for run in runs if run[0]["method"] == "mixskd"]
     if mixskd:  # the paper recipe's run when there is one: its every term is optimised
-        args, records = next((run for run in mixskd if run[0]["recipe"] == "paper"), mixskd[0])
+        args, records = next((run for run in mixskd if run[0].get("recipe") == "paper"), mixskd[0])
         for term in records[0]["loss"]:
             loss_ax.plot([r["epoch"] + 1 for r in records], [r["loss"][term] for r in records], lw=1, **marker,
                          label=term if term == "total" else f"L_{term}")

@@ -3,7 +3,8 @@
 Plumbing for train.py and bench.py: the run folder checked before a start and cleaned after a failed one, Ctrl-C
 answered with the resume command; under torchrun one process group (NCCL on CUDA, gloo on CPU), one
 DistributedDataParallel wrapper and gathers across ranks; every random generator seeded, captured and restored
-(exact resume); `--amp`, `--channels-last`, `--compile` resolved from `auto` (measured: docs/performance.md).
+(exact resume); `--amp`, `--channels-last`, `--compile` resolved from `auto` (measured: docs/performance.md) and
+what the step needs of them (autocast, GradScaler, memory format).
 """
 import contextlib
 import hashlib
@@ -22,7 +23,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from errors import UserError
-from losses import TERMS
 
 # ----------------------------------------------------------------------------- processes
 
@@ -139,7 +139,8 @@ def provenance(device):
         revision, dirty = git("rev-parse", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         revision, dirty = None, False
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else f"{cpu_name()}, {torch.get_num_threads()} threads"
     return {"git_revision": revision, "git_dirty": dirty, "device_name": name, "torch": torch.__version__}
 
 
@@ -187,24 +188,27 @@ def check_run_folder(args):
 
 @contextlib.contextmanager
 def cleanup_failed_start(out, rank):
-    """A run that fails or is interrupted before its first checkpoint undoes what it wrote: removes the
-    folder when it made it, else puts metrics.jsonl back as it was. A folder holding last.pt is not touched."""
-    made, metrics = not os.path.exists(out), os.path.join(out, "metrics.jsonl")
-    kept = None
-    if os.path.exists(metrics):  # setup truncates it: a failed start puts it back
-        with open(metrics, "rb") as f:
-            kept = f.read()
+    """A run that fails or is interrupted before its first checkpoint undoes what it wrote: removes the folder
+    when it made it, else puts metrics.jsonl and args.json back as they were. A folder holding last.pt is not
+    touched."""
+    made, files = not os.path.exists(out), [os.path.join(out, name) for name in ("metrics.jsonl", "args.json")]
+    kept = {}
+    for path in files:  # setup rewrites them: a failed start puts them back
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                kept[path] = f.read()
     try:
         yield
     except BaseException:
         if rank == 0 and not os.path.exists(os.path.join(out, "last.pt")):
             if made:
                 shutil.rmtree(out, ignore_errors=True)
-            elif kept is not None:
-                with open(metrics, "wb") as f:
-                    f.write(kept)
-            elif os.path.exists(metrics):
-                os.remove(metrics)
+            for path in [] if made else files:
+                if path in kept:
+                    with open(path, "wb") as f:
+                        f.write(kept[path])
+                elif os.path.exists(path):
+                    os.remove(path)
         raise
 
 
@@ -273,34 +277,41 @@ def set_rng_state(state, device):
 CPU_COMPILE_STEPS = 3_000  # a CPU run this long repays its compilation (measured: docs/performance.md)
 
 
-def speed_settings(args, device, run_steps=0):
-    """Resolve the `auto` speed flags for a device (args.compile is set to the resolved mode):
-    returns dtype, memory_format, autocast (a context), scaler (GradScaler, active for fp16 only)
-    and cudagraphs (whether each step must be marked for CUDA graph replay). --compile auto compiles on CUDA
-    (CUDA graphs, but plain compilation under torchrun), and on a CPU a run of at least CPU_COMPILE_STEPS steps:
-    on 2 cores compiling took 85-95 s and saved 16% of a width-16 step (340 -> 287 ms) and 12% at width 64
-    (3,048 -> 2,689 ms), so it repays itself after about 1,600 and 270 steps. Where compilation cannot run (no
-    C++ compiler on a CPU, no Triton on CUDA), one line says so and the run is eager."""
-    if args.compile == "auto":  # CUDA graphs with DDP's gradient hooks are unverified here: plain compile there
+def resolve_speed(amp, channels_last, compile, device, world=1, run_steps=0):
+    """The `auto` speed flags resolved for a device: {"amp": bf16|fp16|off, "channels_last": bool, "compile": mode
+    or "off"}. --compile auto compiles on CUDA (CUDA graphs, but plain compilation under torchrun, where CUDA graphs
+    with DDP's gradient hooks are unverified), and on a CPU a run of at least CPU_COMPILE_STEPS steps: on 2 cores
+    compiling took 85-95 s and saved 16% of a width-16 step (340 -> 287 ms) and 12% at width 64 (3,048 -> 2,689
+    ms), so it repays itself after about 1,600 and 270 steps. Where compilation cannot run (no C++ compiler on a
+    CPU, no Triton on CUDA), one line says so and the run is eager."""
+    if compile == "auto":
         if device.type == "cuda":
-            args.compile = "default" if world_size() > 1 else "reduce-overhead"
+            compile = "default" if world > 1 else "reduce-overhead"
         else:
-            args.compile = "default" if run_steps >= CPU_COMPILE_STEPS else "off"
-    if args.compile != "off" and (missing := compiler_missing(device)):
+            compile = "default" if run_steps >= CPU_COMPILE_STEPS else "off"
+    if compile != "off" and (missing := compiler_missing(device)):
         if rank() == 0:
-            print(f"note: --compile {args.compile} needs {missing}, which this machine lacks: the run is eager",
+            print(f"note: --compile {compile} needs {missing}, which this machine lacks: the run is eager",
                   file=sys.stderr)
-        args.compile = "off"
+        compile = "off"
+    dtype = autocast_dtype(amp, device)
+    return {"amp": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype],
+            "channels_last": channels_last == "on" or (channels_last == "auto" and device.type == "cuda"),
+            "compile": compile}
+
+
+def speed(s, device):
+    """What the step needs of the speed settings s (settings.Settings, or anything with amp, channels_last and
+    compile resolved): memory_format, autocast (a context), scaler (a GradScaler, active for fp16 only) and
+    cudagraphs (whether each step must be marked for CUDA graph replay)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
-    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
-    dtype = autocast_dtype(args.amp, device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[s.amp]
     return SimpleNamespace(
-        dtype=dtype, amp={torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype],
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+        memory_format=torch.channels_last if s.channels_last else torch.contiguous_format,
         autocast=torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-        cudagraphs=args.compile in ("reduce-overhead", "max-autotune"),
+        cudagraphs=s.compile in ("reduce-overhead", "max-autotune"),
     )
 
 
@@ -327,21 +338,21 @@ def autocast_dtype(choice, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
-def wrap(objective, args, device, world):
-    """The objective as the step calls it: under DistributedDataParallel with several processes (one
-    wrapper, so every trained gradient is averaged, the self-teacher's and the discriminators' too),
-    then compiled when --compile asks (forward and losses as one graph). --sync-bn makes its BatchNorm
-    layers SyncBatchNorm first (statistics over all GPUs)."""
-    if args.sync_bn and world > 1:
+def wrap(method, compile, device, world, sync_bn=False):
+    """Set the method's `forward` to what the step calls: its objective under DistributedDataParallel with several
+    processes (one wrapper, so every trained gradient is averaged, the self-teacher's and the discriminators'
+    too), then compiled when `compile` (a torch.compile mode, or "off") asks (forward and losses as one graph).
+    sync_bn makes its BatchNorm layers SyncBatchNorm first (statistics over all GPUs)."""
+    objective = method.objective
+    if sync_bn and world > 1:
         objective.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective.net)
     if world > 1:
-        # a loss weight of 0 leaves parameters without gradient (the discriminators under --w-adv 0)
-        unused = any(getattr(args, f"w_{t}") == 0 for t in TERMS)
         objective = DistributedDataParallel(objective, device_ids=[device] if device.type == "cuda" else None,
-                                            find_unused_parameters=unused)
-    if args.compile == "off":
-        return objective
-    # where a frame cannot be compiled (no Triton, no C++ compiler, an unsupported op), run it eager
-    # with a warning instead of stopping the run
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(objective, mode=None if args.compile == "default" else args.compile)
+                                            find_unused_parameters=method.unused_parameters)
+    if compile != "off":
+        # where a frame cannot be compiled (no Triton, no C++ compiler, an unsupported op), run it eager
+        # with a warning instead of stopping the run
+        torch._dynamo.config.suppress_errors = True
+        objective = torch.compile(objective, mode=None if compile == "default" else compile)
+    method.forward = objective
+    return method

@@ -24,7 +24,8 @@ import runtime
 import schedule
 import train
 from errors import ArgumentParser, run_cli
-from data import load_dataset, steps_per_epoch, train_batches
+from data import load_dataset, train_batches
+from settings import resolve
 
 GRID = {"nets": ["resnet18/64", "resnet18/16", "torchvision:resnet18", "torchvision:mobilenet_v3_small",
                  "torchvision:convnext_tiny"], "batch_sizes": [16, 64], "epochs": [1, 10, 205], "amps": ["off", "bf16"]}
@@ -60,25 +61,25 @@ def norms(teacher):
     return conv.norm().item(), fc.norm().item(), math.hypot(grad(conv), grad(fc))
 
 
-def run_case(args, data, device, trace=False):
-    """The first args.steps steps of the run `args` describes; returns the case's record."""
-    speed = runtime.speed_settings(args, device)
+def run_case(args, data, device, steps_to_run, trace=False):
+    """The first steps_to_run steps of the run `args` describes; returns the case's record."""
+    s = resolve(args, data, device)
+    speed = runtime.speed(s, device)
     runtime.seed_all(args.seed)
-    objective, opt = train.build(args, data.num_classes, device, speed.memory_format, data.image_size)
-    steps = steps_per_epoch(data, args.batch_size)
-    total_steps, clip = min(args.steps_to_run, steps * args.epochs), schedule.clip_norm(args, steps)
-    teacher = objective.self_teacher
+    method, opt = train.build(s, data.num_classes, device)
+    steps, clip = s.steps_per_epoch, s.clip
+    total_steps = min(steps_to_run, steps * s.epochs)
+    teacher = method.objective.self_teacher
     conv0, fc0, _ = norms(teacher)
     losses, conv_max, fc_max, grad_max, net_grad_max, start = [], conv0, fc0, 0.0, 0.0, time.time()
     for step in range(total_steps):
         epoch, i = divmod(step, steps)
         if i == 0:
-            batches = train_batches(data, args.batch_size, args.seed, epoch)
-        x, y = next(batches)
-        lr = schedule.lr_at(step, steps, args)
+            batches = train_batches(data, s.batch_size, s.seed, epoch)
+        lr = schedule.lr_at(step, s)
         for group in opt.param_groups:
             group["lr"] = lr
-        total, terms, _, _ = train.train_step(objective, opt, speed, x, y, args, clip)
+        total, terms, _ = train.train_step(method, opt, speed, next(batches), clip)
         conv, fc, grad = norms(teacher)
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
         net_grad_max = max(net_grad_max, torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
@@ -92,9 +93,9 @@ def run_case(args, data, device, trace=False):
                   flush=True)
         if not math.isfinite(losses[-1]):
             break
-    finite = all(map(math.isfinite, losses)) and not runtime.non_finite_tensors(objective)
-    return {"warmup_iters": schedule.warmup_iterations(args, steps), "clip": clip,
-            "steps": len(losses), "run_steps": steps * args.epochs, "loss_first": losses[0], "loss_max": max(losses),
+    finite = all(map(math.isfinite, losses)) and not runtime.non_finite_tensors(method.objective)
+    return {"warmup_iters": s.warmup_iterations, "clip": clip, "steps": len(losses), "run_steps": steps * s.epochs,
+            "loss_first": losses[0], "loss_max": max(losses),
             "loss_last": losses[-1], "h_conv": [conv0, conv_max, conv], "h_fc": [fc0, fc_max, fc],
             "h_grad_max": grad_max, "grad_max": net_grad_max, "finite": finite, "seconds": time.time() - start}
 
@@ -111,9 +112,8 @@ def main(argv=None):
     print(f"{'net':<31}{'batch':>6}{'epochs':>7}{'amp':>5}{'warmup':>7}{'clip':>5}{'steps':>10}{'loss max':>10}"
           f"{'last':>10}{'h conv 0/max/last':>24}{'h fc 0/max/last':>24}{'h grad max':>11}  finite")
     for net, batch_size, epochs, amp in itertools.product(opts.nets, opts.batch_sizes, opts.epochs, opts.amps):
-        args = case_args(net, batch_size, epochs, amp, opts.dataset, opts.extra)
-        args.steps_to_run = opts.steps
-        r = run_case(args, data, device, opts.trace)
+        r = run_case(case_args(net, batch_size, epochs, amp, opts.dataset, opts.extra), data, device, opts.steps,
+                     opts.trace)
         h = lambda v: "/".join(f"{x:.3g}" for x in v)
         print(f"{net:<31}{batch_size:>6}{epochs:>7}{amp:>5}{r['warmup_iters']:>7}{r['clip']:>5g}"
               f"{r['steps']:>5}/{r['run_steps']:<4}{r['loss_max']:>10.4g}{r['loss_last']:>10.4g}"

@@ -16,12 +16,26 @@ import cli
 import data
 import errors
 import eval as evaluation
+import folders
 import report
 import runtime
 import train
-from baselines import (BRANCHED, SELF_KD_METHODS, PredictionStore, SelfKDObjective, byot_loss, cs_kd_loss, dks_loss,
-                       label_smoothing_loss, label_smoothing_targets, ps_kd_alpha, ps_kd_loss, ps_kd_targets,
-                       soft_cross_entropy)
+from baselines import (
+    BRANCHED,
+    SELF_KD_METHODS,
+    PredictionStore,
+    SelfKDObjective,
+    byot_loss,
+    cs_kd_loss,
+    dks_loss,
+    label_smoothing_loss,
+    label_smoothing_targets,
+    ps_kd_alpha,
+    ps_kd_loss,
+    ps_kd_targets,
+    soft_cross_entropy,
+)
+from conftest import settings_of
 from model import MixSKDNet, ResNet
 
 WIDTH, CLASSES, BATCH, T = 4, 10, 4, 4.0
@@ -284,7 +298,8 @@ def tagged_data(labels):
     n = len(labels)
     index = torch.arange(n)
     x = torch.stack([index // 256, index % 256, 0 * index], 1).to(torch.uint8).view(n, 3, 1, 1).expand(-1, 3, 32, 32)
-    return SimpleNamespace(x_train=x.contiguous(), y_train=torch.as_tensor(labels), n_train=n, num_classes=10,
+    return SimpleNamespace(kind="tensors", x_train=x.contiguous(), y_train=torch.as_tensor(labels), n_train=n,
+                           num_classes=10,
                            class_names=None, stats=(torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)))
 
 
@@ -323,28 +338,29 @@ def test_12_4_folder_partners_are_of_the_anchors_class_in_any_worker():
     folder = type("Folder", (), {"__getitem__": lambda self, i: items[i], "__len__": lambda self: 12,
                                  "targets": base.targets})()
     subset = torch.utils.data.Subset(folder, [1, 2, 4, 5, 7, 8, 10, 11])  # a validation split took the rest
-    paired = data.WithExtra(subset, "partner", 0, 5)
+    paired = folders.WithExtra(subset, "partner", 0, 5)
     for i in range(len(subset)):
         x, y, partner = paired[i]
         assert int(partner) % 3 == y and int(partner) in subset.indices
-        assert torch.equal(data.WithExtra(subset, "partner", 0, 5)[i][2], partner)  # the same in every worker
+        assert torch.equal(folders.WithExtra(subset, "partner", 0, 5)[i][2], partner)  # the same in every worker
     assert [paired.dataset[i][0] for i in range(8)] == [subset[i][0] for i in range(8)]
-    assert data.WithExtra(subset, "index", 0, 5)[3][2] == 3
+    assert folders.WithExtra(subset, "index", 0, 5)[3][2] == 3
 
 
 def test_12_4_a_class_of_one_training_image_is_named_in_a_note(capsys):
-    d = SimpleNamespace(y_train=torch.tensor([0, 1, 1, 2, 2]), num_classes=3, class_names=["cat", "dog", "fox"])
+    d = SimpleNamespace(kind="tensors", y_train=torch.tensor([0, 1, 1, 2, 2]), num_classes=3,
+                        class_names=["cat", "dog", "fox"])
     data.note_single_image_classes(d)
     assert capsys.readouterr().err == ("note: class 0 (cat) has one training image: CS-KD pairs it with itself, "
                                        "as the released sampler does\n")
 
 
 def test_12_0_temperature_defaults_and_applies_to_distilling_methods_only(capsys):
-    assert [cli.parse_args(["--method", m]).temperature for m in ("mixskd", "byot", "dks", "cs-kd")] == [3, 4, 4, 4]
-    assert cli.parse_args(["--method", "ps-kd"]).temperature is None
+    assert [settings_of(["--method", m]).hp["temperature"] for m in ("mixskd", "byot", "dks", "cs-kd")] == [3, 4, 4, 4]
+    assert "temperature" not in settings_of(["--method", "ps-kd"]).hp
     with pytest.raises(SystemExit):
         cli.parse_args(["--method", "label-smooth", "--temperature", "2"])
-    assert "--method label-smooth distills nothing" in capsys.readouterr().err
+    assert "--method label-smooth does not read --temperature" in capsys.readouterr().err
 
 
 def test_12_5_store_rows_merge_across_ranks():
@@ -442,8 +458,8 @@ def test_byot_and_dks_train_their_branches_deploy_the_backbone_and_eval_reports_
 
 def test_its_kd_is_the_kd_of_losses_py():
     """baselines.py carries its own copy of KD so that it can be copied alone: the same function."""
-    import losses
     import baselines
+    import losses
 
     student, teacher = leaves(BATCH, CLASSES, n=2)
     close(baselines.kd(student, teacher, T), losses.kd(student, teacher, T))

@@ -1,0 +1,148 @@
+"""Reports (slow): eval.py --table and --plot over run folders (report.py)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import errors
+import eval as evaluation
+import report
+from conftest import metric_lines
+
+WIDTH, CLASSES, BATCH = 4, 10, 4
+slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def batch(seed=0, n=BATCH):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+
+
+# --------------------------------------- Reports (slow): eval.py --table and --plot over run folders
+
+
+def seeded_copy(run_dir, dest, seed, backbone_top1):
+    """A copy of a run folder posing as another seed whose final backbone top-1 is backbone_top1."""
+    shutil.copytree(run_dir, dest)
+    summary = json.loads((dest / "summary.json").read_text())
+    summary["args"]["seed"] = seed
+    (dest / "summary.json").write_text(json.dumps(summary))
+    records = metric_lines(dest)
+    records[-1]["test"]["backbone"]["top1"] = backbone_top1
+    (dest / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return dest
+
+
+@slow
+def test_table_gives_mean_and_std_over_seeds(run_dir, tmp_path):
+    runs = [seeded_copy(run_dir, tmp_path / f"s{k}", k, top1) for k, top1 in enumerate((80.0, 84.0))]
+    table = report.results_table([str(r) for r in runs]).splitlines()
+    assert len(table) == 3 and table[2].startswith("| mixskd paper | 2 | 2 |")
+    assert f"| 82.00 ± {np.std([80.0, 84.0], ddof=1):.2f} |" in table[2]
+
+
+@slow
+def test_table_and_plot_never_average_runs_of_different_experiments(run_dir, tmp_path):
+    """Runs that differ in anything but the seed (epochs, data, network, any training argument) get rows of
+    their own, each labelled with the values that set it apart; the figure gives each its colour."""
+    runs = [seeded_copy(run_dir, tmp_path / f"s{k}", k, top1) for k, top1 in enumerate((80.0, 84.0, 10.0, 20.0))]
+    for run, change in ((runs[2], {"settings": {"epochs": 5}}), (runs[3], {"data": {"n_train": 300, "num_classes": 3}})):
+        summary = json.loads((run / "summary.json").read_text())
+        for part, values in change.items():
+            summary[part].update(values)
+        (run / "summary.json").write_text(json.dumps(summary))
+    table = report.results_table([str(r) for r in runs]).splitlines()
+    assert len(table) == 5 and [row.split(" |")[0] for row in table[2:]] == [
+        "| mixskd paper (n_train 192, num_classes 10, --epochs 2)",
+        "| mixskd paper (n_train 192, num_classes 10, --epochs 5)",
+        "| mixskd paper (n_train 300, num_classes 3, --epochs 2)"]
+    assert "| 2 | 2 | 82.00 ±" in table[2] and "| 1 | 2 | 10.00 |" in table[3] and "| 1 | 2 | 20.00 |" in table[4]
+    pytest.importorskip("matplotlib")
+    report.plot_runs([str(r) for r in runs], str(tmp_path / "fig.png"))
+
+
+@slow
+def test_plot_writes_a_small_png(run_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "curves.png"
+    evaluation.main(["--plot", str(run_dir), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size < 200 * 1024
+
+
+@slow
+def test_plot_draws_the_confusion_matrix_of_one_run(run_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "confusion.png"
+    evaluation.main(["--plot", str(run_dir), "--per-class", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size < 200 * 1024
+    with pytest.raises(errors.UserError, match="confusion matrix of one run"):
+        evaluation.main(["--plot", str(run_dir), str(run_dir), "--per-class"])
+
+
+@slow
+def test_plot_goes_into_the_run_folder_by_default(run_dir, monkeypatch, capsys):
+    monkeypatch.setattr(report, "plot_runs", lambda runs, out: out)  # where, not how: no matplotlib needed
+    evaluation.main(["--plot", str(run_dir)])
+    assert capsys.readouterr().out.strip() == f"figure written to {run_dir / 'results.png'}"
+
+
+@slow
+def test_eval_finds_the_dataset_from_another_directory(run_dir, tmp_path, monkeypatch, capsys):
+    """deploy.pt records the .npz as typed (here relative) and its absolute path; eval.py uses the
+    latter from another working directory, and says how to point it elsewhere when both are gone."""
+    ckpt = torch.load(run_dir / "deploy.pt", weights_only=True)
+    absolute = ckpt["meta"]["dataset_path"]
+    assert os.path.isabs(absolute)
+    ckpt["meta"]["dataset"] = "../elsewhere/tiny.npz"
+    torch.save(ckpt, tmp_path / "deploy.pt")
+    monkeypatch.chdir(tmp_path)
+    evaluation.main(["deploy.pt", "--json"])
+    assert json.loads(capsys.readouterr().out)["heads"]["backbone"] == metric_lines(run_dir)[-1]["test"]["backbone"]
+    ckpt["meta"]["dataset_path"] = str(tmp_path / "moved.npz")
+    torch.save(ckpt, tmp_path / "deploy.pt")
+    with pytest.raises(errors.UserError, match=r"not found from here.*pass --dataset PATH.npz"):
+        evaluation.main(["deploy.pt"])
+    ckpt["meta"].update(dataset="../elsewhere/folder", dataset_path=str(tmp_path / "folder"))  # a folder, moved
+    torch.save(ckpt, tmp_path / "deploy.pt")
+    with pytest.raises(errors.UserError, match=r"not found from here.*pass --dataset FOLDER"):
+        evaluation.main(["deploy.pt"])
+
+
+@slow
+def test_eval_says_when_the_classes_cannot_be_checked(run_dir, tiny_npz, tmp_path, capsys):
+    """A dataset without class_names, of the run's class count: the numbers come with a note naming the count
+    and where the run's names came from."""
+    with np.load(tiny_npz) as f:
+        np.savez(tmp_path / "unnamed.npz", **{k: f[k] for k in data.NPZ_KEYS})
+    evaluation.main([str(run_dir / "deploy.pt"), "--dataset", str(tmp_path / "unnamed.npz")])
+    err = capsys.readouterr().err
+    meta = torch.load(run_dir / "deploy.pt", weights_only=True)["meta"]
+    assert err.startswith(f"note: the classes could not be checked: {tmp_path / 'unnamed.npz'} names no classes; "
+                          f"label k here is taken to be class k of the run's 10 ({meta['class_names'][0]}, ")
+    assert err.rstrip().endswith(f"from {meta['dataset']})") and err.count("\n") == 1
+
+
+@slow
+def test_plot_without_matplotlib_gives_a_one_line_hint(run_dir, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(errors.UserError, match="pip install matplotlib"):
+        evaluation.main(["--plot", str(run_dir), "--out", str(tmp_path / "x.png")])
+
+
