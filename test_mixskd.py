@@ -1,10 +1,12 @@
-"""MixSKD checklist: one test per property of docs/method.md, smallest case that shows it.
+"""MixSKD checklist: one test per property of docs/method.md, sections 1-11 in order, smallest case that shows it.
 
-Sections follow docs/method.md (1-11; section 12 is test_baselines.py). Fast unit tests come first; whole runs of the command line and
-multi-process runs come last and are marked slow, so `pytest -m "not slow"` is the method's checklist alone.
+Section 12 (the Self-KD baselines) is test_baselines.py. Elsewhere, by concern: whole runs test_runs.py, a user's
+mistakes test_mistakes.py, library networks test_networks.py, reports test_reports.py, the README and docs/
+test_docs.py, torchrun test_torchrun.py. `pytest -m "not slow"` leaves out whole runs and subprocesses.
 """
 import argparse
 import copy
+import inspect
 import shlex
 import subprocess
 import sys
@@ -25,12 +27,22 @@ import report
 import runtime
 import schedule
 import train
-
-from losses import (TERMS, discriminator, discriminators, kd, loss_adv, loss_ce, loss_feat, loss_kd,
-                    loss_mix, mixskd_loss, trained_parameters)
-from mixup import cutmix, interp, mix_batch, mix_ce, mixup, sample_lam
 from conftest import CPU, SHARED_NPZ, build, settings_of
+from losses import (
+    TERMS,
+    discriminator,
+    discriminators,
+    kd,
+    loss_adv,
+    loss_ce,
+    loss_feat,
+    loss_kd,
+    loss_mix,
+    mixskd_loss,
+    trained_parameters,
+)
 from methods import FLAGS, METHODS
+from mixup import cutmix, interp, mix_batch, mix_ce, mixup, sample_lam
 from model import ARCHS, MixSKDNet, ResNet
 from self_teacher import SelfTeacher
 
