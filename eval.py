@@ -17,6 +17,7 @@ predict.py.
 """
 import json
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -112,7 +113,9 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="eval.py", description="Evaluate a MixSKD checkpoint (last.pt, best.pt, deploy.pt or the "
                                             "released code's) on the test set: top-1, top-5, NLL, ECE per head.")
     p.add_argument("checkpoint", nargs="?", help="path of the checkpoint")
-    p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print a markdown table of finished runs instead")
+    p.add_argument("--table", nargs="+", metavar="RUN_DIR", help="print a markdown table of the finished runs in "
+                   "these folders and below them instead (a folder holding a summary.json alone counts); unfinished "
+                   "runs and folders without runs are named on stderr")
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
                    help="draw test top-1 per epoch of these runs and a MixSKD run's loss terms (needs matplotlib); "
                         "with --per-class, the confusion matrix of one run's deploy.pt on its test set")
@@ -141,12 +144,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    notes = []  # runs left out, folders skipped: one line each on stderr, after the table or the figure
     if args.table:
-        print(report.results_table(args.table))
-        return
-    if args.plot and not args.per_class:
-        out = report.plot_runs(args.plot, args.out or os.path.join(args.plot[0], "results.png"))
+        print(report.results_table(args.table, notes))
+    elif args.plot and not args.per_class:
+        out = report.plot_runs(args.plot, args.out or os.path.join(args.plot[0], "results.png"), notes)
         print(f"figure written to {out}")
+    for line in notes:
+        print(f"note: {line}", file=sys.stderr)
+    if args.table or (args.plot and not args.per_class):
         return
     if args.plot:  # the confusion matrix of one run: its deployed network
         if len(args.plot) != 1:

@@ -48,5 +48,5 @@ ${WARMUP:+--warmup-epochs $WARMUP} --seed $seed --method $method --out $dir $res
   done
 done | tr '\n' '\0' | xargs -0 -P "$JOBS" -I{} bash -c {}
 
-$PYTHON eval.py --table "$RUNS"/*/ | tee "$RUNS/table.md"
-$PYTHON eval.py --plot "$RUNS"/*/ --out "$RUNS/results.png" || echo "(no figure: see the line above)"
+$PYTHON eval.py --table "$RUNS" | tee "$RUNS/table.md"
+$PYTHON eval.py --plot "$RUNS" --out "$RUNS/results.png" || echo "(no figure: see the line above)"

@@ -1,17 +1,21 @@
 """Reports over finished runs: the results table (markdown) and the figure of their curves.
 
-    python eval.py --table runs/*/                  # one row per experiment, mean +- std over seeds
-    python eval.py --plot runs/*/ --out fig.png     # backbone test top-1 per epoch, MixSKD loss terms
+    python eval.py --table runs/                    # one row per experiment, mean +- std over seeds
+    python eval.py --table docs/runs/library/       # the same from summary.json files alone
+    python eval.py --plot runs/*/ --out fig.png     # backbone test top-1 per epoch, a run's loss terms
     python eval.py --plot RUN --per-class           # the confusion matrix of one run (plot_confusion)
 
 docs/method.md section 8: every number is labelled by what it is and the split it comes from: the headline
 (final backbone top-1 on the test set, selection-free), the best epoch (chosen on the validation split
-when the run has one, else on the test set), and the released code's way (max over heads and epochs,
-chosen on the test set). Reads only run folders (metrics.jsonl, summary.json); matplotlib is needed
-for the figures alone.
+when the run has one, else on the test set), and the released code's number (its MixSKD script's max over
+heads and epochs, its baselines script's backbone at its best epoch; chosen on the test set). Reads only run
+folders (metrics.jsonl, summary.json, and last.pt for an unfinished run): any folder is searched for the run
+folders below it, and a folder holding only a summary.json is a finished run (as docs/ keeps them).
+Unfinished runs are left out of the table and named; matplotlib is needed for the figures alone.
 """
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -22,22 +26,28 @@ from methods import FLAGS, METHODS
 from settings import flags_of
 
 
-def summarise(records):
+MIXSKD_RULE = "max over heads and epochs (main_mixskd_cifar.py)"
+BASELINE_RULE = "backbone at its best epoch (main.py)"
+
+
+def summarise(records, method="mixskd"):
     """The labelled numbers of a run (docs/method.md section 8): the headline is the final backbone top-1 on the test
-    set, chosen by nothing; the best epoch is chosen on the validation split when the run has one
-    (train.py --val-split), else on the test set; the released code's metric (max over heads and epochs)
-    is always chosen on the test set. `splits` names the split behind every number. Epochs count from 1, as
-    on the screen (metrics.jsonl's "epoch" counts from 0)."""
+    set, chosen by nothing; the best epoch is chosen on the validation split when the run has one (train.py
+    --val-split), else on the test set; the released code's number is the one its script reports, chosen on the
+    test set: for MixSKD (main_mixskd_cifar.py) the max over heads and epochs, for every other method (main.py)
+    the backbone at its best epoch. `splits` names the split behind every number. Epochs count from 1, as on the
+    screen (metrics.jsonl's "epoch" counts from 0)."""
     final = records[-1]
     chosen_on = "val" if "val" in final else "test"
     best = max(records, key=lambda r: r[chosen_on]["backbone"]["top1"])
-    released = max(((m["top1"], h, r["epoch"]) for r in records for h, m in r["test"].items() if h != "self_teacher"),
-                   key=lambda t: t[0])
+    heads = lambda r: [h for h in r["test"] if h != "self_teacher"] if method == "mixskd" else ["backbone"]
+    released = max(((r["test"][h]["top1"], h, r["epoch"]) for r in records for h in heads(r)), key=lambda t: t[0])
+    rule = MIXSKD_RULE if method == "mixskd" else BASELINE_RULE
     splits = {"headline_final_backbone_top1": "test, final epoch (selection-free)", "final_test": "test",
               "best_backbone_epoch": f"chosen on {chosen_on}",
               "best_backbone_top1": f"test, at the epoch chosen on {chosen_on}"
                                     f"{' (selection-free)' if chosen_on == 'val' else ''}",
-              "released_code_metric_max_over_heads_and_epochs": "test, max over heads and epochs chosen on test"}
+              "released_code_metric": f"test, {rule}, chosen on test"}
     val = {}
     if chosen_on == "val":
         val = {"final_val": final["val"], "best_backbone_val_top1": best["val"]["backbone"]["top1"]}
@@ -45,7 +55,7 @@ def summarise(records):
     return {"headline_final_backbone_top1": final["test"]["backbone"]["top1"], "final_epoch": final["epoch"] + 1,
             "final_test": final["test"], "best_backbone_top1": best["test"]["backbone"]["top1"],
             "best_backbone_epoch": best["epoch"] + 1, "best_epoch_chosen_on": chosen_on, **val,
-            "released_code_metric_max_over_heads_and_epochs": released[0],
+            "released_code_metric": released[0], "released_code_metric_rule": rule,
             "released_code_metric_head": released[1], "released_code_metric_epoch": released[2] + 1,
             "splits": splits, "train_time_s": sum(r["epoch_time"] for r in records)}
 
@@ -59,25 +69,68 @@ def trained_with(args, settings=None):
     return {k: v for k, v in values.items() if k not in FLAGS or k in reads}
 
 
+RUN_FILES = ("metrics.jsonl", "summary.json")
+
+
+def find_runs(paths):
+    """(runs, skipped): the run folders among paths (a folder holding metrics.jsonl or summary.json, or a
+    summary.json itself), and under any other folder every run folder below it; skipped: [(path, why)] of the
+    paths that are neither and hold none."""
+    runs, skipped = [], []
+    for path in map(str, paths):
+        if os.path.isfile(path) and os.path.basename(path) == "summary.json":
+            runs.append(os.path.dirname(path) or ".")
+        elif not os.path.isdir(path):
+            skipped.append((path, "no such folder, nor a summary.json"))
+        elif any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES):
+            runs.append(path)
+        else:
+            below = sorted(root for root, dirs, files in os.walk(path) if any(f in files for f in RUN_FILES))
+            below = [r for r in below if not any(r.startswith(other + os.sep) for other in below)]  # not inside a run
+            runs += below
+            if not below:
+                skipped.append((path, "not a run folder, and no run folder below it (metrics.jsonl or summary.json)"))
+    return list(dict.fromkeys(os.path.normpath(r) for r in runs)), skipped
+
+
 def read_run(run_dir):
-    """(what it trained with, per-epoch records, data) of a train.py run folder (trained_with); data: what
-    summary.json or last.pt says of the dataset the run trained on."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        raise UserError(f"{run_dir} is not a run folder of train.py (no metrics.jsonl)")
-    records = read_metrics(path)
-    if not records:
-        raise UserError(f"{path} is empty: the run has not finished an epoch")
-    summary_path = os.path.join(run_dir, "summary.json")
+    """A train.py run folder (or one holding its summary.json alone, as docs/ keeps them) as a namespace: path,
+    values (what it trained with: trained_with), data (what it trained on), records (metrics.jsonl; None without
+    it), summary (the labelled numbers), epochs (how many it was to train) and finished (summary.json covers
+    every logged epoch)."""
+    metrics, summary_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "summary.json")
+    records = read_metrics(metrics) if os.path.exists(metrics) else None
+    if records is not None and not records:
+        raise UserError(f"{metrics} is empty: the run has not finished an epoch")
+    saved = None
     if os.path.exists(summary_path):
         with open(summary_path) as f:
-            summary = json.load(f)
-        return (trained_with(summary["args"], summary.get("settings")), records,
-                summary.get("data") or {"dataset": summary["args"]["dataset"]})
-    ckpt = read_checkpoint(os.path.join(run_dir, "last.pt"))
+            saved = json.load(f)
+    if saved is not None and (records is None or saved["final_epoch"] == len(records)):
+        values = trained_with(saved["args"], saved.get("settings"))
+        data = saved.get("data") or {"dataset": saved["args"]["dataset"]}
+        summary = summarise(records, values["method"]) if records else legacy_summary(saved, values["method"])
+        return SimpleNamespace(path=run_dir, values=values, data=data, records=records, finished=True,
+                               summary={**saved, **summary}, epochs=summary["final_epoch"])
+    last = os.path.join(run_dir, "last.pt")  # an unfinished run, or an extension under way
+    ckpt = read_checkpoint(last) if os.path.exists(last) else {}
     meta = ckpt.get("meta", {})
-    return trained_with(ckpt["args"], ckpt.get("settings")), records, {
-        "dataset": meta.get("dataset_path") or meta.get("dataset"), "num_classes": meta.get("num_classes")}
+    values = trained_with(ckpt["args"], ckpt.get("settings")) if "args" in ckpt else {}
+    return SimpleNamespace(path=run_dir, values=values, records=records, finished=False,
+                           data={"dataset": meta.get("dataset_path") or meta.get("dataset"),
+                                 "num_classes": meta.get("num_classes")},
+                           summary=summarise(records, values.get("method", "mixskd")), epochs=values.get("epochs"))
+
+
+def legacy_summary(saved, method):
+    """The labelled numbers of a summary.json alone: as written, with the released code's number of a summary
+    written before it followed each method's script (then the max over heads for every method)."""
+    if "released_code_metric" in saved:
+        return saved
+    released = saved["released_code_metric_max_over_heads_and_epochs"] if method == "mixskd" else (
+        saved["best_backbone_top1"] if saved.get("best_epoch_chosen_on") == "test" else None)
+    return {**saved, "released_code_metric": released,
+            "released_code_metric_rule": MIXSKD_RULE if method == "mixskd" else BASELINE_RULE}
 
 
 METHOD_ORDER = ("ce", "label-smooth", "mixup", "cutmix", "byot", "dks", "cs-kd", "ps-kd", "mixskd paper",
@@ -88,41 +141,46 @@ NOT_THE_EXPERIMENT = {"seed", "out", "resume", "extend", "extend_schedule", "dev
                       "setting"}  # the setting's consequences (stem, batch, alpha, ...) are arguments of their own
 
 
-def method_label(args):
-    return f"{args['method']} {args.get('recipe', 'paper')}" if args["method"] == "mixskd" else args["method"]
+def method_label(values):
+    return f"{values['method']} {values.get('recipe', 'paper')}" if values["method"] == "mixskd" else values["method"]
 
 
-def experiment(args, data):
-    """What defines a run's experiment, all but its seed: every training argument, and its data (the file it
-    read, its classes and image counts, as far as the run recorded them)."""
-    data = {**data, "dataset": dataset_name(data["dataset"])} if data.get("dataset") else data  # moved: the same
-    return {**{k: v for k, v in args.items() if k not in NOT_THE_EXPERIMENT},
-            **{f"data {k}": v for k, v in data.items() if v is not None}}
+def data_identity(data):
+    """What a run's data is, as far as it recorded it: the file's name (not its folder), classes, image counts."""
+    return {**data, "dataset": dataset_name(data["dataset"])} if data.get("dataset") else dict(data)
 
 
-def grouped_runs(run_dirs):
-    """Runs grouped by experiment, seeds together: [(label, [(args, records), ...]), ...] in a fixed method
-    order. A label is the method, and where several groups share a method, the values that set each of them
-    apart (--epochs 2, n_train 300, ...): runs of different experiments are never averaged."""
+def experiment(run, with_data=True):
+    """What defines a run's experiment, all but its seed: every training value, and its data (the file it read,
+    its classes and image counts, as far as the run recorded them)."""
+    data = {f"data {k}": v for k, v in data_identity(run.data).items() if v is not None} if with_data else {}
+    return {**{k: v for k, v in run.values.items() if k not in NOT_THE_EXPERIMENT}, **data}
+
+
+def grouped_runs(runs, name_data=True):
+    """Runs grouped by experiment, seeds together: [(label, [run, ...]), ...] in a fixed method order. A label is
+    the method, and where several groups share a method, the values that set each of them apart (--epochs 2,
+    n_train 300, ...; the data's only with name_data): runs of different experiments are never averaged."""
     groups = {}
-    for args, records, data in map(read_run, run_dirs):
-        key = json.dumps(experiment(args, data), sort_keys=True, default=str)
-        groups.setdefault(key, []).append((args, records))
+    for run in runs:
+        groups.setdefault(json.dumps(experiment(run), sort_keys=True, default=str), []).append(run)
     labelled = []
-    for key, runs in groups.items():
-        label, key = method_label(runs[0][0]), json.loads(key)
-        peers = [json.loads(k) for k, r in groups.items() if method_label(r[0][0]) == label]
+    for key, members in groups.items():
+        label = method_label(members[0].values)
+        peers = [experiment(r[0], name_data) for r in groups.values() if method_label(r[0].values) == label]
+        mine = experiment(members[0], name_data)
         varying = sorted(k for k in set().union(*peers) if len({json.dumps(p.get(k)) for p in peers}) > 1)
-        differs = [f"{k[5:]} {shown_value(key.get(k))}" if k.startswith("data ") else
-                   f"--{k.replace('_', '-')} {shown_value(key.get(k))}" for k in varying]
+        differs = [f"{k[5:]} {shown_value(mine.get(k))}" if k.startswith("data ") else
+                   f"--{k.replace('_', '-')} {shown_value(mine.get(k))}" for k in varying]
         labelled.append((label + (f" ({', '.join(differs)})" if differs else ""),
-                         sorted(runs, key=lambda run: run[0]["seed"])))
+                         sorted(members, key=lambda run: run.values.get("seed", 0))))
     order = lambda label: METHOD_ORDER.index(label.split(" (")[0]) if label.split(" (")[0] in METHOD_ORDER else 99
-    labelled = sorted(labelled, key=lambda group: (order(group[0]), group[0]))
+    labelled = sorted(labelled, key=lambda group: (order(group[0]), group[0], data_label(group[1][0].data)))
     seen = {}  # groups that differ only in what a label shortens (a file's folder) stay apart, numbered
-    for i, (label, runs) in enumerate(labelled):
-        seen[label] = seen.get(label, 0) + 1
-        labelled[i] = (f"{label} #{seen[label]}" if seen[label] > 1 else label, runs)
+    for i, (label, members) in enumerate(labelled):
+        shown = (label, "" if name_data else data_label(members[0].data))  # a data column tells its rows apart
+        seen[shown] = seen.get(shown, 0) + 1
+        labelled[i] = (f"{label} #{seen[shown]}" if seen[shown] > 1 else label, members)
     return labelled
 
 
@@ -135,30 +193,72 @@ def shown_value(value):
 
 
 def mean_std(values, digits=2):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
     if len(values) < 2:
         return f"{values[0]:.{digits}f}"
     return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
-def results_table(run_dirs):
-    """Markdown table, one row per experiment over its seeds (grouped_runs), each number labelled by what it is."""
-    groups = [(label, [records for _, records in runs]) for label, runs in grouped_runs(run_dirs)]
-    chosen_on = "/".join(sorted({"val" if "val" in r[-1] else "test" for _, runs in groups for r in runs}))
-    rows = ["| method | seeds | epochs | final backbone top-1 (headline) | best-epoch backbone top-1 "
-            f"(epoch chosen on {chosen_on}) | "
-            "max over heads and epochs (released code's way) | self-teacher top-1 | backbone ECE | "
-            "training time per run (min) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for label, runs in groups:
-        final = [r[-1]["test"] for r in runs]
-        summaries = [summarise(r) for r in runs]
-        best = [s["best_backbone_top1"] for s in summaries]
-        released = [s["released_code_metric_max_over_heads_and_epochs"] for s in summaries]
-        teacher = [f["self_teacher"]["top1"] for f in final if "self_teacher" in f]
-        rows.append(f"| {label} | {len(runs)} | {len(runs[0])} | {mean_std([f['backbone']['top1'] for f in final])} | "
-                    f"{mean_std(best)} | {mean_std(released)} | {mean_std(teacher) if teacher else '-'} | "
-                    f"{mean_std([f['backbone']['ece'] for f in final], 3)} | "
-                    f"{mean_std([s['train_time_s'] / 60 for s in summaries], 1)} |")
+def data_label(data):
+    """A run's data in a table cell: the file's name, its classes and training images."""
+    d = data_identity(data)
+    counts = ", ".join(f"{d[k]:,} {what}" for k, what in (("num_classes", "classes"), ("n_train", "train"))
+                       if d.get(k) is not None)
+    return f"{d.get('dataset', '?')}" + (f" ({counts})" if counts else "")
+
+
+def results_table(paths, notes=None):
+    """Markdown table of the finished runs among paths (find_runs), one row per experiment over its seeds
+    (grouped_runs), each number labelled by what it is; a data column whenever the runs differ in data. notes: a
+    list that gets a line for every run left out (unfinished) or path skipped, and the revisions and devices
+    the rows come from when they differ."""
+    notes = [] if notes is None else notes
+    found, skipped = find_runs(paths)
+    runs = [read_run(path) for path in found]
+    finished = [run for run in runs if run.finished]
+    notes += [f"left out, unfinished: {run.path} (epoch {len(run.records)} of {run.epochs or '?'}; its last backbone "
+              f"top-1 {run.summary['headline_final_backbone_top1']:.2f})" for run in runs if not run.finished]
+    notes += [f"skipped: {path} ({why})" for path, why in skipped]
+    if not finished:
+        raise UserError(f"no finished run among {', '.join(map(str, paths))}: {'; '.join(notes) or 'nothing found'}")
+    with_data = len({json.dumps(data_identity(run.data), sort_keys=True) for run in finished}) > 1
+    groups = grouped_runs(finished, name_data=not with_data)
+    chosen_on = "/".join(sorted({run.summary["best_epoch_chosen_on"] for run in finished}))
+    header = ["method", *(["data"] * with_data), "seeds", "epochs", "final backbone top-1 (headline)",
+              f"best-epoch backbone top-1 (epoch chosen on {chosen_on})",
+              "released code's number (MixSKD: max over heads and epochs; others: backbone at its best epoch)",
+              "self-teacher top-1", "backbone ECE", "trained / deployed params", "training time per run (min)"]
+    rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for label, members in groups:
+        summaries = [run.summary for run in members]
+        final = [s["final_test"] for s in summaries]
+        params = summaries[0].get("trained_params"), summaries[0].get("deployed_params")
+        cells = [label, *([data_label(members[0].data)] * with_data), len(members), summaries[0]["final_epoch"],
+                 mean_std([f["backbone"]["top1"] for f in final]),
+                 mean_std([s["best_backbone_top1"] for s in summaries]),
+                 mean_std([s["released_code_metric"] for s in summaries]),
+                 mean_std([f["self_teacher"]["top1"] for f in final if "self_teacher" in f]),
+                 mean_std([f["backbone"]["ece"] for f in final], 3),
+                 f"{params[0]:,} / {params[1]:,}" if None not in params else "-",
+                 mean_std([s["train_time_s"] / 60 for s in summaries], 1)]
+        rows.append("| " + " | ".join(map(str, cells)) + " |")
+    notes += provenance_notes(finished)
     return "\n".join(rows)
+
+
+def provenance_notes(runs):
+    """A line naming the code revisions and the devices the runs come from, when they differ."""
+    lines = []
+    for key, what in (("git_revision", "code revisions"), ("device_name", "devices")):
+        seen = {}
+        for run in runs:
+            value = run.summary.get(key) or "not recorded"
+            seen[value[:7] if key == "git_revision" and value != "not recorded" else value] = seen.get(value, 0) + 1
+        if len(seen) > 1:
+            lines.append(f"{what}: " + ", ".join(f"{v} ({n} run{'s' * (n > 1)})" for v, n in seen.items()))
+    return lines
 
 
 def format_per_class(classes):
@@ -187,35 +287,44 @@ def pyplot():
     return plt
 
 
-def plot_runs(run_dirs, out):
-    """Test top-1 of the backbone per epoch for every run, a colour per experiment (grouped_runs); the loss terms
-    of the first MixSKD run."""
+def plot_runs(paths, out, notes=None):
+    """Test top-1 of the backbone per epoch of every run among paths (find_runs; unfinished ones too, so labelled),
+    a colour per experiment (grouped_runs), a line style per seed; and the loss terms of one run: MixSKD's (recipe
+    paper's when there is one, whose every term is optimised), else the first run's. notes: a list that gets a
+    line for every path skipped or run without metrics.jsonl (a summary.json alone has no curve)."""
+    notes = [] if notes is None else notes
+    found, skipped = find_runs(paths)
+    notes += [f"skipped: {path} ({why})" for path, why in skipped]
+    runs = [run for run in map(read_run, found) if run.records is not None]
+    notes += [f"no curve: {path} holds no metrics.jsonl" for path in found if path not in {r.path for r in runs}]
+    if not runs:
+        raise UserError(f"no run with metrics.jsonl among {', '.join(map(str, paths))}")
     plt = pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    groups = grouped_runs(run_dirs)
-    runs = [run for _, group in groups for run in group]
+    groups = grouped_runs(runs)
     # a short run's few points stand out as markers; epochs are whole numbers on the axis
-    marker = {"marker": "o", "markersize": 3} if max(len(records) for _, records in runs) <= 30 else {}
+    marker = {"marker": "o", "markersize": 3} if max(len(run.records) for run in runs) <= 30 else {}
     for g, (label, group) in enumerate(groups):  # a colour per experiment, a line style per seed
-        for s, (args, records) in enumerate(group):
-            acc_ax.plot([r["epoch"] + 1 for r in records], [r["test"]["backbone"]["top1"] for r in records], lw=1,
-                        **marker, color=f"C{g % 10}", ls=("-", "--", ":", "-.")[s % 4],
-                        label=f"{label} seed {args['seed']}")
+        for k, run in enumerate(group):
+            acc_ax.plot([r["epoch"] + 1 for r in run.records], [r["test"]["backbone"]["top1"] for r in run.records],
+                        lw=1, **marker, color=f"C{g % 10}", ls=("-", "--", ":", "-.")[k % 4],
+                        label=f"{label} seed {run.values.get('seed')}{'' if run.finished else ' (unfinished)'}")
     acc_ax.set(xlabel="epoch", ylabel="test top-1 of the backbone (%)", title="deployed network, every run")
     acc_ax.legend(fontsize=7, ncol=2)
-    mixskd = [run for run in runs if run[0]["method"] == "mixskd"]
-    if mixskd:  # the paper recipe's run when there is one: its every term is optimised
-        args, records = next((run for run in mixskd if run[0].get("recipe") == "paper"), mixskd[0])
-        for term in records[0]["loss"]:
-            loss_ax.plot([r["epoch"] + 1 for r in records], [r["loss"][term] for r in records], lw=1, **marker,
-                         label=term if term == "total" else f"L_{term}")
-        loss_ax.set(xlabel="epoch", ylabel="mean over the epoch", yscale="log",
-                    title=f"loss terms, {method_label(args)} seed {args['seed']}")
-        loss_ax.legend(fontsize=7)
+    ordered = [run for _, group in groups for run in group]
+    mixskd = [run for run in ordered if run.values.get("method") == "mixskd"]
+    shown = next((run for run in mixskd if run.values.get("recipe") == "paper"), (mixskd or ordered)[0])
+    for term in shown.records[0]["loss"]:
+        loss_ax.plot([r["epoch"] + 1 for r in shown.records], [r["loss"][term] for r in shown.records], lw=1,
+                     **marker, label=term if term == "total" else f"L_{term}")
+    loss_ax.set(xlabel="epoch", ylabel="mean over the epoch", yscale="log",
+                title=f"loss terms, {method_label(shown.values)} seed {shown.values.get('seed')}")
+    loss_ax.legend(fontsize=7)
     for ax in (acc_ax, loss_ax):
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(out, dpi=90)
+    plt.close(fig)
     return out
 
 

@@ -11,7 +11,7 @@ import data
 import errors
 import eval as evaluation
 import report
-from conftest import metric_lines
+from conftest import metric_lines, tiny_run
 
 WIDTH, CLASSES, BATCH = 4, 10, 4
 slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
@@ -33,7 +33,7 @@ def seeded_copy(run_dir, dest, seed, backbone_top1):
     """A copy of a run folder posing as another seed whose final backbone top-1 is backbone_top1."""
     shutil.copytree(run_dir, dest)
     summary = json.loads((dest / "summary.json").read_text())
-    summary["args"]["seed"] = seed
+    summary["args"]["seed"] = summary["settings"]["seed"] = seed
     (dest / "summary.json").write_text(json.dumps(summary))
     records = metric_lines(dest)
     records[-1]["test"]["backbone"]["top1"] = backbone_top1
@@ -60,11 +60,18 @@ def test_table_and_plot_never_average_runs_of_different_experiments(run_dir, tmp
             summary[part].update(values)
         (run / "summary.json").write_text(json.dumps(summary))
     table = report.results_table([str(r) for r in runs]).splitlines()
-    assert len(table) == 5 and [row.split(" |")[0] for row in table[2:]] == [
-        "| mixskd paper (n_train 192, num_classes 10, --epochs 2)",
-        "| mixskd paper (n_train 192, num_classes 10, --epochs 5)",
-        "| mixskd paper (n_train 300, num_classes 3, --epochs 2)"]
-    assert "| 2 | 2 | 82.00 ±" in table[2] and "| 1 | 2 | 10.00 |" in table[3] and "| 1 | 2 | 20.00 |" in table[4]
+    assert len(table) == 5 and [" |".join(row.split(" |")[:2]) for row in table[2:]] == [
+        "| mixskd paper (--epochs 2) | tiny (10 classes, 192 train)",
+        "| mixskd paper (--epochs 2) | tiny (3 classes, 300 train)",  # rows that differ in data name it
+        "| mixskd paper (--epochs 5) | tiny (10 classes, 192 train)"]
+    assert "| 2 | 2 | 82.00 ±" in table[2] and "| 1 | 2 | 20.00 |" in table[3] and "| 1 | 2 | 10.00 |" in table[4]
+    # other methods on other data: each row names its data, though no two rows share a method
+    summary = json.loads((runs[3] / "summary.json").read_text())
+    summary["settings"].update(method="ce", hp={})
+    (runs[3] / "summary.json").write_text(json.dumps(summary))
+    table = report.results_table([str(runs[0]), str(runs[3])]).splitlines()
+    assert [" |".join(row.split(" |")[:2]) for row in table[2:]] == ["| ce | tiny (3 classes, 300 train)",
+                                                                    "| mixskd paper | tiny (10 classes, 192 train)"]
     pytest.importorskip("matplotlib")
     report.plot_runs([str(r) for r in runs], str(tmp_path / "fig.png"))
 
@@ -89,7 +96,7 @@ def test_plot_draws_the_confusion_matrix_of_one_run(run_dir, tmp_path, capsys):
 
 @slow
 def test_plot_goes_into_the_run_folder_by_default(run_dir, monkeypatch, capsys):
-    monkeypatch.setattr(report, "plot_runs", lambda runs, out: out)  # where, not how: no matplotlib needed
+    monkeypatch.setattr(report, "plot_runs", lambda runs, out, notes: out)  # where, not how: no matplotlib needed
     evaluation.main(["--plot", str(run_dir)])
     assert capsys.readouterr().out.strip() == f"figure written to {run_dir / 'results.png'}"
 
@@ -146,3 +153,62 @@ def test_plot_without_matplotlib_gives_a_one_line_hint(run_dir, tmp_path, monkey
         evaluation.main(["--plot", str(run_dir), "--out", str(tmp_path / "x.png")])
 
 
+
+
+@slow
+def test_table_leaves_unfinished_runs_out_naming_them_and_finds_the_runs_below_a_folder(run_dir, tmp_path, capsys):
+    """A stopped run is never a headline: it is left out of the table and named with its epoch; a folder that is
+    not a run (notes, a figure) is skipped and named; a parent folder is searched for the runs below it."""
+    runs = tmp_path / "runs"
+    seeded_copy(run_dir, runs / "done", 0, 80.0)
+    stopped = shutil.copytree(run_dir, runs / "stopped")
+    (stopped / "summary.json").unlink()
+    (stopped / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    (runs / "notes").mkdir()
+    (runs / "notes" / "table.md").write_text("an older table")
+    evaluation.main(["--table", str(runs / "done"), str(stopped), str(runs / "notes")])
+    out, err = capsys.readouterr()
+    rows = out.splitlines()
+    assert len(rows) == 3 and rows[2].startswith("| mixskd paper | 1 | 2 | 80.00 |")
+    first = metric_lines(run_dir)[0]["test"]["backbone"]["top1"]
+    assert f"note: left out, unfinished: {stopped} (epoch 1 of 2; its last backbone top-1 {first:.2f})" in err
+    assert f"note: skipped: {runs / 'notes'} (not a run folder, and no run folder below it" in err
+    evaluation.main(["--table", str(runs)])
+    again, err = capsys.readouterr()
+    assert again == out and "left out, unfinished" in err and "skipped" not in err
+    with pytest.raises(errors.UserError, match="no finished run among"):
+        report.results_table([str(stopped)])
+
+
+@slow
+def test_a_summary_json_alone_is_a_finished_run_of_the_table(run_dir, tmp_path):
+    """docs/ keeps the summary.json of each run behind its tables: the table made from those files alone is the
+    table made from the run folders."""
+    for k, top1 in enumerate((80.0, 84.0)):
+        seeded_copy(run_dir, tmp_path / "runs" / f"s{k}", k, top1)
+        kept = tmp_path / "kept" / f"s{k}"
+        kept.mkdir(parents=True)
+        run = tmp_path / "runs" / f"s{k}"
+        full = {**json.loads((run / "summary.json").read_text()), **report.summarise(metric_lines(run))}  # as written
+        (tmp_path / "runs" / f"s{k}" / "summary.json").write_text(json.dumps(full))
+        (kept / "summary.json").write_text(json.dumps(full))
+    assert report.results_table([str(tmp_path / "kept")]) == report.results_table([str(tmp_path / "runs")])
+    assert report.results_table([str(tmp_path / "kept" / "s0" / "summary.json")]).count("\n") == 2
+
+
+@slow
+def test_the_figure_of_baseline_runs_draws_their_loss_terms(tiny_npz, tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    tiny_run(tiny_npz, tmp_path / "ce", "--epochs", "2", "--method", "ce")
+    drawn, real = {}, plt.subplots
+
+    def subplots(*args, **kwargs):
+        fig, axes = real(*args, **kwargs)
+        drawn["axes"] = axes
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", subplots)
+    report.plot_runs([str(tmp_path / "ce")], str(tmp_path / "fig.png"))
+    loss_ax = drawn["axes"][1]
+    assert loss_ax.get_title() == "loss terms, ce seed 0" and [line.get_label() for line in loss_ax.lines] == [
+        "total", "L_ce"]

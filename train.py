@@ -300,7 +300,7 @@ def finish(run):
         return
     out, data = run.args.out, run.data
     checkpoints.save_atomic({"meta": run.meta, "backbone": run.backbone.state_dict()}, f"{out}/deploy.pt")
-    summary = {**report.summarise(checkpoints.read_metrics(run.metrics)), "trained_params": run.n_trained,
+    summary = {**report.summarise(checkpoints.read_metrics(run.metrics), run.s.method), "trained_params": run.n_trained,
                "deployed_params": run.n_deployed, "wall_time_s_this_process": time.time() - run.start_time,
                "processes": run.world, "parameter_sha256_per_rank": digests, **runtime.provenance(run.device),
                **run.record, "data": {"dataset": run.meta["dataset_path"] or run.args.dataset,
@@ -309,9 +309,9 @@ def finish(run):
     checkpoints.write_json_atomic(summary, f"{out}/summary.json")
     print(f"final backbone top-1 {summary['headline_final_backbone_top1']:.2f} (headline) | best epoch "
           f"{summary['best_backbone_epoch']} (chosen on {summary['best_epoch_chosen_on']}): test top-1 "
-          f"{summary['best_backbone_top1']:.2f} | released code's metric "
-          f"{summary['released_code_metric_max_over_heads_and_epochs']:.2f} ({summary['released_code_metric_head']}, "
-          f"epoch {summary['released_code_metric_epoch']}, max over heads and epochs on the test set) | {out}")
+          f"{summary['best_backbone_top1']:.2f} | released code's number {summary['released_code_metric']:.2f} "
+          f"({summary['released_code_metric_head']}, epoch {summary['released_code_metric_epoch']}: "
+          f"{summary['released_code_metric_rule']}, on the test set) | {out}")
 
 
 if __name__ == "__main__":
