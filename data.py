@@ -343,7 +343,7 @@ def eval_batches(data, batch_size, split="test"):
     (the last may be smaller)."""
     if data.kind == "folder":
         for x, y in folders.folder_batches(getattr(data, f"{split}_set"), batch_size, 0, 0, 0, 1, False, data.device,
-                                           data.workers):
+                                           data.workers, epoch_generator(0, -1, "cpu")):
             yield normalize(x, data.stats), y
         return
     x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")

@@ -67,7 +67,10 @@ def read_folder(root, image_size, workers):
     arrays = {}
     for split, folder in zip(("train", "test"), image_folder_splits(root, os.path.basename(root))):
         dataset = image_folder(folder, test_transform(image_size, "cifar"))
-        loader = torch.utils.data.DataLoader(dataset, 256, num_workers=min(workers, os.cpu_count() or 1))
+        # a generator of its own: the loader's seed is not drawn from torch's global one, which then initialises the
+        # network as it does after an .npz is read (a folder and the .npz of its pixels train alike)
+        loader = torch.utils.data.DataLoader(dataset, 256, num_workers=min(workers, os.cpu_count() or 1),
+                                             generator=torch.Generator().manual_seed(0))
         x, y = zip(*checked(loader, dataset))
         arrays[f"x_{split}"] = torch.cat(x).permute(0, 2, 3, 1).numpy()
         arrays[f"y_{split}"] = torch.cat(y).numpy()
@@ -144,12 +147,11 @@ def test_transform(image_size, stem):
     return T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])
 
 
-def folder_batches(dataset, batch_size, seed, epoch, rank, world_size, train, device, workers, generator=None,
-                   extra=None):
+def folder_batches(dataset, batch_size, seed, epoch, rank, world_size, train, device, workers, generator, extra=None):
     """The uint8 batches of a DataLoader over an ImageFolder (or a Subset of one) on the device: this rank's shard
-    (DistributedSampler, reshuffled by (seed, epoch)), worker seeds from `generator`, pinned memory copied to a GPU
-    without blocking. extra: "index" adds each image's position in the dataset, "partner" an image of its class
-    (WithExtra)."""
+    (DistributedSampler, reshuffled by (seed, epoch)), worker seeds from `generator` (never torch's global one,
+    which the training step draws from), pinned memory copied to a GPU without blocking. extra: "index" adds each
+    image's position in the dataset, "partner" an image of its class (WithExtra)."""
     sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=train, seed=seed, drop_last=train)
     sampler.set_epoch(epoch)
     cuda = device.type == "cuda"
