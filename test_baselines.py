@@ -5,6 +5,7 @@ classes and heads; nothing from baselines.py or losses.kd), at T = 4 where a tem
 each detach is checked on the gradients of leaf logits and feature maps.
 """
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,7 +36,7 @@ from baselines import (
     ps_kd_targets,
     soft_cross_entropy,
 )
-from conftest import settings_of
+from conftest import metric_lines, settings_of
 from model import MixSKDNet, ResNet
 
 WIDTH, CLASSES, BATCH, T = 4, 10, 4, 4.0
@@ -411,6 +412,24 @@ def test_12_5_targets_are_read_from_the_previous_epochs_predictions(tiny_npz, tm
             onehot = F.one_hot(label, 10).float()
             previous = written[i] if step >= 5 else onehot
             close(target, (1 - alpha) * onehot + alpha * previous)
+
+
+@pytest.mark.slow
+def test_12_5_alpha_t_is_logged_a_one_epoch_run_says_it_is_ce_and_an_extension_never_lowers_it(tiny_npz, tmp_path,
+                                                                                                capsys):
+    """metrics.jsonl logs alpha_t every epoch; a run of one epoch has no previous predictions, so it says it trains
+    plain CE; --extend continues a finished run with alpha_t no lower than its last (--extend-schedule capped, as
+    the lr never rises) or on the new length's schedule (new)."""
+    ps_kd_run(tiny_npz, tmp_path / "one", "--epochs", "1")
+    assert "a run of one epoch has none: its targets are the labels, so this run trains plain cross-entropy" in (
+        capsys.readouterr().err)
+    ps_kd_run(tiny_npz, tmp_path / "two", "--epochs", "2")
+    assert "plain cross-entropy" not in capsys.readouterr().err
+    assert [r["ps_kd_alpha"] for r in metric_lines(tmp_path / "two")] == [pytest.approx(0.4), pytest.approx(0.8)]
+    for schedule, alphas in (("capped", [0.8, 0.8]), ("new", [0.6, 0.8])):
+        run = shutil.copytree(tmp_path / "two", tmp_path / schedule)
+        train.main(["--out", str(run), "--resume", "--extend", "--epochs", "4", "--extend-schedule", schedule])
+        assert [r["ps_kd_alpha"] for r in metric_lines(run)][2:] == [pytest.approx(a) for a in alphas], schedule
 
 
 @pytest.mark.slow
