@@ -63,7 +63,9 @@ def byot_loss(feats, logits, y, temperature=BASELINE_TEMPERATURE, hint_weight=0.
     """BYOT, docs/method.md section 12.2: sum_h CE(z_h, y) + sum_a KD_T(z_a || z_f)
     + hint_weight * sum_a mean((F_a - sg(F_f))^2), f the backbone (last head), a the branches.
 
-    The backbone teaches: it learns from CE alone, and the hint moves the branches' feature maps only.
+    The backbone's head teaches: its logits and feature map get no KD or hint gradient, which moves the branches'
+    outputs; through the stages the branches share with it (branch k reads stage k), the terms still reach the
+    backbone's earlier stages, and only its last stage and classifier learn from CE alone.
     Returns (total, terms) with terms {"ce", "kd", "feat"} detached, "feat" already weighted.
     """
     *branch_feats, backbone_feat = feats

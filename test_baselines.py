@@ -127,7 +127,7 @@ def test_12_2_byot_matches_reference():
     close(total, ref["ce"] + ref["kd"] + ref["feat"])
 
 
-def test_12_2_byot_backbone_learns_from_ce_alone_and_its_feature_map_only_teaches():
+def test_12_2_byot_backbone_head_gets_ce_alone_and_its_feature_map_only_teaches():
     logits = leaves(BATCH, CLASSES, n=4)
     feats = leaves(BATCH, 8, 4, 4, n=4, seed=1)
     y = torch.tensor([1, 2, 3, 4])
@@ -138,6 +138,20 @@ def test_12_2_byot_backbone_learns_from_ce_alone_and_its_feature_map_only_teache
     assert feats[3].grad is None  # the hint never moves the backbone's feature map
     for f in feats[:3]:  # ... and pulls each branch's towards it
         close(f.grad, 0.05 * 2 * (f - feats[3]).detach() / f.numel())
+
+
+def test_12_2_byot_kd_and_hint_reach_the_stages_the_branches_share_with_the_backbone():
+    """The backbone's head gets CE alone, but its weights do not: branch k reads stage k's output, so BYOT's KD and
+    hint terms reach conv1 and layer1-layer3; only layer4 and fc learn from CE alone (docs/method.md 12.2)."""
+    torch.manual_seed(0)
+    net = MixSKDNet("resnet18", CLASSES, WIDTH)
+    x, y = batch()
+    feats, logits = net(x)
+    total, terms = byot_loss(feats, logits, y, temperature=T)
+    (total - sum(F.cross_entropy(z.float(), y) for z in logits)).backward()  # the KD and hint terms alone
+    reached = {name.split(".")[1] for name, p in net.backbone.named_parameters(prefix="backbone")
+               if p.grad is not None and p.grad.abs().sum() > 0}
+    assert reached == {"conv1", "bn1", "layer1", "layer2", "layer3"}
 
 
 # ------------------------------------------------------------------------------- docs/method.md section 12.3: DKS
