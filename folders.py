@@ -102,12 +102,12 @@ def image_folder(folder, transform):
     return torchvision.datasets.ImageFolder(folder, transform, loader=read_image)
 
 
-def checked(loader, dataset, limit=20_000):
+def checked(loader, dataset, limit=20_000, named=5):
     """The batches of a DataLoader over an image folder; an image that cannot be read ends it with one line that
-    names the file and how many of the folder's other files cannot be read either (all checked when there are at
-    most `limit`), instead of a traceback from the worker. The workers have ended when it is raised: the worker's
-    exception holds them in a reference cycle, and a later garbage collection (in a notebook, a test) stopped them
-    5 s each."""
+    names every file of the folder that cannot be read (all checked when there are at most `limit`; the first
+    `named` with their reasons, then a count), instead of a traceback from the worker. The workers have ended when
+    it is raised: the worker's exception holds them in a reference cycle, and a later garbage collection (in a
+    notebook, a test) stopped them 5 s each."""
     batches = iter(loader)
     try:
         yield from batches
@@ -121,20 +121,24 @@ def checked(loader, dataset, limit=20_000):
     while not hasattr(dataset, "samples") and hasattr(dataset, "dataset"):  # a Subset, WithExtra
         dataset = dataset.dataset
     files = [p for p, _ in getattr(dataset, "samples", [])]
-    if len(files) <= limit:
-        others = sum(1 for p in files if p != path and not readable(p))
-        also = f"{others} of the other {len(files) - 1} files in it cannot be read either"
-    else:
-        also = f"the other {len(files) - 1} files were not checked"
-    raise UserError(f"cannot read the image {path} ({why}); {also}: remove or replace them")
+    if len(files) > limit:
+        raise UserError(f"cannot read the image {path} ({why}); the other {len(files) - 1} files were not checked: "
+                        f"remove or replace it")
+    bad = {path: why, **{p: reason for p in files if p != path and (reason := unreadable(p))}}
+    listed = ", ".join(f"{p} ({reason})" for p, reason in sorted(bad.items())[:named])
+    more = f" and {len(bad) - named} more" if len(bad) > named else ""
+    where = getattr(dataset, "root", None) or os.path.dirname(path)
+    raise UserError(f"cannot read {len(bad)} of the {len(files) or '?'} image files in {where}: {listed}{more}: "
+                    f"remove or replace {'it' if len(bad) == 1 else 'them'}")
 
 
-def readable(path):
+def unreadable(path):
+    """Why an image file cannot be read, or None when it can."""
     try:
         read_image(path)
-        return True
-    except UnreadableImage:
-        return False
+        return None
+    except UnreadableImage as e:
+        return str(e).split("\t")[-1]
 
 
 def test_transform(image_size, stem):

@@ -544,7 +544,8 @@ def test_a_folder_of_small_images_and_the_npz_of_its_pixels_in_its_order_train_b
 @slow
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_an_unreadable_image_in_a_folder_is_one_line_naming_it(image_folder, tmp_path, split):
-    """Truncated files in train/ (or val/) end the run with one line that names one and counts the others."""
+    """Truncated files in train/ (or val/) end the run with one line that names every one of them with its reason
+    (two here; one alone is "it"), in name order."""
     folder = tmp_path / "folder"
     shutil.copytree(image_folder, folder)
     bad = [folder / split / "class1" / "3.png", folder / split / "class2" / "1.png"]
@@ -556,11 +557,17 @@ def test_an_unreadable_image_in_a_folder_is_one_line_naming_it(image_folder, tmp
         with pytest.raises(errors.UserError) as e:
             train.main(["--dataset", str(folder), "--width", "4", "--epochs", "1", "--batch-size", "8", "--out",
                         str(out), *extra])
-        named = next(path for path in bad if str(e.value).startswith(f"cannot read the image {path} (OSError: "))
-        assert str(e.value).endswith(f"1 of the other {files - 1} files in it cannot be read either: remove or "
-                                     f"replace them") and "\n" not in str(e.value) and named
+        message = str(e.value)
+        assert re.fullmatch(rf"cannot read 2 of the {files} image files in {re.escape(str(folder / split))}: "
+                            rf"{re.escape(str(bad[0]))} \(OSError: [^)]*\), {re.escape(str(bad[1]))} \(OSError: "
+                            rf"[^)]*\): remove or replace them", message), message
         assert not (out / "last.pt").exists()
         assert not multiprocessing.active_children(), "the error kept the DataLoader's workers alive"
+    bad[1].write_bytes((image_folder / split / "class2" / "1.png").read_bytes())  # one left: named, "it"
+    with pytest.raises(errors.UserError, match=rf"^cannot read 1 of the {files} image files in .*3\.png \(OSError: "
+                                               rf".*\): remove or replace it$"):
+        train.main(["--dataset", str(folder), "--width", "4", "--epochs", "1", "--batch-size", "8", "--out",
+                    str(tmp_path / "one")])
 
 
 @slow
