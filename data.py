@@ -141,13 +141,7 @@ def load_npz(path):
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: an .npz dataset needs {', '.join(NPZ_KEYS)}")
     for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3:
-            raise UserError(f"{path}: x_{split} must be uint8 N x H x W x 3 images, got {x.dtype} {x.shape}")
-        if x.shape[0] == 0:
-            raise UserError(f"{path}: x_{split} holds no images; both splits need at least one")
-        if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
-            raise UserError(f"{path}: y_{split} must hold {x.shape[0]} integer labels, got {y.dtype} {y.shape}")
+        check_split(path, split, arrays[f"x_{split}"], arrays[f"y_{split}"])
     classes, source = class_count(arrays), "class_names" if "class_names" in arrays else "the training labels"
     for split in ("train", "test"):
         y = arrays[f"y_{split}"]
@@ -175,6 +169,29 @@ def load_npz(path):
         raise UserError(f"{path}: train images {arrays['x_train'].shape[1:]} and test images "
                         f"{arrays['x_test'].shape[1:]} differ in size")
     return arrays
+
+
+def check_split(path, split, x, y):
+    """One split of an .npz: uint8 N x H x W x 3 images and N integer labels, with a one-line error that says how
+    to fix the data."""
+    if x.ndim != 4 or x.shape[3] != 3:
+        first = x.ndim == 4 and x.shape[1] == 3
+        layout = " (channels first? np.transpose(x, (0, 2, 3, 1)) puts them last)" if first else ""
+        raise UserError(f"{path}: x_{split} must be N x H x W x 3 images, got shape {x.shape}{layout}")
+    if x.dtype != np.uint8:
+        floats = np.issubdtype(x.dtype, np.floating)
+        fix = ("scale them to 0..255 and cast: x = (x * 255).round().astype(np.uint8)" if floats
+               else "cast them: x.astype(np.uint8), after bringing them to 0..255")
+        raise UserError(f"{path}: x_{split} must be uint8 images (0..255), got {x.dtype}: {fix}")
+    if x.shape[0] == 0:
+        raise UserError(f"{path}: x_{split} holds no images; both splits need at least one")
+    if y.ndim != 1 or len(y) != len(x):
+        raise UserError(f"{path}: x_{split} has {len(x)} images, y_{split} {len(y) if y.ndim else 1} labels of shape "
+                        f"{y.shape}: one integer label per image")
+    if not np.issubdtype(y.dtype, np.integer):
+        fix = ("map them to 0..C-1 and put the names, in that order, in class_names" if y.dtype.kind in "USO"
+               else "cast them with y.astype(np.int64) when they are whole numbers")
+        raise UserError(f"{path}: y_{split} must hold integer labels 0..C-1, got {y.dtype}: {fix}")
 
 
 # ----------------------------------------------------------------------------- validation split

@@ -198,9 +198,22 @@ def test_missing_dataset_offline_names_folder_and_url(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arrays, message", [
     ({"x_train": np.zeros((4, 32, 32, 3), np.uint8)}, "lacks y_train, x_test, y_test"),
     ({"x_train": np.zeros((4, 32, 32), np.uint8), "y_train": np.zeros(4, int),
-      "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.zeros(2, int)}, "x_train must be uint8 N x H x W x 3"),
+      "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.zeros(2, int)},
+     r"x_train must be N x H x W x 3 images, got shape \(4, 32, 32\)$"),
+    ({"x_train": np.zeros((4, 3, 32, 32), np.uint8), "y_train": np.zeros(4, int),
+      "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.zeros(2, int)},
+     r"channels first\? np.transpose\(x, \(0, 2, 3, 1\)\) puts them last"),
+    ({"x_train": np.zeros((4, 32, 32, 3), np.float32), "y_train": np.zeros(4, int),
+      "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.zeros(2, int)},
+     r"x_train must be uint8 images \(0\.\.255\), got float32: scale them to 0\.\.255 and cast: "
+     r"x = \(x \* 255\)\.round\(\)\.astype\(np\.uint8\)"),
     ({"x_train": np.zeros((4, 32, 32, 3), np.uint8), "y_train": np.zeros(3, int),
-      "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.zeros(2, int)}, "y_train must hold 4"),
+      "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.zeros(2, int)},
+     "x_train has 4 images, y_train 3 labels of shape"),
+    ({"x_train": np.zeros((4, 32, 32, 3), np.uint8), "y_train": np.array(["cat", "dog", "cat", "cow"]),
+      "x_test": np.zeros((2, 32, 32, 3), np.uint8), "y_test": np.zeros(2, int)},
+     "y_train must hold integer labels 0..C-1, got <U3: map them to 0..C-1 and put the names, in that order, in "
+     "class_names"),
     # labels must fit the classes: ten class_names and labels 10..13, or a test label beyond the training ones
     ({"x_train": np.zeros((4, 8, 8, 3), np.uint8), "y_train": np.arange(10, 14), "x_test": np.zeros((2, 8, 8, 3),
       np.uint8), "y_test": np.array([10, 11]), "class_names": np.array(list("abcdefghij"))},
