@@ -22,6 +22,7 @@ drawn from the seed alone (hold_out), so that a model can be selected without th
 import copy
 import os
 import re
+import shutil
 import sys
 from types import SimpleNamespace
 
@@ -112,12 +113,16 @@ def load_torchvision(dataset, root):
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+    made = not os.path.exists(root)
     try:
         train, test = (cls(root, train=split, download=True) for split in (True, False))
     except Exception as e:  # offline: URLError, socket errors, or a corrupt partial archive
+        if made:  # the attempt made the folder: leave none behind
+            shutil.rmtree(root, ignore_errors=True)
         folder = os.path.join(root, cls.base_folder)
-        raise UserError(f"{dataset} not found in {folder} and could not be downloaded ({type(e).__name__}); "
-                        f"download {cls.url} and extract it into {root}, or pass --dataset PATH.npz") from None
+        raise UserError(f"{dataset} not found in {folder} and could not be downloaded from {cls.url} "
+                        f"({type(e).__name__}): download it and extract it into {root} (or pass --data where it "
+                        f"is), or train on an .npz of your own with --dataset PATH.npz") from None
     return {"x_train": train.data, "y_train": np.array(train.targets), "x_test": test.data,
             "y_test": np.array(test.targets), "class_names": np.array(train.classes)}
 

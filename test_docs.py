@@ -4,6 +4,9 @@ import ast
 import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -42,6 +45,17 @@ def test_readme_own_training_loop_runs_as_written(capsys):
         assert set(terms) == set(TERMS) and all(np.isfinite(v) for v in terms.values())
     assert isinstance(namespace["deployed"], timm.models.VisionTransformer)
     assert len(namespace["opt"].state) == len(namespace["params"])  # every parameter took a step
+
+
+@slow
+def test_readme_own_training_loop_runs_outside_the_repository_with_the_five_files_it_names(tmp_path):
+    for name in ("layouts.py", "losses.py", "mixup.py", "model.py", "self_teacher.py"):
+        shutil.copy(HERE / name, tmp_path / name)
+    (tmp_path / "step.py").write_text(readme_block("### MixSKD in your own training loop"))
+    done = subprocess.run([sys.executable, "step.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr
+    assert [line.split(" {")[0] for line in done.stdout.splitlines()] == ["torchvision MobileNetV3", "timm ViT"]
 
 
 @slow

@@ -193,6 +193,9 @@ def test_missing_dataset_offline_names_folder_and_url(tmp_path, monkeypatch):
     monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", offline)
     with pytest.raises(errors.UserError, match=r"cifar-100-python.*https://www\.cs\.toronto\.edu/~kriz/cifar-100-python"):
         data.load_dataset("cifar100", str(tmp_path))
+    with pytest.raises(errors.UserError, match=r"\(or pass --data where it is\), or train on an \.npz of your own"):
+        data.load_dataset("cifar100", str(tmp_path / "data"))
+    assert not (tmp_path / "data").exists()  # the attempt left no empty folder behind
 
 
 @pytest.mark.parametrize("arrays, message", [
