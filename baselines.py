@@ -171,8 +171,8 @@ class SelfKDObjective(nn.Module):
                 logits_partner = self.net(extra)
             total, terms = cs_kd_loss(logits, logits_partner, y, self.temperature)
             return total, terms, logits
-        if self.method == "ps-kd":
-            loss = ps_kd_loss(logits, extra)
+        if self.method == "ps-kd":  # the soft CE on PS-KD's targets, logged under its method's name
+            loss, term = ps_kd_loss(logits, extra), "ps_kd"
         else:
-            loss = label_smoothing_loss(logits, y)
-        return loss, {"ce": loss.detach()}, logits
+            loss, term = label_smoothing_loss(logits, y), "label_smooth"
+        return loss, {term: loss.detach()}, logits

@@ -72,7 +72,8 @@ g.add_argument("--data", default="./data", help="torchvision dataset root, or th
 g.add_argument("--image-size", type=int, default=None, help="image folders: the size images are cropped to "
                "(Resize(size * 256 / 224) to test under --setting imagenet); default 224 on ImageNet, a folder's own "
                "image size (its first training image's)")
-g.add_argument("--workers", type=int, default=8, help="ImageNet DataLoader workers per process")
+g.add_argument("--workers", type=int, default=8, help="DataLoader workers per process that read an image folder "
+               "(ImageNet's or your own; at most the cores)")
 g.add_argument("--val-split", type=count_or_fraction, default=0, metavar="N", help="hold out N training images "
                "(a fraction of them when below 1), stratified by class and drawn from --seed, as a validation split: "
                "evaluated every epoch, it chooses best.pt, and the test set chooses nothing. On an ImageNet folder "

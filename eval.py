@@ -131,7 +131,8 @@ def parse_args(argv=None):
                                                    "val/; default: the one it was trained on)")
     p.add_argument("--data", default="./data", help="torchvision dataset root (default ./data)")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers for ImageNet (default 8)")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers that read an image folder (ImageNet's or "
+                                                           "your own; default 8, at most the cores)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)

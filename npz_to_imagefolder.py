@@ -48,7 +48,8 @@ def main(argv=None):
     if os.path.exists(args.out):
         raise UserError(f"{args.out} already exists: choose a new folder")
     counts = write_image_folder(args.npz, args.out)
-    print(f"wrote {counts['train']} training and {counts['val']} validation images under {args.out}")
+    print(f"wrote {counts['train']} training images (train/) and {counts['val']} test images (val/, ImageFolder's "
+          f"name for them) under {args.out}")
 
 
 if __name__ == "__main__":

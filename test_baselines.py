@@ -273,6 +273,9 @@ def test_objective_returns_backbone_logits_and_finite_terms(method):
     close(logits, out[1][-1] if method in BRANCHED else out)
     assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
     close(total, sum(terms.values()))
+    # each term under its method's name: label smoothing's and PS-KD's soft CE are not the plain CE
+    assert list(terms) == {"label-smooth": ["label_smooth"], "byot": ["ce", "kd", "feat"], "dks": ["ce", "kd"],
+                           "cs-kd": ["ce", "kd"], "ps-kd": ["ps_kd"]}[method]
 
 
 @pytest.mark.parametrize("method", SELF_KD_METHODS)
