@@ -5,6 +5,7 @@ step's time (compilation included), projected run time.
     python bench.py --baseline            # ... and the plain way, same process, with the speed-up
     python bench.py --method all          # every method's step, one after the other, in one process
     python bench.py --amp off --channels-last off --compile off --json
+    python bench.py --compile off --alternate channels-last --width 16   # channels_last off and on, alternating
 
 The timed step is train.py's own (`train.train_step` fed by `data.train_batches`), never a copy.
 `--baseline` also times the plain way to write it: a DataLoader with per-image PIL transforms on the
@@ -18,6 +19,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image
@@ -33,6 +35,7 @@ from settings import resolve
 
 SPEC_STEPS = 50_000 // 64 * 205  # the recipe's CIFAR-100 run: 781 steps per epoch, 205 epochs
 PLAIN = ("mixskd", "ce", "mixup", "cutmix")  # the methods whose plain way plain_step writes
+ALTERNATIVES = {"channels-last": ("off", "on"), "compile": ("off", "default")}  # --alternate: the two values
 
 
 def parser():
@@ -59,6 +62,11 @@ def parser():
     p.add_argument("--baseline", action="store_true", help="also time the plain way and print the ratio (mixskd, "
                                                            "ce, mixup and cutmix)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline")
+    p.add_argument("--alternate", choices=tuple(ALTERNATIVES), default=None,
+                   help="time the step with channels_last off and on (or eager and compiled, --compile default), each "
+                        "its own model, in alternating blocks of --steps steps in this process, and print each's "
+                        "median and the ratio (one process, so that a drift of the machine's speed falls on both)")
+    p.add_argument("--blocks", type=int, default=5, help="blocks per setting of --alternate")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -67,12 +75,15 @@ def parse_args(argv=None):
     return parser().parse_args(argv)
 
 
-def train_args(args, method):
-    """train.py's arguments for this benchmark: the recipe's defaults plus the speed flags."""
+def train_args(args, method, **speed):
+    """train.py's arguments for this benchmark: the recipe's defaults plus the speed flags (speed: any of them
+    instead of args', as channels_last="on")."""
+    speed = {key: speed.get(key) or getattr(args, key) for key in ("amp", "channels_last", "compile")}
     width = [] if ":" in args.arch else ["--width", str(args.width)]  # library networks have their own widths
     recipe = ["--recipe", args.recipe] if method == "mixskd" else []
     return cli.parse_args(["--arch", args.arch, *width, "--batch-size", str(args.batch_size), "--method", method,
-                           *recipe, "--amp", args.amp, "--channels-last", args.channels_last, "--compile", args.compile,
+                           *recipe, "--amp", speed["amp"], "--channels-last", speed["channels_last"],
+                           "--compile", speed["compile"],
                            "--dataset", "imagenet" if args.stem == "imagenet" else "cifar100"])
 
 
@@ -155,6 +166,20 @@ def fast_stepper(targs, data, device):
     return step, {"amp": s.amp, "channels_last": s.channels_last, "compile": s.compile}
 
 
+def alternated(args, method, data, device, warmup, steps):
+    """--alternate FLAG: {value: seconds} for FLAG's two values (ALTERNATIVES), the median over --blocks blocks of
+    `steps` steps of each one's step, the blocks alternating (a, b, then b, a, ...) after `warmup` steps of each."""
+    flag, values = args.alternate.replace("-", "_"), ALTERNATIVES[args.alternate]
+    steppers = {value: fast_stepper(train_args(args, method, **{flag: value}), data, device)[0] for value in values}
+    for step in steppers.values():
+        timed(step, warmup, 1, device)
+    seconds = {value: [] for value in steppers}
+    for block in range(args.blocks):
+        for value in values if block % 2 == 0 else values[::-1]:
+            seconds[value].append(timed(steppers[value], 0, steps, device)[0])
+    return {value: float(np.median(times)) for value, times in seconds.items()}
+
+
 # ----------------------------------------------------------------------------- the plain way
 
 
@@ -218,13 +243,30 @@ def main(argv=None):
     cuda = device.type == "cuda"
     warmup = args.warmup if args.warmup is not None else (20 if cuda else 2)
     steps = args.steps if args.steps is not None else (50 if cuda else 4)
-    if steps < 1 or warmup < 0 or args.image_size < 8 or args.workers < 0:
-        sys.exit("error: --steps must be at least 1, --warmup and --workers at least 0, --image-size at least 8")
+    if steps < 1 or warmup < 0 or args.image_size < 8 or args.workers < 0 or args.blocks < 1:
+        sys.exit("error: --steps and --blocks must be at least 1, --warmup and --workers at least 0, --image-size at "
+                 "least 8")
     methods = list(METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
     # few timed steps make a noisy mean, and the projection multiplies it by 160,000 steps
     estimate = "training steps only" + (f"; rough, from {steps} timed step{'s' * (steps > 1)}" if steps < 10 else "")
     data = synthetic_cifar(device, args.image_size)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    if args.alternate:
+        a, b = ALTERNATIVES[args.alternate]
+        for method in methods:
+            median = alternated(args, method, data, device, warmup, steps)
+            flag = args.alternate.replace("-", "_")
+            fixed = {k: getattr(args, k) for k in ("amp", "channels_last", "compile") if k != flag}
+            print(json.dumps({"device": name, "method": method, "arch": args.arch, "width": args.width, **fixed,
+                              "alternate": args.alternate, "blocks": args.blocks, "steps": steps,
+                              "ms_per_step": {k: 1000 * v for k, v in median.items()},
+                              "ratio": median[b] / median[a]}) if args.json else
+                  f"{name}, {method} {args.arch} width {args.width}, "
+                  + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in fixed.items())
+                  + f": --{args.alternate} {a} {1000 * median[a]:.1f} ms/step, {b} {1000 * median[b]:.1f} ms/step "
+                  f"({b}/{a} {median[b] / median[a]:.3f}; medians of {args.blocks} alternating blocks of {steps} "
+                  f"steps)")
+        return
     results = []
     for method in methods:
         targs = train_args(args, method)

@@ -115,6 +115,7 @@ def run_meta(args, s, data, backbone):
             "dataset_path": os.path.abspath(args.dataset) if args.dataset not in DATASETS else None,
             "image_pipeline": data.kind,
             "image_size": data.image_size, "class_names": data.class_names, "seed": s.seed,
+            "channels_last": s.channels_last,  # the memory format the run evaluated in: eval.py does the same
             "mean": list(data.mean), "std": list(data.std),
             # a torchvision or timm backbone: what its library builds it from (docs/networks.md)
             "model_kwargs": model_kwargs(s.arch, data.num_classes, data.image_size) if library(s.arch) else None}

@@ -122,7 +122,9 @@ g = parser.add_argument_group("speed")
 g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="autocast: auto = bf16 on "
                "CUDA (fp16 without bf16) and on CPUs with native bf16 kernels (AVX512-BF16/AMX), else fp32")
-g.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="auto = on for CUDA")
+g.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="the images and weights in "
+               "channels_last memory format; auto = on for CUDA, and on a CPU for an eager (not compiled) step under "
+               "bf16 autocast, where it saves 11-28%% of a step (docs/performance.md)")
 g.add_argument("--compile", default="auto", choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
                help="torch.compile forward and loss; auto = reduce-overhead (CUDA graphs) on CUDA; on a CPU, default "
                     "for a run of at least 3,000 steps (compiling takes about 1.5 minutes there and saves 12-16%% of "

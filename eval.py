@@ -178,8 +178,8 @@ def main(argv=None):
     if "mean" in meta:  # normalise as in training, whatever the dataset argument
         data.mean, data.std = meta["mean"], meta["std"]
         data.stats = pixel_stats(meta["mean"], meta["std"], device)
-    # as train.py evaluates: channels_last on CUDA (cuDNN may still choose other kernels than it did)
-    channels_last = device.type == "cuda"
+    # as train.py evaluates: channels_last on CUDA, and where the run did (cuDNN may still choose other kernels)
+    channels_last = device.type == "cuda" or bool(meta.get("channels_last"))
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if teacher is not None:
         teacher.to(device)

@@ -279,7 +279,7 @@ CPU_COMPILE_STEPS = 3_000  # a CPU run this long repays its compilation (measure
 
 def resolve_speed(amp, channels_last, compile, device, world=1, run_steps=0):
     """The `auto` speed flags resolved for a device: {"amp": bf16|fp16|off, "channels_last": bool, "compile": mode
-    or "off"}. --compile auto compiles on CUDA (CUDA graphs, but plain compilation under torchrun, where CUDA graphs
+    or "off"}. channels_last: on CUDA, and on a CPU for an eager step under bf16 autocast. --compile auto compiles on CUDA (CUDA graphs, but plain compilation under torchrun, where CUDA graphs
     with DDP's gradient hooks are unverified), and on a CPU a run of at least CPU_COMPILE_STEPS steps: on 2 cores
     compiling took 85-95 s and saved 16% of a width-16 step (340 -> 287 ms) and 12% at width 64 (3,048 -> 2,689
     ms), so it repays itself after about 1,600 and 270 steps. Where compilation cannot run (no C++ compiler on a
@@ -295,9 +295,11 @@ def resolve_speed(amp, channels_last, compile, device, world=1, run_steps=0):
                   file=sys.stderr)
         compile = "off"
     dtype = autocast_dtype(amp, device)
+    # channels_last on a CPU pays in an eager bf16 step (11-28% at widths 16-64), not in a compiled one (2%, noise)
+    # nor in fp32 (-12% to +7%): docs/performance.md
+    auto = device.type == "cuda" or (compile == "off" and dtype == torch.bfloat16)
     return {"amp": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype],
-            "channels_last": channels_last == "on" or (channels_last == "auto" and device.type == "cuda"),
-            "compile": compile}
+            "channels_last": channels_last == "on" or (channels_last == "auto" and auto), "compile": compile}
 
 
 def speed(s, device):
