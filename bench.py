@@ -66,7 +66,9 @@ def parser():
                    help="time the step with channels_last off and on (or eager and compiled, --compile default), each "
                         "its own model, in alternating blocks of --steps steps in this process, and print each's "
                         "median and the ratio (one process, so that a drift of the machine's speed falls on both)")
-    p.add_argument("--blocks", type=int, default=5, help="blocks per setting of --alternate")
+    p.add_argument("--blocks", type=int, default=None, help="blocks per setting of --alternate (default 5); with "
+                   "--baseline, more than 1 times the plain way and ours in alternating blocks (default 1: one after "
+                   "the other)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -166,6 +168,28 @@ def fast_stepper(targs, data, device):
     return step, {"amp": s.amp, "channels_last": s.channels_last, "compile": s.compile}
 
 
+def measured(modes, blocks, warmup, steps, device):
+    """(mode, seconds per step, peak memory, first step's seconds, settings) of each (mode, make) of modes. With one
+    block, one mode after the other, each alone in memory; with more (--baseline --blocks N), all built, then
+    their steps timed in alternating blocks, seconds the median of each's blocks (so that a drift of the
+    machine's speed falls on all of them; peak memory then counts every mode's model)."""
+    if blocks == 1:
+        for mode, make in modes:
+            step, settings = make()
+            yield mode, *timed(step, warmup, steps, device), settings
+            del step
+        return
+    built = {mode: make() for mode, make in modes}
+    first = {mode: timed(step, warmup, 1, device)[2] for mode, (step, _) in built.items()}
+    seconds, memory = {mode: [] for mode in built}, {}
+    for block in range(blocks):
+        for mode in list(built) if block % 2 == 0 else list(built)[::-1]:
+            took, memory[mode], _ = timed(built[mode][0], 0, steps, device)
+            seconds[mode].append(took)
+    for mode, (_, settings) in built.items():
+        yield mode, float(np.median(seconds[mode])), memory[mode], first[mode], settings
+
+
 def alternated(args, method, data, device, warmup, steps):
     """--alternate FLAG: {value: seconds} for FLAG's two values (ALTERNATIVES), the median over --blocks blocks of
     `steps` steps of each one's step, the blocks alternating (a, b, then b, a, ...) after `warmup` steps of each."""
@@ -243,6 +267,7 @@ def main(argv=None):
     cuda = device.type == "cuda"
     warmup = args.warmup if args.warmup is not None else (20 if cuda else 2)
     steps = args.steps if args.steps is not None else (50 if cuda else 4)
+    args.blocks = args.blocks or (5 if args.alternate else 1)
     if steps < 1 or warmup < 0 or args.image_size < 8 or args.workers < 0 or args.blocks < 1:
         sys.exit("error: --steps and --blocks must be at least 1, --warmup and --workers at least 0, --image-size at "
                  "least 8")
@@ -273,13 +298,10 @@ def main(argv=None):
         modes = [("fast", lambda: fast_stepper(targs, data, device))]
         if args.baseline and method in PLAIN:
             modes.insert(0, ("baseline", lambda: plain_stepper(targs, data, device, args.workers)))
-        for mode, make in modes:
-            step, settings = make()
-            seconds, memory, first = timed(step, warmup, steps, device)
+        for mode, seconds, memory, first, settings in measured(modes, args.blocks, warmup, steps, device):
             results.append({"method": method, "mode": mode, **settings, "ms_per_step": 1000 * seconds,
                             "images_per_s": args.batch_size / seconds, "peak_memory_mib": memory,
                             "first_step_s": first, "projected_205_epochs_min": seconds * SPEC_STEPS / 60})
-            del step
     for plain in (r for r in results if r["mode"] == "baseline"):
         ours = next(r for r in results if r["method"] == plain["method"] and r["mode"] == "fast")
         ours["speedup"] = plain["ms_per_step"] / ours["ms_per_step"]
