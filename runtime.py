@@ -279,8 +279,9 @@ CPU_COMPILE_STEPS = 3_000  # a CPU run this long repays its compilation (measure
 
 def resolve_speed(amp, channels_last, compile, device, world=1, run_steps=0):
     """The `auto` speed flags resolved for a device: {"amp": bf16|fp16|off, "channels_last": bool, "compile": mode
-    or "off"}. channels_last: on CUDA, and on a CPU for an eager step under bf16 autocast. --compile auto compiles on CUDA (CUDA graphs, but plain compilation under torchrun, where CUDA graphs
-    with DDP's gradient hooks are unverified), and on a CPU a run of at least CPU_COMPILE_STEPS steps: on 2 cores
+    or "off"}. channels_last: on CUDA, and on a CPU for an eager step under bf16 autocast. --compile auto compiles
+    on CUDA (CUDA graphs, but plain compilation under torchrun, where CUDA graphs with DDP's gradient hooks are
+    unverified), and on a CPU a run of at least CPU_COMPILE_STEPS steps: on 2 cores
     compiling took 85-95 s and saved 16% of a width-16 step (340 -> 287 ms) and 12% at width 64 (3,048 -> 2,689
     ms), so it repays itself after about 1,600 and 270 steps. Where compilation cannot run (no C++ compiler on a
     CPU, no Triton on CUDA), one line says so and the run is eager."""

@@ -21,13 +21,7 @@ from conftest import HERE, readme_block
 from losses import TERMS
 from model import ResNet
 
-WIDTH, CLASSES, BATCH = 4, 10, 4
 slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
-
-
-def batch(seed=0, n=BATCH):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
 
 @slow

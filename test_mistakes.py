@@ -30,20 +30,11 @@ import train
 from conftest import HERE, SHARED_NPZ, metric_lines, settings_of, tiny_run
 from losses import TERMS
 from methods import FLAGS, METHODS, readers
-from settings import flags_of
 from model import ResNet
+from settings import flags_of
 
-WIDTH, CLASSES, BATCH = 4, 10, 4
+WIDTH, CLASSES = 4, 10
 slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
-
-
-def count(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def batch(seed=0, n=BATCH):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
 
 BAD_VALUES = {"width": "0", "image_size": "4", "workers": "-1", "alpha": "0", "temperature": "-3",

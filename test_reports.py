@@ -13,17 +13,7 @@ import eval as evaluation
 import report
 from conftest import metric_lines, tiny_run
 
-WIDTH, CLASSES, BATCH = 4, 10, 4
 slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
-
-
-def count(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def batch(seed=0, n=BATCH):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
 
 # --------------------------------------- Reports (slow): eval.py --table and --plot over run folders
@@ -151,8 +141,6 @@ def test_plot_without_matplotlib_gives_a_one_line_hint(run_dir, tmp_path, monkey
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(errors.UserError, match="pip install matplotlib"):
         evaluation.main(["--plot", str(run_dir), "--out", str(tmp_path / "x.png")])
-
-
 
 
 @slow

@@ -27,13 +27,7 @@ from model import MixSKDNet, ResNet
 from self_teacher import SelfTeacher
 from settings import flags_of
 
-WIDTH, CLASSES, BATCH = 4, 10, 4
 slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
-
-
-def batch(seed=0, n=BATCH):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
 
 # ------------------------- Command line and whole runs, marked slow: pytest -m 'not slow' skips them

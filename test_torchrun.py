@@ -13,17 +13,7 @@ import eval as evaluation
 import runtime
 from conftest import HAS_TENSORBOARD, HERE, TENSORBOARD, metric_lines
 
-WIDTH, CLASSES, BATCH = 4, 10, 4
 slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
-
-
-def count(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def batch(seed=0, n=BATCH):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
 
 # ----------------------------------------- torchrun (slow): DistributedDataParallel on CPU with gloo
