@@ -21,7 +21,7 @@ from baselines import BASELINE_TEMPERATURE
 from data import DATASETS, SMALL_IMAGES, dataset_name
 from errors import ArgumentParser, UserError
 from losses import TERMS
-from methods import FLAGS, METHODS, MIXSKD_TEMPERATURE, RECIPES, readers
+from methods import FLAGS, METHODS, MIXSKD_TEMPERATURE, RECIPES, readers, without_foreign_flags
 from mixup import MIX_MODES
 from schedule import CLIP_NORM, WARMUP_FLOOR, WARMUP_FLOOR_SHARE
 from settings import flags_of, recipe_value, setting_of
@@ -90,7 +90,7 @@ g.add_argument("--recipe", default=argparse.SUPPRESS, choices=RECIPES,
 g.add_argument("--mix", default=argparse.SUPPRESS, choices=MIX_MODES,
                help="how images are mixed (default mixup)" + read_by("mix"))
 g.add_argument("--alpha", type=float, default=argparse.SUPPRESS,
-               help="lam ~ Beta(alpha, alpha) (default 0.4 on CIFAR, 0.2 on ImageNet; 1.0 for cutmix)"
+               help="lam ~ Beta(alpha, alpha) (default 0.4 on CIFAR, 0.2 on ImageNet; 1.0 for --method cutmix)"
                     + read_by("alpha"))
 g.add_argument("--temperature", type=float, default=argparse.SUPPRESS,
                help=f"KD temperature T (default {MIXSKD_TEMPERATURE:g} for mixskd, {BASELINE_TEMPERATURE:g} for the "
@@ -180,9 +180,10 @@ def parse_args(argv=None):
     return args
 
 
-def check_method_flags(args, given, setting):
+def check_method_flags(args, given, setting, resumed=None):
     """A ValueError naming the method and the flags it reads for every method flag in `given` (a dict of flags
-    given on the command line) that the method does not read; or where its values leave nothing to train."""
+    given on the command line) that the method does not read; or where its values leave nothing to train.
+    resumed: the folder of the run a --resume continues, whose method is fixed."""
     method = METHODS[args.method]
     reads = method.defaults(setting)
     foreign = [flag for flag in FLAGS if flag in given and flag not in reads]
@@ -190,8 +191,9 @@ def check_method_flags(args, given, setting):
         flag = lambda name: f"--{name.replace('_', '-')}"
         own = f"its flags: {', '.join(map(flag, reads))}" if reads else "it reads none of the method flags"
         it = "it" if len(foreign) == 1 else "them"
-        raise ValueError(f"--method {args.method} does not read {', '.join(map(flag, foreign))} ({own}): drop {it}, "
-                         f"or choose a method that reads {it}")
+        what = f"{resumed} was trained with --method {args.method}, which" if resumed else f"--method {args.method}"
+        fix = f"drop {it}" + ("" if resumed else f", or choose a method that reads {it}")
+        raise ValueError(f"{what} does not read {', '.join(map(flag, foreign))} ({own}): {fix}")
     method.check({k: v for k, v in given.items() if k in reads}, setting)
 
 
@@ -259,12 +261,15 @@ def resume_arguments(args, argv):
     if not isinstance(saved, dict) or "optimizer" not in ckpt:
         raise UserError(f"{last} is not a training checkpoint of this project: --resume needs a last.pt")
     given = given_flags(sys.argv[1:] if argv is None else argv)
+    if args.extend and "epochs" not in given:
+        raise UserError(f"--extend continues {args.out} to another length: give the new one with --epochs N (the run "
+                        f"has {(settings or saved)['epochs']})")
     setting = (settings or {}).get("setting") or saved.get("setting") or saved.get("stem", "cifar")
     reads = METHODS[saved["method"]].defaults(setting)
     try:
-        check_method_flags(argparse.Namespace(method=saved["method"]), given, setting)
+        check_method_flags(argparse.Namespace(method=saved["method"]), given, setting, resumed=args.out)
     except ValueError as e:
-        raise UserError(f"{args.out} was trained with {e}") from None
+        raise UserError(str(e)) from None
     # what the run trained with, under the names of the flags: its settings, else (saved before) its arguments
     trained = {**saved, **(flags_of(settings) if settings else {})}
     renewed = {"epochs", "milestones"} if args.extend else set()
@@ -277,8 +282,8 @@ def resume_arguments(args, argv):
                         + ": drop them, or start a new run in another --out")
     if trained.get("schedule") == "cosine" and "milestones" in given:
         raise UserError(f"{args.out} follows the cosine schedule, which has no decays for --milestones to place")
-    keep = {**LEGACY, **{key: value for key, value in saved.items() if key not in NOT_TRAINING | renewed
-                         and (key not in FLAGS or key in reads)}}  # a run saved before: its method's flags alone
+    keep = {**LEGACY, **without_foreign_flags({key: value for key, value in saved.items()
+                                               if key not in NOT_TRAINING | renewed}, saved["method"], setting)}
     keep.setdefault("setting", setting)  # a run saved before --setting: its stem's recipe
     if "dataset" in given:  # the same dataset, perhaps moved: the path as given now
         keep["dataset"] = given["dataset"]

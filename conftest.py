@@ -19,6 +19,12 @@ TENSORBOARD = ["--tensorboard"] if HAS_TENSORBOARD else []
 CPU = torch.device("cpu")
 
 
+def batch(seed=0, n=4, classes=10):
+    """n random 32 x 32 images and labels of `classes` classes, drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
 def settings_of(argv, n_train=640, image_size=32, world=1):
     """settings.resolve of a train.py command line for n_train training images of image_size px, no data read."""
     import cli

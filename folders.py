@@ -9,6 +9,7 @@ Self-KD baselines' extras (each image's position for PS-KD, a partner of its cla
 section 12) come through the loader (WithExtra). Needs torch and torchvision (and Pillow, which torchvision
 needs); data.py builds its datasets on this file.
 """
+import functools
 import os
 import re
 
@@ -45,6 +46,7 @@ def image_folder_splits(root, name):
     return folders
 
 
+@functools.lru_cache(maxsize=None)  # a folder's size decides its setting, asked more than once per start
 def first_image_size(root):
     """The smaller side of the first image in root/train (ImageFolder's order): a folder's own image size."""
     import torchvision

@@ -1,4 +1,4 @@
-"""The ten methods, one object each: the flags it reads, the inputs of a step, its objective, its train hits.
+"""Every method, one object each: the flags it reads, the inputs of a step, its objective, its train hits.
 
     method = METHODS["mixskd"](net, num_classes, {"alpha": 0.4, "temperature": 3.0, ...})
     inputs = method.inputs(x, y)                     # mix: lam, perm, x_mix (docs/method.md section 1)
@@ -7,7 +7,8 @@
     method.after_step((x, y), logits)                # PS-KD writes its store
     hits = method.hits(inputs, logits)               # correct training predictions, on the device
 
-train.py's step calls exactly this and never asks which method it runs. Each class declares the flags it
+train.py's step calls exactly this and never asks which method it runs. Nine classes make the ten methods of the
+results table (MixSKD's two recipes are one class). Each class declares the flags it
 reads with their defaults per setting (`defaults`); train.py refuses a flag the chosen method does not read
 (cli.py). The losses are the method files' (losses.py, baselines.py, mixup.py, self_teacher.py); the network
 comes from the caller (arch.network, with the branches when `heads` is True). docs/method.md sections 1-9
@@ -52,6 +53,7 @@ class Method:
 
     def __init__(self, net, num_classes, hp=None, setting="cifar", memory_format=torch.contiguous_format,
                  train_labels=None):
+        """train_labels: the training set's labels on the device, for a method that keeps a row per image."""
         self.hp = {**self.defaults(setting), **(hp or {})}
         self.setting, self.memory_format = setting, memory_format
         self.store = None  # what a method keeps per training image (PS-KD's predictions)
@@ -149,6 +151,9 @@ class MixSKD(Method):
     @classmethod
     def check(cls, hp, setting):
         terms = cls.optimised_terms({**cls.defaults(setting), **hp}, setting)
+        if "w_mix" in hp and "mix" not in terms:
+            raise ValueError("--w-mix weighs L_mix, which recipe official logs on CIFAR and does not optimise (Eq. "
+                             "(10')): drop it, or use --recipe paper")
         if not any(hp.get(f"w_{t}", 1.0) for t in terms):
             raise ValueError(f"every optimised loss weight is 0 (--w-{' --w-'.join(terms)}): nothing to train; "
                              f"recipe {hp.get('recipe', 'paper')} optimises {', '.join('L_' + t for t in terms)}")
@@ -229,9 +234,8 @@ class PSKD(SelfKD):
 
     name, extra = "ps-kd", "index"
 
-    def __init__(self, net, num_classes, hp=None, setting="cifar", memory_format=torch.contiguous_format,
-                 train_labels=None):
-        super().__init__(net, num_classes, hp, setting, memory_format)
+    def __init__(self, net, num_classes, *args, train_labels=None, **kwargs):
+        super().__init__(net, num_classes, *args, **kwargs)
         if train_labels is None:
             raise ValueError("PS-KD keeps one row per training image: pass train_labels")
         self.store, self.alpha = PredictionStore(train_labels, num_classes), None  # alpha_t: set_epoch
@@ -268,3 +272,10 @@ FLAGS = ("recipe", "mix", "alpha", "temperature", *(f"w_{t}" for t in TERMS))  #
 def readers(flag):
     """The methods that read a flag, in METHODS' order."""
     return [name for name, cls in METHODS.items() if flag in cls.defaults("cifar")]
+
+
+def without_foreign_flags(values, method, setting="cifar"):
+    """values (a dict of flags) without the method flags `method` does not read: a run saved before the methods
+    refused them recorded every method's."""
+    reads = METHODS[method].defaults(setting)
+    return {k: v for k, v in values.items() if k not in FLAGS or k in reads}

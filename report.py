@@ -22,7 +22,7 @@ import numpy as np
 from checkpoints import read_checkpoint, read_metrics
 from data import dataset_name
 from errors import UserError
-from methods import FLAGS, METHODS
+from methods import without_foreign_flags
 from settings import flags_of
 
 
@@ -60,13 +60,19 @@ def summarise(records, method="mixskd"):
             "splits": splits, "train_time_s": sum(r["epoch_time"] for r in records)}
 
 
+# what a run's settings hold beside its flags: derived from them and the data, or the data's own (image_size)
+DERIVED = {"steps_per_epoch", "warmup_iterations", "clip", "epochs_before", "image_size", "stem"}
+
+
 def trained_with(args, settings=None):
-    """What a run trained with, under the names of the flags: its settings over its arguments as given (a run
-    saved before settings existed: its arguments, which then held every value); the method flags of other methods,
-    which such a run also recorded, left out."""
-    values = {**args, **flags_of(settings)} if settings else dict(args)
-    reads = METHODS[values["method"]].defaults(values.get("setting") or "cifar")
-    return {k: v for k, v in values.items() if k not in FLAGS or k in reads}
+    """What a run trained with, under the names of its flags: its settings over its arguments as given (a run
+    saved before settings existed: its arguments, which then held every value, its stem for its setting). The
+    values derived from the flags and the data (steps per epoch, ...) are left out, and so are the method flags
+    of other methods, which such an older run also recorded."""
+    values = {**args, **flags_of(settings)} if settings else {**args, "setting": args.get("setting")
+                                                                or args.get("stem")}
+    values = {k: v for k, v in values.items() if k not in DERIVED}
+    return without_foreign_flags(values, values["method"], values.get("setting") or "cifar")
 
 
 RUN_FILES = ("metrics.jsonl", "summary.json")
@@ -106,7 +112,9 @@ def read_run(run_dir):
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             saved = json.load(f)
-    if saved is not None and (records is None or saved["final_epoch"] == len(records)):
+    # summary.json counts epochs from 1; one written before it did (no best_epoch_chosen_on) from 0
+    if saved is not None and (records is None or saved["final_epoch"] + ("best_epoch_chosen_on" not in saved)
+                              == len(records)):
         values = trained_with(saved["args"], saved.get("settings"))
         data = saved.get("data") or {"dataset": saved["args"]["dataset"]}
         summary = summarise(records, values["method"]) if records else legacy_summary(saved, values["method"])
@@ -115,11 +123,18 @@ def read_run(run_dir):
     last = os.path.join(run_dir, "last.pt")  # an unfinished run, or an extension under way
     ckpt = read_checkpoint(last) if os.path.exists(last) else {}
     meta = ckpt.get("meta", {})
-    values = trained_with(ckpt["args"], ckpt.get("settings")) if "args" in ckpt else {}
+    values = trained_with(ckpt["args"], ckpt.get("settings")) if "args" in ckpt else None  # None: nothing says
     return SimpleNamespace(path=run_dir, values=values, records=records, finished=False,
                            data={"dataset": meta.get("dataset_path") or meta.get("dataset"),
                                  "num_classes": meta.get("num_classes")},
-                           summary=summarise(records, values.get("method", "mixskd")), epochs=values.get("epochs"))
+                           summary=summarise(records, (values or {}).get("method", "mixskd")),
+                           epochs=(values or {}).get("epochs"))
+
+
+def unknown_notes(runs):
+    """A note for each run whose arguments nothing records (metrics.jsonl without summary.json or last.pt)."""
+    return [f"left out: {run.path} holds metrics.jsonl but neither summary.json nor last.pt, which say what it "
+            f"trained" for run in runs if run.values is None]
 
 
 def legacy_summary(saved, method):
@@ -137,8 +152,7 @@ METHOD_ORDER = ("ce", "label-smooth", "mixup", "cutmix", "byot", "dks", "cs-kd",
                 "mixskd official")
 # what does not change what a run computes (and the seed, which a table averages over)
 NOT_THE_EXPERIMENT = {"seed", "out", "resume", "extend", "extend_schedule", "device", "amp", "channels_last",
-                      "compile", "log_every", "data", "workers", "tensorboard", "dataset",
-                      "setting"}  # the setting's consequences (stem, batch, alpha, ...) are arguments of their own
+                      "compile", "log_every", "data", "workers", "tensorboard", "dataset"}
 
 
 def method_label(values):
@@ -219,7 +233,9 @@ def results_table(paths, notes=None):
     runs = [read_run(path) for path in found]
     finished = [run for run in runs if run.finished]
     notes += [f"left out, unfinished: {run.path} (epoch {len(run.records)} of {run.epochs or '?'}; its last backbone "
-              f"top-1 {run.summary['headline_final_backbone_top1']:.2f})" for run in runs if not run.finished]
+              f"top-1 {run.summary['headline_final_backbone_top1']:.2f})" for run in runs
+              if not run.finished and run.values is not None]
+    notes += unknown_notes(runs)
     notes += [f"skipped: {path} ({why})" for path, why in skipped]
     if not finished:
         raise UserError(f"no finished run among {', '.join(map(str, paths))}: {'; '.join(notes) or 'nothing found'}")
@@ -295,10 +311,12 @@ def plot_runs(paths, out, notes=None):
     notes = [] if notes is None else notes
     found, skipped = find_runs(paths)
     notes += [f"skipped: {path} ({why})" for path, why in skipped]
-    runs = [run for run in map(read_run, found) if run.records is not None]
-    notes += [f"no curve: {path} holds no metrics.jsonl" for path in found if path not in {r.path for r in runs}]
+    read = list(map(read_run, found))
+    notes += unknown_notes(read)
+    runs = [run for run in read if run.records is not None and run.values is not None]
+    notes += [f"no curve: {run.path} holds no metrics.jsonl" for run in read if run.records is None]
     if not runs:
-        raise UserError(f"no run with metrics.jsonl among {', '.join(map(str, paths))}")
+        raise UserError(f"no run to draw among {', '.join(map(str, paths))}: {'; '.join(notes) or 'nothing found'}")
     plt = pyplot()
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     groups = grouped_runs(runs)

@@ -165,9 +165,10 @@ def parameter_digest(*modules):
 # ----------------------------------------------------------------------------- a run's start and stop
 
 
-def check_run_folder(args):
+def check_run_folder(args, resume=None):
     """A new run needs a folder without last.pt, --resume one with it. Returns a message when there is
-    nothing to do: --resume of a run that finished at the same --epochs."""
+    nothing to do: --resume of a run that finished at the same --epochs (resume: cli.resume_arguments' record of
+    the run's last.pt, whose epochs a resume without --epochs continues to)."""
     last, summary = os.path.join(args.out, "last.pt"), os.path.join(args.out, "summary.json")
     if os.path.exists(last) and not args.resume:
         raise UserError(f"{args.out} already holds a run (last.pt): pass --resume to continue it, or another --out")
@@ -177,10 +178,12 @@ def check_run_folder(args):
         with open(summary) as f:
             done = json.load(f)
         # summary.json counts epochs from 1; one written before it did (no best_epoch_chosen_on) from 0
-        epochs, final = done["args"]["epochs"], done["final_epoch"] + ("best_epoch_chosen_on" not in done)
+        epochs = (done.get("settings") or done["args"])["epochs"]
+        final = done["final_epoch"] + ("best_epoch_chosen_on" not in done)
         with open(os.path.join(args.out, "metrics.jsonl")) as f:  # an --extend under way has logged beyond
             logged = max(json.loads(line)["epoch"] for line in f)
-        if epochs == args.epochs == final == logged + 1:
+        asked = getattr(args, "epochs", None) or (resume or {}).get("epochs", epochs)
+        if epochs == asked == final == logged + 1:
             return (f"{args.out} is complete ({epochs} of {epochs} epochs): nothing to do, no file changed; to "
                     f"train it longer, pass a larger --epochs together with --extend")
     return None
@@ -221,13 +224,14 @@ def interrupted(args, argv):
     line = "interrupted before the first epoch ended: nothing was saved"
     if os.path.exists(last):
         try:
-            done = torch.load(last, map_location="cpu", weights_only=True)["epoch"] + 1
+            ckpt = torch.load(last, map_location="cpu", weights_only=True)
+            done, epochs = ckpt["epoch"] + 1, (ckpt.get("settings") or ckpt["args"])["epochs"]
         except Exception:
-            done = "?"
+            done, epochs = "?", "?"
         world = world_size()  # the script as it was given (sys.argv[0]): the line works where the run started
         launcher = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else [sys.executable]
         command = shlex.join([*launcher, sys.argv[0], *(a for a in argv if a != "--resume"), "--resume"])
-        line = f"interrupted after {done} of {args.epochs} epochs: {last} holds them; resume with: {command}"
+        line = f"interrupted after {done} of {epochs} epochs: {last} holds them; resume with: {command}"
     # on a terminal the live progress line has no newline yet: start on a line of our own
     print(("\n" if sys.stdout.isatty() else "") + line, file=sys.stderr, flush=True)
     return 130
@@ -305,13 +309,12 @@ def resolve_speed(amp, channels_last, compile, device, world=1, run_steps=0):
 
 def speed(s, device):
     """What the step needs of the speed settings s (settings.Settings, or anything with amp, channels_last and
-    compile resolved): memory_format, autocast (a context), scaler (a GradScaler, active for fp16 only) and
-    cudagraphs (whether each step must be marked for CUDA graph replay)."""
+    compile resolved): autocast (a context), scaler (a GradScaler, active for fp16 only) and cudagraphs (whether
+    each step must be marked for CUDA graph replay); the memory format is the method's (train.build)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[s.amp]
     return SimpleNamespace(
-        memory_format=torch.channels_last if s.channels_last else torch.contiguous_format,
         autocast=torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         cudagraphs=s.compile in ("reduce-overhead", "max-autotune"),

@@ -26,7 +26,6 @@ RECIPE_DEFAULTS = {
     "imagenet": {"epochs": IMAGENET_EPOCHS, "weight_decay": 1e-4, "batch_size": 128, "schedule": "cosine",
                  "nesterov": False},
 }
-SPEED = ("amp", "channels_last", "compile")  # resolved again for the machine a run resumes on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +115,9 @@ def resolve(args, data, device, world=1, resume=None):
     epoch to run and the lr it last used. The speed settings are always resolved for this machine; --extend
     renews the length (--epochs, and the milestones unless given) and records the extension."""
     s = Settings(**resume["settings"]) if resume and resume["settings"] else from_arguments(args, data, world)
+    if (steps := steps_per_epoch(data, s.batch_size, world)) != s.steps_per_epoch:  # resumed on another process count
+        s = dataclasses.replace(s, steps_per_epoch=steps,  # the warmup keeps its length in epochs, as before
+                                warmup_iterations=max(1, round(s.warmup_iterations * steps / s.steps_per_epoch)))
     if resume and getattr(args, "extend", False):
         s = dataclasses.replace(s, epochs=args.epochs, milestones=milestones(args, args.epochs),
                                 extended_at=resume["start_epoch"], epochs_before=resume["epochs"],
@@ -130,7 +132,8 @@ def from_arguments(args, data, world):
     setting = setting_of(args)
     library = ":" in args.arch
     epochs = recipe_value(args, "epochs", setting)
-    batch = getattr(args, "batch_size", None) or (128 // world if setting == "imagenet" else 64)
+    batch = getattr(args, "batch_size", None) or RECIPE_DEFAULTS[setting]["batch_size"] // (
+        world if setting == "imagenet" else 1)  # ImageNet's 128 are in all, CIFAR's 64 per process
     steps = steps_per_epoch(data, batch, world)
     warmup = (round(args.warmup_epochs * steps) if args.warmup_epochs is not None
               else default_warmup_iterations(epochs, steps, setting))

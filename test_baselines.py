@@ -36,15 +36,10 @@ from baselines import (
     ps_kd_targets,
     soft_cross_entropy,
 )
-from conftest import metric_lines, settings_of
+from conftest import batch, metric_lines, settings_of
 from model import MixSKDNet, ResNet
 
 WIDTH, CLASSES, BATCH, T = 4, 10, 4, 4.0
-
-
-def batch(seed=0, n=BATCH):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
 
 def leaves(*shape, n=1, seed=0):

@@ -146,6 +146,16 @@ def test_a_method_flag_the_method_reads_is_taken(method, flag, read):
     assert set(s.hp) == set(METHODS[method].defaults("cifar"))  # and nothing else
 
 
+def test_the_weight_of_a_term_the_recipe_does_not_optimise_is_refused(capsys):
+    """Under recipe official on CIFAR L_mix is logged, not optimised (Eq. (10')): --w-mix would change nothing.
+    The released ImageNet objective optimises it, and so does recipe paper."""
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--recipe", "official", "--w-mix", "2"])
+    assert "--w-mix weighs L_mix, which recipe official logs on CIFAR and does not optimise" in capsys.readouterr().err
+    assert settings_of(["--recipe", "official", "--w-mix", "2", "--dataset", "imagenet"]).hp["w_mix"] == 2.0
+    assert settings_of(["--w-mix", "2"]).hp["w_mix"] == 2.0
+
+
 def test_help_says_which_methods_read_each_method_flag():
     helps = {action.dest: action.help for action in cli.parser._actions}
     assert helps["w_kd"] == "weight of L_kd (default 1; 0 disables it) (read by mixskd)"
@@ -160,7 +170,8 @@ def test_a_resumed_run_judges_the_flags_given_now_by_its_own_method(run_dir, tmp
     run = shutil.copytree(run_dir, tmp_path / "run")
     ckpt = torch.load(run / "last.pt", weights_only=True)
     torch.save({**ckpt, "args": {**ckpt["args"], "method": "ps-kd"}}, run / "last.pt")
-    with pytest.raises(errors.UserError, match=r"was trained with --method ps-kd does not read --alpha"):
+    with pytest.raises(errors.UserError, match=r"was trained with --method ps-kd, which does not read --alpha \(it "
+                                               r"reads none of the method flags\): drop it$"):
         cli.resume_arguments(cli.parse_args(argv := ["--out", str(run), "--resume", "--alpha", "0.4"]), argv)
 
 
@@ -666,6 +677,27 @@ def test_resume_of_a_finished_run_changes_nothing(run_dir, tiny_npz, tmp_path, c
 
 
 @slow
+def test_a_run_started_without_epochs_resumes_to_its_own(run_dir, tmp_path, capsys):
+    """--epochs left out (the recipe's length) is in the run's settings, not its arguments: --resume alone of the
+    finished run says it is complete, and --extend asks for the new length."""
+    run = shutil.copytree(run_dir, tmp_path / "run")
+    for name in ("last.pt", "summary.json"):  # as if the run had been started without --epochs
+        if name.endswith(".pt"):
+            ckpt = torch.load(run / name, weights_only=True)
+            ckpt["args"].pop("epochs")
+            torch.save(ckpt, run / name)
+        else:
+            summary = json.loads((run / name).read_text())
+            summary["args"].pop("epochs")
+            (run / name).write_text(json.dumps(summary))
+    train.main(["--out", str(run), "--resume"])
+    assert "is complete (2 of 2 epochs): nothing to do" in capsys.readouterr().out
+    with pytest.raises(errors.UserError, match=r"--extend continues .* give the new one with --epochs N \(the run "
+                                               r"has 2\)"):
+        train.main(["--out", str(run), "--resume", "--extend"])
+
+
+@slow
 def test_failed_start_leaves_no_folder_behind(tiny_npz, tmp_path):
     with pytest.raises(errors.UserError, match="does not exist"):
         tiny_run(tiny_npz, tmp_path / "new", "--epochs", "1", "--init-from", str(tmp_path / "missing.pt"))
@@ -686,9 +718,8 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_npz, tmp_path):
     import signal
     import time
 
-    out = tmp_path / "run"
-    argv = ["--dataset", tiny_npz, "--width", "4", "--batch-size", "32", "--epochs", "500", "--compile", "off",
-            "--out", str(out)]
+    out = tmp_path / "run"  # the recipe's 205 epochs, the default: the line reads them from last.pt
+    argv = ["--dataset", tiny_npz, "--width", "4", "--batch-size", "32", "--compile", "off", "--out", str(out)]
     process = subprocess.Popen([sys.executable, str(HERE / "train.py"), *argv], cwd=tmp_path, text=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -699,7 +730,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(tiny_npz, tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     line, = stderr.strip().splitlines()
-    assert line.startswith("interrupted after ") and f" of 500 epochs: {out / 'last.pt'} holds them;" in line
+    assert line.startswith("interrupted after ") and f" of 205 epochs: {out / 'last.pt'} holds them;" in line
     command = shlex.split(line.split("resume with: ")[1])
     assert command == [sys.executable, str(HERE / "train.py"), *argv, "--resume"]
     assert cli.parse_args(command[2:]).resume  # and the script as given works from where the run started

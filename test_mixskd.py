@@ -27,7 +27,7 @@ import report
 import runtime
 import schedule
 import train
-from conftest import CPU, SHARED_NPZ, build, settings_of
+from conftest import CPU, SHARED_NPZ, batch, build, settings_of
 from losses import (
     TERMS,
     discriminator,
@@ -60,11 +60,6 @@ def tiny(recipe="paper", arch="resnet18", seed=0):
     net = MixSKDNet(arch, CLASSES, WIDTH, stem_relu=recipe == "paper")
     channels = net.backbone.feature_channels
     return net, SelfTeacher(channels, CLASSES), discriminators(channels)
-
-
-def batch(seed=0, n=BATCH):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
 
 def step_outputs(net, seed=0, mode="mixup"):

@@ -12,6 +12,7 @@ import checkpoints
 import cli
 import errors
 from arch import check_arch, network
+from conftest import batch
 from layouts import library_layout, library_network, model_kwargs, torchvision_layout
 from losses import MixSKDObjective, discriminators
 from model import MixSKDNet, StagedMixSKDNet
@@ -19,11 +20,6 @@ from self_teacher import SelfTeacher
 
 WIDTH, CLASSES, BATCH = 4, 10, 4
 slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
-
-
-def batch(seed=0, n=BATCH):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
 
 
 def test_other_networks_are_refused_naming_the_supported_families():

@@ -12,6 +12,8 @@ import errors
 import eval as evaluation
 import report
 from conftest import metric_lines, tiny_run
+from losses import TERMS
+from settings import flags_of
 
 slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
 
@@ -200,3 +202,37 @@ def test_the_figure_of_baseline_runs_draws_their_loss_terms(tiny_npz, tmp_path, 
     loss_ax = drawn["axes"][1]
     assert loss_ax.get_title() == "loss terms, ce seed 0" and [line.get_label() for line in loss_ax.lines] == [
         "total", "L_ce"]
+
+
+def legacy(summary):
+    """summary.json as a revision before settings wrote it: every value among the arguments (the flags of every
+    method, read or not; warmup and clip resolved; the stem), no settings, epochs counted from 0."""
+    s = summary.pop("settings")
+    args = {**summary["args"], **{k: v for k, v in flags_of(s).items() if k not in report.DERIVED}, "stem": s["setting"],
+            "recipe": "paper", "mix": "mixup", "alpha": 0.4, "temperature": 3.0, "image_size": None,
+            **{f"w_{t}": 1.0 for t in TERMS}}
+    args.pop("setting")
+    summary.pop("best_epoch_chosen_on")
+    return {**summary, "args": args, "final_epoch": summary["final_epoch"] - 1}
+
+
+@slow
+def test_a_run_saved_by_an_older_revision_is_finished_and_groups_with_its_seeds(run_dir, tmp_path, capsys):
+    runs = [seeded_copy(run_dir, tmp_path / f"s{k}", k, top1) for k, top1 in enumerate((80.0, 84.0))]
+    summary = json.loads((runs[1] / "summary.json").read_text())
+    (runs[1] / "summary.json").write_text(json.dumps(legacy(summary)))
+    table = report.results_table([str(r) for r in runs]).splitlines()
+    assert len(table) == 3 and table[2].startswith("| mixskd paper | 2 | 2 | 82.00 ±")
+
+
+@slow
+def test_a_folder_with_metrics_alone_is_named_not_tabled(run_dir, tmp_path, monkeypatch):
+    (tmp_path / "bare").mkdir()
+    shutil.copy(run_dir / "metrics.jsonl", tmp_path / "bare")
+    notes = []
+    assert report.results_table([str(run_dir), str(tmp_path / "bare")], notes).count("\n") == 2
+    assert notes == [f"left out: {tmp_path / 'bare'} holds metrics.jsonl but neither summary.json nor last.pt, which "
+                     f"say what it trained"]
+    monkeypatch.setattr(report, "pyplot", lambda: pytest.skip("the runs are chosen before anything is drawn"))
+    with pytest.raises(errors.UserError, match="no run to draw among .*neither summary.json nor last.pt"):
+        report.plot_runs([str(tmp_path / "bare")], str(tmp_path / "fig.png"))

@@ -1,8 +1,10 @@
 """torchrun (slow): DistributedDataParallel on CPU with gloo: replicas agree, resume continues."""
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ import cli
 import errors
 import eval as evaluation
 import runtime
-from conftest import HAS_TENSORBOARD, HERE, TENSORBOARD, metric_lines
+from conftest import CPU, HAS_TENSORBOARD, HERE, TENSORBOARD, metric_lines, settings_of
+from settings import resolve
 
 slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
 
@@ -79,3 +82,13 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
         runtime.setup_distributed(cli.parse_args(["--device", "cuda"]))
 
 
+
+
+def test_a_run_resumed_on_another_process_count_counts_its_steps_anew_and_keeps_its_warmup_in_epochs():
+    """A last.pt's settings hold steps per epoch for its process count: resumed on twice the processes (the same
+    batch per process), an epoch has half the steps, and the warmup keeps its two epochs."""
+    s = settings_of(["--epochs", "10", "--warmup-epochs", "2"], n_train=640)
+    assert (s.steps_per_epoch, s.warmup_iterations) == (10, 20)
+    resume = {"settings": dataclasses.asdict(s), "epochs": 10, "start_epoch": 3, "lr": 0.1}
+    again = resolve(cli.parse_args([]), SimpleNamespace(n_train=640, image_size=32), CPU, 2, resume)
+    assert (again.steps_per_epoch, again.warmup_iterations, again.batch_size) == (5, 10, 64)

@@ -8,12 +8,13 @@ on one device or under torchrun.
     python train.py --out runs/cifar100-resnet18-mixskd-paper-seed0 --resume
     torchrun --standalone --nproc_per_node=8 train.py --arch resnet50 --dataset imagenet --data DIR
 
-Top to bottom: the objective and its optimiser (docs/method.md sections 5-9 and 12); the run (setup, one step,
-the loop, the end of an epoch, the summary). The command line is cli.py, the lr schedule schedule.py; plumbing:
-runtime.py, checkpoints.py. A run writes
-into --out: metrics.jsonl (a line per epoch), last.pt (every epoch, atomically), best.pt (best backbone
-top-1 on the validation split of --val-split, else on the test set), deploy.pt (the backbone alone),
-summary.json (the headline: final backbone top-1) and, with --tensorboard, TensorBoard's event file.
+Top to bottom: the method and its optimiser (methods.py; docs/method.md sections 5-9 and 12); one step; the run
+(setup, the loop, the end of an epoch, the summary). The command line is cli.py, the settings a run resolves from
+it settings.py, the lr schedule schedule.py; plumbing: runtime.py, checkpoints.py. A run writes into --out:
+args.json (the arguments and settings, at the start), metrics.jsonl (a line per epoch), last.pt (every epoch,
+atomically), best.pt (best backbone top-1 on the validation split of --val-split, else on the test set), deploy.pt
+(the backbone alone), summary.json (the headline: final backbone top-1) and, with --tensorboard, TensorBoard's
+event file.
 """
 import dataclasses
 import json
@@ -50,7 +51,7 @@ def build(s, num_classes, device, train_labels=None):
     cls = METHODS[s.method]
     net = network(s.arch, num_classes, s.width, cls.stem_relu(s.hp, s.setting), s.setting, cls.heads, s.image_size)
     memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
-    method = cls(net, num_classes, s.hp, s.setting, memory_format, train_labels)
+    method = cls(net, num_classes, s.hp, s.setting, memory_format, train_labels=train_labels)
     params = [p for p in method.objective.parameters() if p.requires_grad]  # what the recipe trains
     method.objective.to(device, memory_format=memory_format)
     # fused: one kernel over every parameter on CUDA, one pass of C++ on a CPU (42.6M parameters: 16 ms, against
@@ -89,7 +90,7 @@ def main(argv=None):
     args, resume = parse_args(argv), None
     if args.resume:
         args, resume = resume_arguments(args, argv)
-    if complete := runtime.check_run_folder(args):  # --resume of a finished run: say so and change nothing
+    if complete := runtime.check_run_folder(args, resume):  # --resume of a finished run: say so, change nothing
         return print(complete)
     try:
         with runtime.processes(args) as (rank, world, device), runtime.cleanup_failed_start(args.out, rank):
