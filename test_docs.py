@@ -21,7 +21,9 @@ from conftest import HERE, readme_block
 from losses import TERMS
 from model import ResNet
 
-slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
+slow = pytest.mark.slow  # whole runs and subprocesses
+# outside the method's checklist, every test here: `pytest -m "not slow"` (the checklist) leaves the file out
+pytestmark = slow
 
 
 @slow

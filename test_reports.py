@@ -15,7 +15,9 @@ from conftest import metric_lines, tiny_run
 from losses import TERMS
 from settings import flags_of
 
-slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
+slow = pytest.mark.slow  # whole runs and subprocesses
+# outside the method's checklist, every test here: `pytest -m "not slow"` (the checklist) leaves the file out
+pytestmark = slow
 
 
 # --------------------------------------- Reports (slow): eval.py --table and --plot over run folders

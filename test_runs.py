@@ -27,7 +27,9 @@ from model import MixSKDNet, ResNet
 from self_teacher import SelfTeacher
 from settings import flags_of
 
-slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
+slow = pytest.mark.slow  # whole runs and subprocesses
+# outside the method's checklist, every test here: `pytest -m "not slow"` (the checklist) leaves the file out
+pytestmark = slow
 
 
 # ------------------------- Command line and whole runs, marked slow: pytest -m 'not slow' skips them

@@ -16,7 +16,9 @@ import runtime
 from conftest import CPU, HAS_TENSORBOARD, HERE, TENSORBOARD, metric_lines, settings_of
 from settings import resolve
 
-slow = pytest.mark.slow  # whole runs and subprocesses: pytest -m "not slow" leaves them out
+slow = pytest.mark.slow  # whole runs and subprocesses
+# outside the method's checklist, every test here: `pytest -m "not slow"` (the checklist) leaves the file out
+pytestmark = slow
 
 
 # ----------------------------------------- torchrun (slow): DistributedDataParallel on CPU with gloo
