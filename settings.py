@@ -110,7 +110,7 @@ def method_hp(args, setting):
 
 def resolve(args, data, device, world=1, resume=None):
     """The Settings of a run of `args` on `data` (anything with n_train and image_size) on `device` with `world`
-    processes. resume: what checkpoints.resume_record read of the last.pt a run continues: its settings (taken as
+    processes. resume: what cli.resume_arguments read of the last.pt a run continues: its settings (taken as
     they are; None for a run saved before settings existed, resolved from its arguments), its epochs, the first
     epoch to run and the lr it last used. The speed settings are always resolved for this machine; --extend
     renews the length (--epochs, and the milestones unless given) and records the extension."""
