@@ -460,3 +460,16 @@ def test_imagenet_folder_missing_is_reported(tmp_path):
     with pytest.raises(errors.UserError, match="train/ and val/ in torchvision ImageFolder layout"):
         data.load_dataset("imagenet", str(tmp_path))
 
+
+
+@pytest.mark.parametrize("method, flag, read", [("mixskd", ["--w-kd", "0"], ("w_kd", 0.0)),
+                                                ("mixup", ["--alpha", "0.2"], ("alpha", 0.2)),
+                                                ("cs-kd", ["--temperature", "3"], ("temperature", 3.0))])
+def test_a_method_flag_its_method_reads_trains_with_it(method, flag, read, tiny_npz, tmp_path):
+    tiny_run(tiny_npz, tmp_path, "--epochs", "1", "--method", method, *flag)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["settings"]["hp"][read[0]] == read[1] and summary["args"][read[0]] == read[1]
+    if method == "mixskd":  # a weight of 0 removes its term from the total, and it is still logged
+        record = metric_lines(tmp_path)[0]["loss"]
+        assert record["total"] != pytest.approx(record["ce"] + record["mix"] + record["kd"] + record["feat"]
+                                                + record["adv"])
