@@ -8,9 +8,8 @@
     hits = method.hits(inputs, logits)               # correct training predictions, on the device
 
 train.py's step calls exactly this and never asks which method it runs. Nine classes make the ten methods of the
-results table (MixSKD's two recipes are one class). Each class declares the flags it
-reads with their defaults per setting (`defaults`); train.py refuses a flag the chosen method does not read
-(cli.py). The losses are the method files' (losses.py, baselines.py, mixup.py, self_teacher.py); the network
+results table (MixSKD's two recipes are one class). Each class declares the flags it reads with their defaults per
+setting (`defaults`); train.py refuses a flag the chosen method does not read (cli.py). The losses are the method files' (losses.py, baselines.py, mixup.py, self_teacher.py); the network
 comes from the caller (arch.network, with the branches when `heads` is True). docs/method.md sections 1-9
 (MixSKD and the CE, Mixup and CutMix baselines) and 12 (the Self-KD baselines).
 """
@@ -35,7 +34,7 @@ class Method:
     name = "ce"
     heads = False  # whether it trains the auxiliary branches (the network of model.MixSKDNet / StagedMixSKDNet)
     extra = None  # what its batches carry besides images and labels (data.train_batches): "index" or "partner"
-    clipped = False  # whether a run too short for the warmup floor, or of a library network, clips (schedule.py)
+    clipped = False  # whether a run too short for the warmup floor, or of a library network, clips (settings.py)
 
     @staticmethod
     def defaults(setting):
