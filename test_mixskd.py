@@ -792,7 +792,7 @@ def test_validation_images_never_train_in_any_epoch():
     if SHARED_NPZ.exists():
         d = data.load_dataset(str(SHARED_NPZ))
     else:
-        d = SimpleNamespace(y_train=torch.arange(10_000) % 10, n_train=10_000,
+        d = SimpleNamespace(kind="tensors", y_train=torch.arange(10_000) % 10, n_train=10_000,
                             stats=data.pixel_stats((0.5,) * 3, (0.25,) * 3, "cpu"))
     index = torch.arange(10_000)
     d.x_train = torch.stack([index // 256, index % 256, index % 7], 1).to(torch.uint8).view(-1, 3, 1, 1).expand(
