@@ -172,9 +172,10 @@ def experiment(run, with_data=True):
 
 
 def grouped_runs(runs, name_data=True):
-    """Runs grouped by experiment, seeds together: [(label, [run, ...]), ...] in a fixed method order. A label is
-    the method, and where several groups share a method, the values that set each of them apart (--epochs 2,
-    n_train 300, ...; the data's only with name_data): runs of different experiments are never averaged."""
+    """Runs grouped by experiment, seeds together: [(label, [run, ...]), ...] by network, then in a fixed method
+    order. A label is the method, and where several groups share a method, the values that set each of them
+    apart (--epochs 2, n_train 300, ...; the data's only with name_data): runs of different experiments are
+    never averaged."""
     groups = {}
     for run in runs:
         groups.setdefault(json.dumps(experiment(run), sort_keys=True, default=str), []).append(run)
@@ -189,7 +190,9 @@ def grouped_runs(runs, name_data=True):
         labelled.append((label + (f" ({', '.join(differs)})" if differs else ""),
                          sorted(members, key=lambda run: run.values.get("seed", 0))))
     order = lambda label: METHOD_ORDER.index(label.split(" (")[0]) if label.split(" (")[0] in METHOD_ORDER else 99
-    labelled = sorted(labelled, key=lambda group: (order(group[0]), group[0], data_label(group[1][0].data)))
+    network = lambda group: str(group[1][0].values.get("arch", ""))  # one network's rows together
+    labelled = sorted(labelled, key=lambda group: (network(group), order(group[0]), group[0],
+                                                   data_label(group[1][0].data)))
     seen = {}  # groups that differ only in what a label shortens (a file's folder) stay apart, numbered
     for i, (label, members) in enumerate(labelled):
         shown = (label, "" if name_data else data_label(members[0].data))  # a data column tells its rows apart

@@ -173,6 +173,22 @@ def test_table_leaves_unfinished_runs_out_naming_them_and_finds_the_runs_below_a
 
 
 @slow
+def test_a_table_over_several_networks_keeps_each_networks_rows_together(run_dir, tmp_path):
+    """Two methods on two networks: the rows come network by network, each in the method order, so a reader
+    compares the methods of one network on adjacent rows."""
+    for k, (arch, method) in enumerate([("b:net", "mixskd"), ("a:net", "ce"), ("b:net", "ce"), ("a:net", "mixskd")]):
+        run = seeded_copy(run_dir, tmp_path / f"r{k}", 0, 50.0)
+        summary = json.loads((run / "summary.json").read_text())
+        summary["args"]["arch"] = summary["settings"]["arch"] = arch
+        if method == "ce":
+            summary["settings"].update(method="ce", hp={})
+        (run / "summary.json").write_text(json.dumps(summary))
+    rows = report.results_table([str(tmp_path)]).splitlines()[2:]
+    assert [row.split(" |")[0] for row in rows] == ["| ce (--arch a:net)", "| mixskd paper (--arch a:net)",
+                                                    "| ce (--arch b:net)", "| mixskd paper (--arch b:net)"]
+
+
+@slow
 def test_a_summary_json_alone_is_a_finished_run_of_the_table(run_dir, tmp_path):
     """docs/ keeps the summary.json of each run behind its tables: the table made from those files alone is the
     table made from the run folders."""
