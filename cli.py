@@ -265,7 +265,6 @@ def resume_arguments(args, argv):
         raise UserError(f"--extend continues {args.out} to another length: give the new one with --epochs N (the run "
                         f"has {(settings or saved)['epochs']})")
     setting = (settings or {}).get("setting") or saved.get("setting") or saved.get("stem", "cifar")
-    reads = METHODS[saved["method"]].defaults(setting)
     try:
         check_method_flags(argparse.Namespace(method=saved["method"]), given, setting, resumed=args.out)
     except ValueError as e:

@@ -21,7 +21,6 @@ drawn from the seed alone (hold_out), so that a model can be selected without th
 """
 import copy
 import os
-import re
 import shutil
 import sys
 from types import SimpleNamespace

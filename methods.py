@@ -9,9 +9,10 @@
 
 train.py's step calls exactly this and never asks which method it runs. Nine classes make the ten methods of the
 results table (MixSKD's two recipes are one class). Each class declares the flags it reads with their defaults per
-setting (`defaults`); train.py refuses a flag the chosen method does not read (cli.py). The losses are the method files' (losses.py, baselines.py, mixup.py, self_teacher.py); the network
-comes from the caller (arch.network, with the branches when `heads` is True). docs/method.md sections 1-9
-(MixSKD and the CE, Mixup and CutMix baselines) and 12 (the Self-KD baselines).
+setting (`defaults`); train.py refuses a flag the chosen method does not read (cli.py). The losses are the method
+files' (losses.py, baselines.py, mixup.py, self_teacher.py); the network comes from the caller (arch.network, with
+the branches when `heads` is True). docs/method.md sections 1-9 (MixSKD and the CE, Mixup and CutMix baselines)
+and 12 (the Self-KD baselines).
 """
 import torch
 

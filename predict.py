@@ -15,8 +15,8 @@ import sys
 import torch
 
 from data import normalize, pixel_stats
-from folders import test_transform
 from errors import UserError
+from folders import test_transform
 
 
 def image_files(path):

@@ -25,7 +25,6 @@ from errors import UserError
 from methods import without_foreign_flags
 from settings import flags_of
 
-
 MIXSKD_RULE = "max over heads and epochs (main_mixskd_cifar.py)"
 BASELINE_RULE = "backbone at its best epoch (main.py)"
 

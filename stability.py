@@ -23,8 +23,8 @@ import cli
 import runtime
 import schedule
 import train
-from errors import ArgumentParser, run_cli
 from data import load_dataset, train_batches
+from errors import ArgumentParser, run_cli
 from settings import resolve
 
 GRID = {"nets": ["resnet18/64", "resnet18/16", "torchvision:resnet18", "torchvision:mobilenet_v3_small",

@@ -123,7 +123,8 @@ FOREIGN = [  # a new user's tries that trained silently before: the method reads
     ("cs-kd", ["--w-kd", "0"], "--temperature"), ("dks", ["--w-kd", "0"], "--temperature"),
     ("byot", ["--w-feat", "0"], "--temperature"), ("label-smooth", ["--w-ce", "0"], None),
     ("ps-kd", ["--alpha", "0.5"], None), ("byot", ["--recipe", "official"], "--temperature"),
-    ("dks", ["--mix", "cutmix"], "--temperature"), ("ce", ["--alpha", "0.3"], None), ("mixup", ["--mix", "cutmix"], "--alpha"),
+    ("dks", ["--mix", "cutmix"], "--temperature"), ("ce", ["--alpha", "0.3"], None),
+    ("mixup", ["--mix", "cutmix"], "--alpha"),
 ]
 
 
@@ -195,7 +196,8 @@ def test_missing_dataset_offline_names_folder_and_url(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", offline)
-    with pytest.raises(errors.UserError, match=r"cifar-100-python.*https://www\.cs\.toronto\.edu/~kriz/cifar-100-python"):
+    url = r"https://www\.cs\.toronto\.edu/~kriz/cifar-100-python"
+    with pytest.raises(errors.UserError, match=r"cifar-100-python.*" + url):
         data.load_dataset("cifar100", str(tmp_path))
     with pytest.raises(errors.UserError, match=r"\(or pass --data where it is\), or train on an \.npz of your own"):
         data.load_dataset("cifar100", str(tmp_path / "data"))
@@ -373,9 +375,9 @@ def test_resume_takes_every_training_argument_from_last_pt(kept_run, tiny_npz, c
         train.main(["--out", str(kept_run), "--resume", "--lr", "0.5", "--alpha", "2", "--temperature", "1",
                     "--mix", "cutmix", "--w-adv", "0", "--batch-size", "64"])
     assert str(e.value).startswith(f"--resume continues {kept_run} with the arguments it was started with; these "
-                                   "differ: --lr 0.5 (the run: 0.1), --alpha 2.0 (the run: 0.4), --temperature 1.0 (the "
-                                   "run: 3.0), --mix cutmix (the run: mixup), --w-adv 0.0 (the run: 1.0), --batch-size 64 "
-                                   "(the run: 32)")
+                                   "differ: --lr 0.5 (the run: 0.1), --alpha 2.0 (the run: 0.4), --temperature 1.0 "
+                                   "(the run: 3.0), --mix cutmix (the run: mixup), --w-adv 0.0 (the run: 1.0), "
+                                   "--batch-size 64 (the run: 32)")
 
 
 def test_every_argument_is_either_resumed_or_named_as_not_training():
@@ -556,7 +558,8 @@ def test_a_folder_of_small_images_and_the_npz_of_its_pixels_in_its_order_train_b
     np.savez(tmp_path / "same.npz", **arrays)
     for dataset, out in ((tmp_path / "folder", "from-folder"), (tmp_path / "same.npz", "from-npz")):
         tiny_run(str(dataset), tmp_path / out, "--epochs", "1", "--seed", "3")
-    a, b = (torch.load(tmp_path / out / "deploy.pt", weights_only=True)["backbone"] for out in ("from-folder", "from-npz"))
+    a, b = (torch.load(tmp_path / out / "deploy.pt", weights_only=True)["backbone"]
+            for out in ("from-folder", "from-npz"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert metric_lines(tmp_path / "from-folder")[0]["loss"] == metric_lines(tmp_path / "from-npz")[0]["loss"]
 

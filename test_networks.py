@@ -27,7 +27,8 @@ pytestmark = slow
 def test_other_networks_are_refused_naming_the_supported_families():
     for arch in ("torchvision:maxvit_t", "torchvision:alexnet", "torchvision:resnet_18", "torchvision:"):
         with pytest.raises(ValueError, match=r"unsupported torchvision model .*ResNet / ResNeXt / Wide-ResNet.*"
-                                             r"RegNet.*ConvNeXt.*MobileNetV2 and V3.*EfficientNet.*DenseNet.*ViT.*Swin"):
+                                             r"RegNet.*ConvNeXt.*MobileNetV2 and V3.*EfficientNet.*DenseNet"
+                                             r".*ViT.*Swin"):
             check_arch(arch)
     for arch in ("timm:beit_base_patch16_224", "timm:swinv2_tiny_window8_256", "timm:resnet_18", "timm:"):
         with pytest.raises(ValueError, match=r"unsupported timm model .*ResNet / ResNeXt.*ConvNeXt.*EfficientNet.*"
@@ -232,8 +233,9 @@ def test_timm_smallest_efficientnet_and_mobilenets_are_split_at_strides_4_to_32(
 
 
 def test_f_k_of_a_vit_is_every_token_as_a_c_x_l_x_1_map_and_of_swin_its_patch_grid():
-    """docs/networks.md, "F_k of a vision transformer": a ViT's tokens after its final norm, class and distillation tokens
-    included, as N x C x L x 1 (global average pooling: the mean token); Swin's N x C x H x W grid after its norm."""
+    """docs/networks.md, "F_k of a vision transformer": a ViT's tokens after its final norm, class and distillation
+    tokens included, as N x C x L x 1 (global average pooling: the mean token); Swin's N x C x H x W grid after its
+    norm."""
     x = torch.randn(2, 3, 64, 64)
     deit = timm_small("deit_tiny_distilled_patch16_224", 64)[0].eval()
     tokens = deit.backbone.forward_features(x)

@@ -48,7 +48,8 @@ def test_table_and_plot_never_average_runs_of_different_experiments(run_dir, tmp
     """Runs that differ in anything but the seed (epochs, data, network, any training argument) get rows of
     their own, each labelled with the values that set it apart; the figure gives each its colour."""
     runs = [seeded_copy(run_dir, tmp_path / f"s{k}", k, top1) for k, top1 in enumerate((80.0, 84.0, 10.0, 20.0))]
-    for run, change in ((runs[2], {"settings": {"epochs": 5}}), (runs[3], {"data": {"n_train": 300, "num_classes": 3}})):
+    changes = {"settings": {"epochs": 5}}, {"data": {"n_train": 300, "num_classes": 3}}
+    for run, change in zip(runs[2:], changes):
         summary = json.loads((run / "summary.json").read_text())
         for part, values in change.items():
             summary[part].update(values)
@@ -226,9 +227,9 @@ def legacy(summary):
     """summary.json as a revision before settings wrote it: every value among the arguments (the flags of every
     method, read or not; warmup and clip resolved; the stem), no settings, epochs counted from 0."""
     s = summary.pop("settings")
-    args = {**summary["args"], **{k: v for k, v in flags_of(s).items() if k not in report.DERIVED}, "stem": s["setting"],
-            "recipe": "paper", "mix": "mixup", "alpha": 0.4, "temperature": 3.0, "image_size": None,
-            **{f"w_{t}": 1.0 for t in TERMS}}
+    args = {**summary["args"], **{k: v for k, v in flags_of(s).items() if k not in report.DERIVED},
+            "stem": s["setting"], "recipe": "paper", "mix": "mixup", "alpha": 0.4, "temperature": 3.0,
+            "image_size": None, **{f"w_{t}": 1.0 for t in TERMS}}
     args.pop("setting")
     summary.pop("best_epoch_chosen_on")
     return {**summary, "args": args, "final_epoch": summary["final_epoch"] - 1}

@@ -442,7 +442,8 @@ def test_imagenet_folder_trains_one_epoch_and_evaluates(image_folder, tmp_path, 
     train.main(["--dataset", "imagenet", "--data", str(image_folder), "--image-size", "32", "--width", "4",
                 "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--workers", "0", "--out", str(out),
                 "--val-split", "0.25"])
-    assert "(imagenet setting, 32 px; 18 train, 6 validation, 12 test, 3 classes)" in capsys.readouterr().out  # 2 of each class's 8
+    # 2 of each class's 8 held out
+    assert "(imagenet setting, 32 px; 18 train, 6 validation, 12 test, 3 classes)" in capsys.readouterr().out
     record = metric_lines(out)[-1]
     assert record["epoch"] == 0
     assert list(record["test"]) == list(record["val"]) == ["backbone", "branch1", "branch2", "branch3", "self_teacher"]
