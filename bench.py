@@ -3,6 +3,7 @@ step's time (compilation included), projected run time.
 
     python bench.py                       # the project's MixSKD step, best settings for this device
     python bench.py --baseline            # ... and the plain way, same process, with the speed-up
+    python bench.py --profile 2           # where the step's time goes: torch.profiler, by operator and shape
     python bench.py --method all          # every method's step, one after the other, in one process
     python bench.py --amp off --channels-last off --compile off --json
     python bench.py --compile off --alternate channels-last --width 16   # channels_last off and on, alternating
@@ -69,6 +70,9 @@ def parser():
     p.add_argument("--blocks", type=int, default=None, help="blocks per setting of --alternate (default 5); with "
                    "--baseline, more than 1 times the plain way and ours in alternating blocks (default 1: one after "
                    "the other)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="instead of timing, profile N steps of the step (after --warmup) with torch.profiler and print "
+                        "its operators by self time, grouped by input shape (on CUDA, by self CUDA time)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -258,6 +262,25 @@ def plain_stepper(targs, data, device, workers):
     return step, {"amp": "off", "channels_last": False, "compile": "off", "data": f"DataLoader+PIL, {workers} workers"}
 
 
+def profiled(step, warmup, steps, device, rows=15):
+    """torch.profiler's table of steps calls of step() after warmup ones: the operators by self time (CPU, or
+    CUDA on a GPU), grouped by input shape, so that one layer's convolution stands apart from another's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step()
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda
+    with profile(activities=activities, record_shapes=True) as trace:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    return trace.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows,
+        max_name_column_width=32, max_shapes_column_width=80)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -268,14 +291,24 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (20 if cuda else 2)
     steps = args.steps if args.steps is not None else (50 if cuda else 4)
     args.blocks = args.blocks or (5 if args.alternate else 1)
-    if steps < 1 or warmup < 0 or args.image_size < 8 or args.workers < 0 or args.blocks < 1:
-        sys.exit("error: --steps and --blocks must be at least 1, --warmup and --workers at least 0, --image-size at "
-                 "least 8")
+    if steps < 1 or warmup < 0 or args.image_size < 8 or args.workers < 0 or args.blocks < 1 or args.profile < 0:
+        sys.exit("error: --steps and --blocks must be at least 1, --warmup, --workers and --profile at least 0, "
+                 "--image-size at least 8")
+    if args.profile and (args.alternate or args.baseline or args.json):
+        sys.exit("error: --profile profiles the step alone: drop --alternate, --baseline and --json")
     methods = list(METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
     # few timed steps make a noisy mean, and the projection multiplies it by 160,000 steps
     estimate = "training steps only" + (f"; rough, from {steps} timed step{'s' * (steps > 1)}" if steps < 10 else "")
     data = synthetic_cifar(device, args.image_size)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    if args.profile:
+        for method in methods:
+            step, settings = fast_stepper(train_args(args, method), data, device)
+            print(f"{name}, {method} {args.arch} width {args.width}, "
+                  + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in settings.items())
+                  + f": {args.profile} step{'s' * (args.profile > 1)} profiled after {warmup}")
+            print(profiled(step, warmup, args.profile, device))
+        return
     if args.alternate:
         a, b = ALTERNATIVES[args.alternate]
         for method in methods:

@@ -399,6 +399,19 @@ def test_bench_times_every_method_and_the_plain_way_where_there_is_one(capsys):
     assert all(r["ms_per_step"] > 0 and r["first_step_s"] > 0 for r in results)
 
 
+@slow
+def test_bench_profiles_the_step_by_operator_and_shape(capsys):
+    """--profile N: torch.profiler's table of N steps, one row per operator and input shape; mixed with the timing
+    modes it is refused."""
+    bench.main(["--width", "4", "--batch-size", "4", "--profile", "1", "--warmup", "1", "--device", "cpu",
+                "--amp", "off", "--compile", "off"])
+    out = capsys.readouterr().out
+    assert "mixskd resnet18 width 4" in out and "1 step profiled after 1" in out
+    assert "aten::convolution_backward" in out and "[[8, 32, 4, 4]" in out  # the clean and mixed halves: 8 rows
+    with pytest.raises(SystemExit, match="--profile profiles the step alone"):
+        bench.main(["--profile", "1", "--baseline", "--device", "cpu"])
+
+
 # ------------------------------------- ImageNet folders (slow): one epoch on a generated ImageFolder
 
 
