@@ -284,6 +284,34 @@ def profiled(step, warmup, steps, device, rows=15):
 # ----------------------------------------------------------------------------- main
 
 
+def print_profiles(args, methods, data, device, warmup, name):
+    """--profile: each method's step under torch.profiler (profiled)."""
+    for method in methods:
+        step, settings = fast_stepper(train_args(args, method), data, device)
+        print(f"{name}, {method} {args.arch} width {args.width}, "
+              + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in settings.items())
+              + f": {args.profile} step{'s' * (args.profile > 1)} profiled after {warmup}")
+        print(profiled(step, warmup, args.profile, device))
+
+
+def print_alternated(args, methods, data, device, warmup, steps, name):
+    """--alternate: each method's step with the setting off and on, in alternating blocks (alternated)."""
+    a, b = ALTERNATIVES[args.alternate]
+    for method in methods:
+        median = alternated(args, method, data, device, warmup, steps)
+        flag = args.alternate.replace("-", "_")
+        fixed = {k: getattr(args, k) for k in ("amp", "channels_last", "compile") if k != flag}
+        print(json.dumps({"device": name, "method": method, "arch": args.arch, "width": args.width, **fixed,
+                          "alternate": args.alternate, "blocks": args.blocks, "steps": steps,
+                          "ms_per_step": {k: 1000 * v for k, v in median.items()},
+                          "ratio": median[b] / median[a]}) if args.json else
+              f"{name}, {method} {args.arch} width {args.width}, "
+              + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in fixed.items())
+              + f": --{args.alternate} {a} {1000 * median[a]:.1f} ms/step, {b} {1000 * median[b]:.1f} ms/step "
+              f"({b}/{a} {median[b] / median[a]:.3f}; medians of {args.blocks} alternating blocks of {steps} "
+              f"steps)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = runtime.pick_device(args.device)
@@ -302,29 +330,9 @@ def main(argv=None):
     data = synthetic_cifar(device, args.image_size)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     if args.profile:
-        for method in methods:
-            step, settings = fast_stepper(train_args(args, method), data, device)
-            print(f"{name}, {method} {args.arch} width {args.width}, "
-                  + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in settings.items())
-                  + f": {args.profile} step{'s' * (args.profile > 1)} profiled after {warmup}")
-            print(profiled(step, warmup, args.profile, device))
-        return
+        return print_profiles(args, methods, data, device, warmup, name)
     if args.alternate:
-        a, b = ALTERNATIVES[args.alternate]
-        for method in methods:
-            median = alternated(args, method, data, device, warmup, steps)
-            flag = args.alternate.replace("-", "_")
-            fixed = {k: getattr(args, k) for k in ("amp", "channels_last", "compile") if k != flag}
-            print(json.dumps({"device": name, "method": method, "arch": args.arch, "width": args.width, **fixed,
-                              "alternate": args.alternate, "blocks": args.blocks, "steps": steps,
-                              "ms_per_step": {k: 1000 * v for k, v in median.items()},
-                              "ratio": median[b] / median[a]}) if args.json else
-                  f"{name}, {method} {args.arch} width {args.width}, "
-                  + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in fixed.items())
-                  + f": --{args.alternate} {a} {1000 * median[a]:.1f} ms/step, {b} {1000 * median[b]:.1f} ms/step "
-                  f"({b}/{a} {median[b] / median[a]:.3f}; medians of {args.blocks} alternating blocks of {steps} "
-                  f"steps)")
-        return
+        return print_alternated(args, methods, data, device, warmup, steps, name)
     results = []
     for method in methods:
         targs = train_args(args, method)

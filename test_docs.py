@@ -155,10 +155,10 @@ def test_readme_evaluates_the_run_its_first_try_writes():
 
 
 def test_the_tables_in_docs_are_what_their_runs_summaries_give():
-    """docs/ keeps the summary.json of every run behind a table it shows (docs/runs/): each `python eval.py
-    --table docs/runs/...` block is followed by the table that command prints, so no number drifts from its run."""
+    """docs/ keeps the summary.json of every run behind a table it shows (docs/summaries/): each `python eval.py
+    --table docs/summaries/...` block is followed by the table that command prints, so no number drifts from its run."""
     text = (HERE / "docs" / "results.md").read_text()
-    found = re.findall(r"```bash\npython eval.py --table (docs/runs/\S+)\n```\n\n((?:\|.*\n)+)", text)
+    found = re.findall(r"```bash\npython eval.py --table (docs/summaries/\S+)\n```\n\n((?:\|.*\n)+)", text)
     assert found
     for path, table in found:
         assert report.results_table([str(HERE / path)]) == table.rstrip("\n"), path

@@ -400,6 +400,18 @@ def test_bench_times_every_method_and_the_plain_way_where_there_is_one(capsys):
 
 
 @slow
+def test_bench_alternates_a_setting_in_one_process(capsys):
+    """--alternate channels-last: the step with it off and on, in alternating blocks, one median each."""
+    bench.main(["--width", "4", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                "--amp", "off", "--compile", "off", "--alternate", "channels-last", "--blocks", "2",
+                "--method", "mixskd", "ce", "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["method"] for r in lines] == ["mixskd", "ce"] and all(r["blocks"] == 2 for r in lines)
+    for r in lines:
+        assert set(r["ms_per_step"]) == {"off", "on"} and r["ratio"] == r["ms_per_step"]["on"] / r["ms_per_step"]["off"]
+
+
+@slow
 def test_bench_profiles_the_step_by_operator_and_shape(capsys):
     """--profile N: torch.profiler's table of N steps, one row per operator and input shape; mixed with the timing
     modes it is refused."""
