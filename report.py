@@ -1,7 +1,7 @@
 """Reports over finished runs: the results table (markdown) and the figure of their curves.
 
     python eval.py --table runs/                    # one row per experiment, mean +- std over seeds
-    python eval.py --table docs/summaries/library/       # the same from summary.json files alone
+    python eval.py --table docs/summaries/library/  # the same from summary.json files alone
     python eval.py --plot runs/*/ --out fig.png     # backbone test top-1 per epoch, a run's loss terms
     python eval.py --plot RUN --per-class           # the confusion matrix of one run (plot_confusion)
 
