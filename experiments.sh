@@ -9,7 +9,9 @@
 #   JOBS=10 bash experiments.sh                                 # ten runs at once (one GPU)
 #   SEEDS="0 1 2" RUNS=runs/three-seeds bash experiments.sh
 #   SEEDS=2 METHODS="ce mixskd-paper" bash experiments.sh     # a third seed for two methods
-#   ARCH=torchvision:resnet18 WIDTH= WARMUP= EPOCHS=15 METHODS="ce mixskd-paper" RUNS=runs/library bash experiments.sh
+#   ARCH=torchvision:resnet18 WIDTH= WARMUP= EPOCHS=15 METHODS="ce ps-kd mixskd-paper" RUNS=runs/library bash experiments.sh
+#   WIDTH=64 EPOCHS=205 WARMUP= METHODS="ce ps-kd dks mixskd-paper mixskd-official" RUNS=runs/recipe JOBS=10 \
+#     bash experiments.sh                                       # the recipe itself: train.py's defaults
 #
 # ARCH, WIDTH (empty: the network's own, as for torchvision:/timm: networks), WARMUP (warmup epochs; empty:
 # train.py's default) and EPOCHS set the network and the length; the defaults are the table's.
