@@ -7,6 +7,7 @@
 #   export DATA=path/to/cifar10_q75_10k.npz   # the .npz to train on (docs/results.md says how it was made)
 #   bash experiments.sh                                         # one run at a time
 #   JOBS=10 bash experiments.sh                                 # ten runs at once (one GPU)
+#   JOBS=2 bash experiments.sh                                  # on a 2-core CPU: one thread per run
 #   SEEDS="0 1 2" RUNS=runs/three-seeds bash experiments.sh
 #   SEEDS=2 METHODS="ce mixskd-paper" bash experiments.sh     # a third seed for two methods
 #   ARCH=torchvision:resnet18 WIDTH= WARMUP= EPOCHS=15 METHODS="ce ps-kd mixskd-paper" RUNS=runs/library bash experiments.sh
