@@ -10,7 +10,8 @@
 #   JOBS=2 bash experiments.sh                                  # on a 2-core CPU: one thread per run
 #   SEEDS="0 1 2" RUNS=runs/three-seeds bash experiments.sh
 #   SEEDS=2 METHODS="ce mixskd-paper" bash experiments.sh     # a third seed for two methods
-#   ARCH=torchvision:resnet18 WIDTH= WARMUP= EPOCHS=15 METHODS="ce ps-kd mixskd-paper" RUNS=runs/library bash experiments.sh
+#   ARCH=torchvision:resnet18 WIDTH= WARMUP= EPOCHS=15 METHODS="ce ps-kd mixskd-paper" RUNS=runs/library \
+#     bash experiments.sh                                       # a library network, as a user gets it
 #   WIDTH=64 EPOCHS=205 WARMUP= METHODS="ce ps-kd dks mixskd-paper mixskd-official" RUNS=runs/recipe JOBS=10 \
 #     bash experiments.sh                                       # the recipe itself: train.py's defaults
 #
