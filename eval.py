@@ -8,11 +8,12 @@
     python eval.py released_ckpt.pth.tar --dataset cifar100     # the authors' released CIFAR script
     python eval.py --table runs/*/                              # markdown table over seeds
     python eval.py --plot runs/*/ --out results.png             # curves (needs matplotlib)
+    python eval.py --budget runs/length/ --out budget.png       # final top-1 against epochs and minutes
 
 Accepts this project's last.pt / best.pt (every head and the self-teacher), deploy.pt (the backbone
 alone), checkpoints of the released scripts (docs/method.md section 11) and torchvision ResNet state dicts, as
 checkpoints.py reads them. docs/method.md section 8: the backbone is the deployed network, so its row comes
-first and is the headline. `--table` and `--plot` hand run folders to report.py, `--predict` image files to
+first and is the headline. `--table`, `--plot` and `--budget` hand run folders to report.py, `--predict` image files to
 predict.py.
 """
 import json
@@ -119,8 +120,12 @@ def parse_args(argv=None):
     p.add_argument("--plot", nargs="+", metavar="RUN_DIR",
                    help="draw test top-1 per epoch of these runs and a MixSKD run's loss terms (needs matplotlib); "
                         "with --per-class, the confusion matrix of one run's deploy.pt on its test set")
-    p.add_argument("--out", default=None, help="image file that --plot writes (default: results.png, with "
-                                               "--per-class confusion.png, in the first run folder)")
+    p.add_argument("--budget", nargs="+", metavar="RUN_DIR", help="draw the final top-1 of the finished runs in these "
+                   "folders and below them against their length (epochs) and their minutes of training, the seeds "
+                   "of one experiment together (needs matplotlib): which method for the budget you have")
+    p.add_argument("--out", default=None, help="image file that --plot or --budget writes (default: results.png, "
+                                               "with --per-class confusion.png, with --budget budget.png, in the "
+                                               "first run folder)")
     p.add_argument("--per-class", action="store_true", help="also top-1 per class and the confusion matrix of the "
                                                             "backbone, with class names (in --json too)")
     p.add_argument("--predict", metavar="IMAGE_OR_FOLDER", help="the checkpoint's top-k classes for an image file, or "
@@ -151,9 +156,12 @@ def main(argv=None):
     elif args.plot and not args.per_class:
         out = report.plot_runs(args.plot, args.out or os.path.join(args.plot[0], "results.png"), notes)
         print(f"figure written to {out}")
+    elif args.budget:
+        out = report.plot_budget(args.budget, args.out or os.path.join(args.budget[0], "budget.png"), notes)
+        print(f"figure written to {out}")
     for line in notes:
         print(f"note: {line}", file=sys.stderr)
-    if args.table or (args.plot and not args.per_class):
+    if args.table or args.budget or (args.plot and not args.per_class):
         return
     if args.plot:  # the confusion matrix of one run: its deployed network
         if len(args.plot) != 1:

@@ -14,6 +14,9 @@
 #     bash experiments.sh                                       # a library network, as a user gets it
 #   WIDTH=64 EPOCHS=205 WARMUP= METHODS="ce ps-kd dks mixskd-paper mixskd-official" RUNS=runs/recipe JOBS=10 \
 #     bash experiments.sh                                       # the recipe itself: train.py's defaults
+#   for e in 15 30 60 90 205; do
+#     EPOCHS=$e METHODS="ce ps-kd mixskd-paper" RUNS=runs/length/e$e bash experiments.sh; done  # five lengths
+#   python eval.py --budget runs/length                         # which method for a budget: runs/length/budget.png
 #
 # ARCH, WIDTH (empty: the network's own, as for torchvision:/timm: networks), WARMUP (warmup epochs; empty:
 # train.py's default) and EPOCHS set the network and the length; the defaults are the table's.

@@ -4,6 +4,7 @@
     python eval.py --table docs/summaries/library/  # the same from summary.json files alone
     python eval.py --plot runs/*/ --out fig.png     # backbone test top-1 per epoch, a run's loss terms
     python eval.py --plot RUN --per-class           # the confusion matrix of one run (plot_confusion)
+    python eval.py --budget docs/summaries/length/  # final top-1 against epochs and minutes (plot_budget)
 
 docs/method.md section 8: every number is labelled by what it is and the split it comes from: the headline
 (final backbone top-1 on the test set, selection-free), the best epoch (chosen on the validation split
@@ -23,7 +24,7 @@ from checkpoints import read_checkpoint, read_metrics
 from data import dataset_name
 from errors import UserError
 from methods import without_foreign_flags
-from settings import flags_of
+from settings import flags_of, milestones
 
 MIXSKD_RULE = "max over heads and epochs (main_mixskd_cifar.py)"
 BASELINE_RULE = "backbone at its best epoch (main.py)"
@@ -342,6 +343,79 @@ def plot_runs(paths, out, notes=None):
     loss_ax.legend(fontsize=7)
     for ax in (acc_ax, loss_ax):
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def budget_series(paths, notes=None):
+    """The finished runs among paths as series of one experiment at several lengths: [(label, device, points)],
+    points = [(epochs, [final backbone top-1 per seed], [minutes of training per seed])] by epochs. A series is one
+    experiment but for --epochs (grouped_runs, the length left out) on one device (minutes on different machines
+    do not compare); a run whose decays are not the recipe's for its length (--milestones given) is left out, as
+    is an unfinished one, each with a line in notes, as are the revisions and devices when they differ."""
+    notes = [] if notes is None else notes
+    found, skipped = find_runs(paths)
+    runs = [read_run(path) for path in found]
+    notes += [f"skipped: {path} ({why})" for path, why in skipped] + unknown_notes(runs)
+    notes += [f"left out, unfinished: {run.path}" for run in runs if not run.finished and run.values is not None]
+    finished = [run for run in runs if run.finished]
+    scaled = [run for run in finished if run.values.get("milestones") == milestones(SimpleNamespace(),
+                                                                                      run.values["epochs"])]
+    notes += [f"left out: {run.path} decays at epochs {run.values.get('milestones')}, not at the recipe's fractions "
+              f"of its {run.values['epochs']} epochs, so its length is not the only thing that differs"
+              for run in finished if run not in scaled]
+    if not scaled:
+        raise UserError(f"no finished run at the recipe's decays among {', '.join(map(str, paths))}: "
+                        f"{'; '.join(notes) or 'nothing found'}")
+    lengthless = [SimpleNamespace(**{**vars(run), "values": {k: v for k, v in run.values.items()
+                                                             if k not in ("epochs", "milestones")}}) for run in scaled]
+    epochs = {id(r): run.values["epochs"] for r, run in zip(lengthless, scaled)}
+    series = []
+    for label, members in grouped_runs(lengthless):
+        for device in dict.fromkeys(run.summary.get("device_name") or "not recorded" for run in members):
+            on_device = [run for run in members if (run.summary.get("device_name") or "not recorded") == device]
+            points = [(n, [run.summary["final_test"]["backbone"]["top1"] for run in on_device if epochs[id(run)] == n],
+                       [run.summary["train_time_s"] / 60 for run in on_device if epochs[id(run)] == n])
+                      for n in sorted({epochs[id(run)] for run in on_device})]
+            series.append((label, device, points))
+    notes += provenance_notes(scaled)
+    return series
+
+
+def plot_budget(paths, out, notes=None):
+    """Which method for the budget a user has: final backbone top-1 (mean over seeds, its standard deviation as a
+    bar, each seed a dot) against the run's length in epochs, and against its minutes of training (each run's own
+    time: runs that shared a machine each count the whole of it), a colour per experiment (budget_series)."""
+    series = budget_series(paths, notes)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    devices = list(dict.fromkeys(device for _, device, _ in series))
+    colours = {}
+    for label, device, points in series:
+        colour = colours.setdefault(label, f"C{len(colours) % 10}")
+        style = ("-", "--", ":", "-.")[devices.index(device) % 4]
+        name = label + (f", {device}" if len(devices) > 1 else "")
+        top1 = [t for _, t, _ in points]
+        mean, std = [np.mean(t) for t in top1], [np.std(t, ddof=1) if len(t) > 1 else 0.0 for t in top1]
+        for ax, x in ((axes[0], [n for n, _, _ in points]), (axes[1], [np.mean(m) for _, _, m in points])):
+            ax.errorbar(x, mean, yerr=std, color=colour, ls=style, marker="o", ms=4, capsize=3, lw=1, label=name)
+        for n, t, m in points:  # the seeds themselves: at the run's length, at the run's own minutes
+            axes[0].scatter([n] * len(t), t, s=8, color=colour, alpha=0.5)
+            axes[1].scatter(m, t, s=8, color=colour, alpha=0.5)
+    minutes = "minutes of training per run" + (f" ({devices[0]})" if len(devices) == 1 else "")
+    axes[0].set(xlabel="epochs", ylabel="final test top-1 of the backbone (%)", xscale="log",
+                title="top-1 against the length of the run")
+    axes[1].set(xlabel=minutes, xscale="log", title="top-1 against the time it took")
+    from matplotlib.ticker import ScalarFormatter  # plain numbers of minutes on the log axis, not powers of ten
+
+    for axis in (axes[1].xaxis.set_major_formatter, axes[1].xaxis.set_minor_formatter):
+        axis(ScalarFormatter())
+    lengths = sorted({n for _, _, points in series for n, _, _ in points})
+    axes[0].set_xticks(lengths, [str(n) for n in lengths])
+    axes[0].minorticks_off()
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)

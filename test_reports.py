@@ -1,7 +1,9 @@
-"""Reports (slow): eval.py --table and --plot over run folders (report.py)."""
+"""Reports (slow): eval.py --table, --plot and --budget over run folders (report.py)."""
+import argparse
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import eval as evaluation
 import report
 from conftest import metric_lines, tiny_run
 from losses import TERMS
-from settings import flags_of
+from settings import flags_of, milestones
 
 slow = pytest.mark.slow  # whole runs and subprocesses
 # outside the method's checklist, every test here: `pytest -m "not slow"` (the checklist) leaves the file out
@@ -255,3 +257,57 @@ def test_a_folder_with_metrics_alone_is_named_not_tabled(run_dir, tmp_path, monk
     monkeypatch.setattr(report, "pyplot", lambda: pytest.skip("the runs are chosen before anything is drawn"))
     with pytest.raises(errors.UserError, match="no run to draw among .*neither summary.json nor last.pt"):
         report.plot_runs([str(tmp_path / "bare")], str(tmp_path / "fig.png"))
+
+
+def length_copy(summary_dir, dest, epochs, top1, **summary_changes):
+    """A copy of a kept summary.json posing as the same run at another length (the recipe's decays for it), whose
+    final backbone top-1 is top1."""
+    summary = json.loads((summary_dir / "summary.json").read_text())
+    summary["settings"].update(epochs=epochs, milestones=milestones(argparse.Namespace(), epochs))
+    summary["args"]["epochs"] = summary["final_epoch"] = epochs
+    summary["final_test"]["backbone"]["top1"] = top1
+    summary.update(summary_changes)
+    dest.mkdir(parents=True)
+    (dest / "summary.json").write_text(json.dumps(summary))
+    return dest
+
+
+LENGTH = Path(__file__).parent / "docs" / "summaries" / "length" / "e15"
+
+
+@slow
+def test_the_budget_figure_puts_one_experiments_lengths_on_one_line_and_keeps_devices_apart(tmp_path):
+    """eval.py --budget: the seeds of one experiment at one length are one point, its lengths one line; runs on
+    another machine (whose minutes do not compare), decays not at the recipe's fractions (not only the length
+    differs) and unfinished runs are kept off the line, each named."""
+    for seed in (0, 1):
+        shutil.copytree(LENGTH / f"ce-seed{seed}", tmp_path / "e15" / f"ce-seed{seed}")
+        length_copy(LENGTH / f"ce-seed{seed}", tmp_path / "e30" / f"ce-seed{seed}", 30, 70.0 + 2 * seed)
+    length_copy(LENGTH / "ps-kd-seed0", tmp_path / "e30" / "ps-kd-seed0", 30, 75.0)
+    length_copy(LENGTH / "ps-kd-seed1", tmp_path / "gpu" / "ps-kd-seed1", 30, 76.0, device_name="NVIDIA H200")
+    moved = length_copy(LENGTH / "ce-seed1", tmp_path / "odd" / "ce-seed1", 60, 99.0)
+    summary = json.loads((moved / "summary.json").read_text())
+    summary["settings"]["milestones"] = [1]
+    (moved / "summary.json").write_text(json.dumps(summary))
+    notes = []
+    series = report.budget_series([str(tmp_path)], notes)
+    cpu = json.loads((LENGTH / "ce-seed0" / "summary.json").read_text())["device_name"]
+    ce15 = [json.loads((LENGTH / f"ce-seed{k}" / "summary.json").read_text()) for k in (0, 1)]
+    assert [(label, device, [(n, top1) for n, top1, _ in points]) for label, device, points in series] == [
+        ("ce", cpu, [(15, [s["final_test"]["backbone"]["top1"] for s in ce15]), (30, [70.0, 72.0])]),
+        ("ps-kd", cpu, [(30, [75.0])]), ("ps-kd", "NVIDIA H200", [(30, [76.0])])]
+    assert series[0][2][0][2] == [s["train_time_s"] / 60 for s in ce15]
+    assert any(f"left out: {moved} decays at epochs [1]" in note for note in notes), notes
+    assert any(note.startswith("devices: ") for note in notes), notes
+
+
+@slow
+def test_the_budget_figure_goes_into_the_first_folder_by_default(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    for seed in (0, 1):
+        shutil.copytree(LENGTH / f"ce-seed{seed}", tmp_path / f"ce-seed{seed}")
+    evaluation.main(["--budget", str(tmp_path)])
+    assert (tmp_path / "budget.png").read_bytes()[:4] == b"\x89PNG"
+    assert capsys.readouterr().out == f"figure written to {tmp_path / 'budget.png'}\n"
+    with pytest.raises(errors.UserError, match="no finished run at the recipe's decays among"):
+        report.budget_series([str(tmp_path / "budget.png")])
