@@ -7,6 +7,7 @@ step's time (compilation included), projected run time.
     python bench.py --method all          # every method's step, one after the other, in one process
     python bench.py --amp off --channels-last off --compile off --json
     python bench.py --compile off --alternate channels-last --width 16   # channels_last off and on, alternating
+    python bench.py --alternate step-graph   # CUDA: today's CUDA graphs against the whole step as one graph
 
 The timed step is train.py's own (`train.train_step` fed by `data.train_batches`), never a copy.
 `--baseline` also times the plain way to write it: a DataLoader with per-image PIL transforms on the
@@ -36,7 +37,10 @@ from settings import resolve
 
 SPEC_STEPS = 50_000 // 64 * 205  # the recipe's CIFAR-100 run: 781 steps per epoch, 205 epochs
 PLAIN = ("mixskd", "ce", "mixup", "cutmix")  # the methods whose plain way plain_step writes
-ALTERNATIVES = {"channels-last": ("off", "on"), "compile": ("off", "default")}  # --alternate: the two values
+# --alternate NAME: the flag it varies and its two values (the last two: CUDA's levers against its default)
+ALTERNATIVES = {"channels-last": ("channels_last", ("off", "on")), "compile": ("compile", ("off", "default")),
+                "max-autotune": ("compile", ("reduce-overhead", "max-autotune")),
+                "step-graph": ("compile", ("reduce-overhead", "step-graph"))}
 
 
 def parser():
@@ -55,7 +59,8 @@ def parser():
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="as train.py: auto = bf16 on CUDA and on CPUs with native bf16 kernels")
     p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="auto: on for CUDA")
-    p.add_argument("--compile", default="auto", choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
+    p.add_argument("--compile", default="auto",
+                   choices=("auto", "off", "default", "reduce-overhead", "max-autotune", "step-graph"),
                    help="as train.py for the recipe's 205-epoch CIFAR-100 run: reduce-overhead (CUDA graphs) on CUDA, "
                         "default on a CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 on CUDA, 4 on CPU)")
@@ -64,9 +69,10 @@ def parser():
                                                            "ce, mixup and cutmix)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the baseline")
     p.add_argument("--alternate", choices=tuple(ALTERNATIVES), default=None,
-                   help="time the step with channels_last off and on (or eager and compiled, --compile default), each "
-                        "its own model, in alternating blocks of --steps steps in this process, and print each's "
-                        "median and the ratio (one process, so that a drift of the machine's speed falls on both)")
+                   help="time the step with channels_last off and on (compile: eager and --compile default; "
+                        "max-autotune, step-graph: --compile reduce-overhead and that mode, on CUDA), each its own "
+                        "model, in alternating blocks of --steps steps in this process, and print each's median and "
+                        "the ratio (one process, so that a drift of the machine's speed falls on both)")
     p.add_argument("--blocks", type=int, default=None, help="blocks per setting of --alternate (default 5); with "
                    "--baseline, more than 1 times the plain way and ours in alternating blocks (default 1: one after "
                    "the other)")
@@ -165,8 +171,7 @@ def fast_stepper(targs, data, device):
             method.set_epoch(state["epoch"], s.epochs)
             state["batches"] = train_batches(data, s.batch_size, 0, state["epoch"], extra=method.extra)
             batch = next(state["batches"])
-        for group in opt.param_groups:
-            group["lr"] = 0.01
+        runtime.set_lr(opt, 0.01)
         train.train_step(method, opt, speed, batch)
 
     return step, {"amp": s.amp, "channels_last": s.channels_last, "compile": s.compile}
@@ -197,7 +202,7 @@ def measured(modes, blocks, warmup, steps, device):
 def alternated(args, method, data, device, warmup, steps):
     """--alternate FLAG: {value: seconds} for FLAG's two values (ALTERNATIVES), the median over --blocks blocks of
     `steps` steps of each one's step, the blocks alternating (a, b, then b, a, ...) after `warmup` steps of each."""
-    flag, values = args.alternate.replace("-", "_"), ALTERNATIVES[args.alternate]
+    flag, values = ALTERNATIVES[args.alternate]
     steppers = {value: fast_stepper(train_args(args, method, **{flag: value}), data, device)[0] for value in values}
     for step in steppers.values():
         timed(step, warmup, 1, device)
@@ -296,10 +301,9 @@ def print_profiles(args, methods, data, device, warmup, name):
 
 def print_alternated(args, methods, data, device, warmup, steps, name):
     """--alternate: each method's step with the setting off and on, in alternating blocks (alternated)."""
-    a, b = ALTERNATIVES[args.alternate]
+    flag, (a, b) = ALTERNATIVES[args.alternate]
     for method in methods:
         median = alternated(args, method, data, device, warmup, steps)
-        flag = args.alternate.replace("-", "_")
         fixed = {k: getattr(args, k) for k in ("amp", "channels_last", "compile") if k != flag}
         print(json.dumps({"device": name, "method": method, "arch": args.arch, "width": args.width, **fixed,
                           "alternate": args.alternate, "blocks": args.blocks, "steps": steps,
@@ -307,7 +311,8 @@ def print_alternated(args, methods, data, device, warmup, steps, name):
                           "ratio": median[b] / median[a]}) if args.json else
               f"{name}, {method} {args.arch} width {args.width}, "
               + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in fixed.items())
-              + f": --{args.alternate} {a} {1000 * median[a]:.1f} ms/step, {b} {1000 * median[b]:.1f} ms/step "
+              + f": --{flag.replace('_', '-')} {a} {1000 * median[a]:.1f} ms/step, {b} {1000 * median[b]:.1f} "
+              f"ms/step "
               f"({b}/{a} {median[b] / median[a]:.3f}; medians of {args.blocks} alternating blocks of {steps} "
               f"steps)")
 

@@ -121,6 +121,16 @@ def run_meta(args, s, data, backbone):
             "model_kwargs": model_kwargs(s.arch, data.num_classes, data.image_size) if library(s.arch) else None}
 
 
+def optimizer_state(opt):
+    """opt.state_dict() with each group's lr a float, also where it is a tensor on the GPU (runtime.StepGraph's),
+    so that a checkpoint resumes under any --compile and on any device."""
+    state = opt.state_dict()  # its groups are copies: the optimizer's own lr tensors stay as they are
+    for group in state["param_groups"]:
+        if torch.is_tensor(group["lr"]):
+            group["lr"] = group["lr"].item()
+    return state
+
+
 def save_training(paths, record, epoch, best, objective, opt, scaler, rng, store=None):
     """last.pt (and best.pt): everything a run needs to continue exactly where it stopped, and in last.pt PS-KD's
     store too. record: the run's meta, its arguments as given and its settings."""
@@ -128,7 +138,7 @@ def save_training(paths, record, epoch, best, objective, opt, scaler, rng, store
              (("model", "net"), ("self_teacher", "self_teacher"), ("discriminators", "discs"))}
     ckpt = {**record, "epoch": epoch, "best": best,
             **{name: module.state_dict() if module is not None else None for name, module in parts.items()},
-            "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+            "optimizer": optimizer_state(opt), "scaler": scaler.state_dict(), "rng": rng}
     for path in paths:  # PS-KD's store in last.pt alone: resuming needs it, best.pt does not (5.1 GB on ImageNet)
         last = os.path.basename(path) == "last.pt" and store is not None
         save_atomic({**ckpt, "ps_kd_store": store.probs if last else None}, path)

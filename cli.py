@@ -125,10 +125,12 @@ g.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
 g.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"), help="the images and weights in "
                "channels_last memory format; auto = on for CUDA, and on a CPU for an eager (not compiled) step under "
                "bf16 autocast, where it saves 11-28%% of a step (docs/performance.md)")
-g.add_argument("--compile", default="auto", choices=("auto", "off", "default", "reduce-overhead", "max-autotune"),
+g.add_argument("--compile", default="auto", choices=("auto", "off", "default", "reduce-overhead", "max-autotune",
+                                                     "step-graph"),
                help="torch.compile forward and loss; auto = reduce-overhead (CUDA graphs) on CUDA; on a CPU, default "
                     "for a run of at least 3,000 steps (compiling takes about 1.5 minutes there and saves 12-16%% of "
-                    "a step: docs/performance.md), else off")
+                    "a step: docs/performance.md), else off; step-graph (CUDA, one process, not fp16): default, and "
+                    "the whole step, SGD included, replayed as one CUDA graph")
 g = parser.add_argument_group("files")
 g.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<arch>-<method>[-<recipe>]-seed<k>)")
 g.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")

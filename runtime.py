@@ -294,12 +294,16 @@ def resolve_speed(amp, channels_last, compile, device, world=1, run_steps=0):
             compile = "default" if world > 1 else "reduce-overhead"
         else:
             compile = "default" if run_steps >= CPU_COMPILE_STEPS else "off"
+    if compile == STEP_GRAPH and (why := step_graph_refused(device, world, amp)):
+        raise UserError(f"--compile {STEP_GRAPH} captures the whole step in one CUDA graph and {why}")
     if compile != "off" and (missing := compiler_missing(device)):
         if rank() == 0:
             print(f"note: --compile {compile} needs {missing}, which this machine lacks: the run is eager",
                   file=sys.stderr)
         compile = "off"
     dtype = autocast_dtype(amp, device)
+    if compile == STEP_GRAPH and dtype == torch.float16:  # --amp auto on a GPU without bf16
+        raise UserError(f"--compile {STEP_GRAPH} {step_graph_refused(device, world, 'fp16')}")
     # channels_last on a CPU pays in an eager bf16 step (11-28% at widths 16-64), not in a compiled one (2%, noise)
     # nor in fp32 (-12% to +7%): docs/performance.md
     auto = device.type == "cuda" or (compile == "off" and dtype == torch.bfloat16)
@@ -318,7 +322,82 @@ def speed(s, device):
         autocast=torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         cudagraphs=s.compile in ("reduce-overhead", "max-autotune"),
+        step_graph=StepGraph() if s.compile == STEP_GRAPH else None,
     )
+
+
+STEP_GRAPH = "step-graph"  # --compile: default compilation, and the whole step replayed as one CUDA graph
+
+
+def step_graph_refused(device, world, amp):
+    """Why --compile step-graph cannot run here (None where it can): it needs CUDA, one process (DDP's
+    gradient hooks are not captured) and no fp16 (GradScaler's step waits on the host for its inf check)."""
+    if device.type != "cuda":
+        return "needs CUDA: on a CPU use --compile default or off"
+    if world > 1:
+        return "runs in one process: under torchrun use --compile default"
+    if amp == "fp16":
+        return "needs --amp bf16 or off: fp16's GradScaler waits on the host every step"
+    return None
+
+
+class StepGraph:
+    """The step after its inputs, as one CUDA graph: forward, losses, backward, the clip and SGD, replayed every
+    step after the first `warmup` (which run eagerly on a side stream, as torch.cuda.graph's documentation asks,
+    and compile, pick cuDNN's kernels and make SGD's momentum buffers), so that no Python and no launch sits
+    between its kernels. Each call copies the step's inputs into the graph's own tensors and returns the graph's
+    outputs, which the next replay overwrites. What changes between steps must be on the device: the inputs (lam
+    and perm are tensors), and the lr, which capture turns into a tensor of each group (set_lr fills it).
+
+        step = StepGraph()
+        total, terms, logits = step(update, inputs, opt)   # update(*inputs): what the graph runs
+
+    (train.update is that function.) Source: "Whole-network capture", CUDA semantics, PyTorch documentation."""
+
+    def __init__(self, warmup=3):
+        self.warmup, self.calls, self.graph = warmup, 0, None
+
+    def __call__(self, update, inputs, opt):
+        self.calls += 1
+        if self.graph is None and self.calls <= self.warmup:
+            return self.eager(update, inputs)
+        if self.graph is None:
+            for group in opt.param_groups:  # a float would be frozen into the graph
+                if not torch.is_tensor(group["lr"]):
+                    group["lr"] = torch.tensor(group["lr"], device=inputs[0].device)
+            self.inputs = [value.clone() for value in inputs]
+            self.graph, self.outputs = self.capture(update, self.inputs)
+        for static, value in zip(self.inputs, inputs):
+            static.copy_(value)
+        self.graph.replay()
+        return self.outputs
+
+    @staticmethod
+    def eager(update, inputs):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            outputs = update(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        return outputs
+
+    @staticmethod
+    def capture(update, inputs):
+        """(graph, outputs): update(*inputs) recorded once, its outputs the tensors each replay writes; nothing
+        runs until the first replay."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = update(*inputs)
+        return graph, outputs
+
+
+def set_lr(opt, lr):
+    """Every group's lr to `lr`: filled into the group's tensor where it has one (StepGraph's), else assigned."""
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def compiler_missing(device):
@@ -359,6 +438,6 @@ def wrap(method, compile, device, world, sync_bn=False):
         # where a frame cannot be compiled (no Triton, no C++ compiler, an unsupported op), run it eager
         # with a warning instead of stopping the run
         torch._dynamo.config.suppress_errors = True
-        objective = torch.compile(objective, mode=None if compile == "default" else compile)
+        objective = torch.compile(objective, mode=None if compile in ("default", STEP_GRAPH) else compile)
     method.forward = objective
     return method

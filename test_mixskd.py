@@ -667,6 +667,40 @@ def test_channels_last_auto_is_on_for_cuda_and_for_an_eager_bf16_step_on_a_cpu(m
     assert not runtime.resolve_speed("bf16", "off", "off", CPU)["channels_last"]
 
 
+def test_the_step_graph_is_refused_where_it_cannot_run_in_one_line():
+    """--compile step-graph needs CUDA, one process and no fp16 (GradScaler waits on the host each step)."""
+    cuda = torch.device("cuda")  # resolve_speed refuses before it asks anything of the device
+    for device, world, amp, why in ((CPU, 1, "bf16", "needs CUDA: on a CPU use --compile default or off"),
+                                    (cuda, 2, "bf16", "runs in one process: under torchrun use --compile default"),
+                                    (cuda, 1, "fp16", "needs --amp bf16 or off: fp16's GradScaler waits on the host")):
+        with pytest.raises(errors.UserError, match=f"^--compile step-graph captures the whole step in one CUDA graph "
+                                                   f"and {why}"):
+            runtime.resolve_speed(amp, "auto", "step-graph", device, world)
+
+
+def test_the_lr_a_step_graph_reads_is_filled_in_place_and_saved_as_a_float():
+    """A captured graph reads the lr tensor it was captured with: set_lr must fill that tensor, never replace it,
+    and a checkpoint holds a float, so that it resumes under any --compile; fused SGD with the tensor steps
+    bitwise as with the float."""
+    params = [torch.randn(5, 3, generator=torch.Generator().manual_seed(0)).requires_grad_() for _ in range(2)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    opt, twin = (torch.optim.SGD(ps, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
+                 for ps, lr in ((params, torch.tensor(0.1)), (twins, 0.1)))
+    tensor = opt.param_groups[0]["lr"]
+    for step in range(3):
+        runtime.set_lr(opt, 0.05 * (step + 1))
+        runtime.set_lr(twin, 0.05 * (step + 1))
+        for p, q in zip(params, twins):
+            p.grad, q.grad = torch.cos(p.detach() * step), torch.cos(q.detach() * step)
+        opt.step()
+        twin.step()
+    assert opt.param_groups[0]["lr"] is tensor and tensor.item() == pytest.approx(0.15)
+    assert twin.param_groups[0]["lr"] == pytest.approx(0.15) and all(torch.equal(p, q) for p, q in zip(params, twins))
+    saved = checkpoints.optimizer_state(opt)
+    assert saved["param_groups"][0]["lr"] == pytest.approx(0.15) and type(saved["param_groups"][0]["lr"]) is float
+    assert opt.param_groups[0]["lr"] is tensor  # the optimizer's own tensor is untouched
+
+
 def test_no_default_warmup_is_zero_iterations():
     s = settings_of(["--epochs", "1", "--batch-size", "64"], n_train=64)
     assert schedule.default_warmup_iterations(1, 1) == 1 == s.warmup_iterations and schedule.lr_at(0, s) == s.lr

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import data
 import errors
 import eval as evaluation
 import report
+import runtime
 import train
 from conftest import HAS_TENSORBOARD, HERE, TENSORBOARD, metric_lines, readme_block, tiny_run
 from losses import TERMS, discriminators
@@ -255,6 +257,64 @@ def backbone_logits(checkpoint, dataset):
 
 
 @slow
+class ReplayOnCPU(runtime.StepGraph):
+    """runtime.StepGraph's contract where no CUDA graph exists: its warmup steps run eagerly, its capture records
+    the step and runs nothing, and each replay runs the step on the graph's own input tensors and writes its results
+    into the same output tensors every time, reading the lr tensors captured (asserted unreplaced)."""
+
+    def __call__(self, update, inputs, opt):
+        self.opt = opt
+        return super().__call__(update, inputs, opt)
+
+    @staticmethod
+    def eager(update, inputs):
+        return update(*inputs)
+
+    def capture(self, update, inputs):
+        self.lr, self.outputs, self.replays = [g["lr"] for g in self.opt.param_groups], None, 0
+        return SimpleNamespace(replay=lambda: self.replay(update)), None
+
+    def replay(self, update):
+        assert all(g["lr"] is lr for g, lr in zip(self.opt.param_groups, self.lr)), "the lr tensor was replaced"
+        outputs, self.replays = update(*self.inputs), self.replays + 1
+        if self.outputs is None:
+            self.outputs = outputs
+        for kept, new in zip(torch.utils._pytree.tree_leaves(self.outputs), torch.utils._pytree.tree_leaves(outputs)):
+            kept.copy_(new)
+
+
+@slow
+@pytest.mark.parametrize("method", ["mixskd", "ps-kd"])
+def test_a_run_whose_step_is_replayed_as_one_graph_trains_bitwise_as_the_eager_one(method, tiny_npz, tmp_path,
+                                                                                     monkeypatch):
+    """--compile step-graph replays forward, backward and SGD from the graph's own tensors, the lr a tensor filled
+    each step (the warmup's per-step lr, the decay): on a CPU, with the replay played by ReplayOnCPU, the run's
+    losses, test numbers, weights and checkpoint are bitwise the eager run's, PS-KD's store included."""
+    flags = ["--epochs", "2", "--method", method, "--amp", "off", "--compile", "off"]
+    tiny_run(tiny_npz, tmp_path / "eager", *flags)
+    graphs, speed = [], runtime.speed
+    monkeypatch.setattr(runtime, "speed", lambda s, device: SimpleNamespace(
+        **{**vars(speed(s, device)), "step_graph": graphs.append(ReplayOnCPU(warmup=2)) or graphs[-1]}))
+    tiny_run(tiny_npz, tmp_path / "graph", *flags)
+    steps = 2 * settings_of_run(tmp_path / "graph")["steps_per_epoch"]
+    assert len(graphs) == 1 and graphs[0].calls == steps and graphs[0].replays == steps - 2
+    drop_times = lambda run: [{k: v for k, v in r.items() if k not in ("epoch_time", "img_per_s")}
+                              for r in metric_lines(run)]
+    assert drop_times(tmp_path / "graph") == drop_times(tmp_path / "eager")
+    eager, graph = (checkpoints.read_checkpoint(tmp_path / run / "last.pt") for run in ("eager", "graph"))
+    for part in ("model", "self_teacher", "discriminators"):
+        for k, v in (eager[part] or {}).items():
+            assert torch.equal(v, graph[part][k]), f"{part}.{k}"
+    (group,), (graph_group,) = eager["optimizer"]["param_groups"], graph["optimizer"]["param_groups"]
+    assert type(graph_group.pop("lr")) is float and group.pop("lr") == pytest.approx(0.01) and group == graph_group
+    if method == "ps-kd":
+        assert torch.equal(eager["ps_kd_store"], graph["ps_kd_store"])
+
+
+def settings_of_run(run):
+    return json.loads((run / "args.json").read_text())["settings"]
+
+
 def test_predict_on_png_files_gives_the_top1_of_eval(run_dir, image_dir, tiny_npz, capsys):
     """deploy.pt --predict on the test images written as PNG (lossless): the same class per image as
     eval.py's network on the .npz, so the same top-1; a file that is no image gets one line, the rest go on."""

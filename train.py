@@ -17,6 +17,7 @@ atomically), best.pt (best backbone top-1 on the validation split of --val-split
 event file.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -63,13 +64,22 @@ def build(s, num_classes, device, train_labels=None):
 def train_step(method, opt, speed, batch, clip=0.0):
     """One step on a batch of the loader (images, labels, and what the method's batches carry), as the paper's
     algorithm: the method's inputs (MixSKD, Mixup and CutMix mix here, Eq. (1); CS-KD's partners, PS-KD's soft
-    targets), its forward and loss in one call (the network, then e.g. losses.mixskd_loss, Eqs. (5)-(10)),
-    backward, the gradient norm clipped to `clip` unless 0, SGD, and what the method keeps of the step (PS-KD's
-    predictions). Returns the loss, its terms and the correct training predictions, on the device, never waiting
-    for it."""
+    targets), then `update` (forward and loss, backward, clip, SGD; with --compile step-graph replayed as one CUDA
+    graph), and what the method keeps of the step (PS-KD's predictions). Returns the loss, its terms and the
+    correct training predictions, on the device, never waiting for it."""
     inputs = method.inputs(*batch)
     if speed.cudagraphs:
         torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are consumed
+    step = functools.partial(update, method, opt, speed, clip)
+    total, terms, logits = speed.step_graph(step, inputs, opt) if speed.step_graph else step(*inputs)
+    method.after_step(batch, logits)
+    return total, terms, method.hits(inputs, logits)
+
+
+def update(method, opt, speed, clip, *inputs):
+    """The step after its inputs: the method's forward and loss in one call (the network, then e.g.
+    losses.mixskd_loss, Eqs. (5)-(10)), backward, the gradient norm clipped to `clip` unless 0, SGD. Returns the
+    loss (detached), its terms and the logits the method's hits and after_step read."""
     with speed.autocast:
         total, terms, logits = method.forward(*inputs)
     opt.zero_grad(set_to_none=True)
@@ -79,8 +89,7 @@ def train_step(method, opt, speed, batch, clip=0.0):
         torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], clip)
     speed.scaler.step(opt)
     speed.scaler.update()
-    method.after_step(batch, logits)
-    return total.detach(), terms, method.hits(inputs, logits)
+    return total.detach(), terms, logits
 
 
 # ----------------------------------------------------------------------------- the run
@@ -191,8 +200,7 @@ def train(run):
         for i, batch in enumerate(train_batches(run.data, s.batch_size, s.seed, epoch, run.rank, run.world,
                                                 method.extra)):
             lr = lr_at(epoch * s.steps_per_epoch + i, s)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            runtime.set_lr(opt, lr)
             total, terms, hits = train_step(method, opt, run.speed, batch, s.clip)
             logged = {"total": total, **terms, "hits": hits}
             values = torch.stack([value.float() for value in logged.values()])  # all on the device, no sync
