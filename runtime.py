@@ -347,7 +347,8 @@ class StepGraph:
     and compile, pick cuDNN's kernels and make SGD's momentum buffers), so that no Python and no launch sits
     between its kernels. Each call copies the step's inputs into the graph's own tensors and returns the graph's
     outputs, which the next replay overwrites. What changes between steps must be on the device: the inputs (lam
-    and perm are tensors), and the lr, which capture turns into a tensor of each group (set_lr fills it).
+    and perm are tensors), and the lr, which the first call turns into a float32 tensor of each group (set_lr
+    fills it; fused SGD then steps with float32(lr) where a float lr is used as a double, a difference of an ulp).
 
         step = StepGraph()
         total, terms, logits = step(update, inputs, opt)   # update(*inputs): what the graph runs
@@ -359,12 +360,13 @@ class StepGraph:
 
     def __call__(self, update, inputs, opt):
         self.calls += 1
+        if self.calls == 1:  # a float would be frozen into the graph; a tensor from the first step on, so that
+            for group in opt.param_groups:  # eager and replayed steps (and a resumed run's) read the same float32
+                if not torch.is_tensor(group["lr"]):
+                    group["lr"] = torch.tensor(group["lr"], device=inputs[0].device)
         if self.graph is None and self.calls <= self.warmup:
             return self.eager(update, inputs)
         if self.graph is None:
-            for group in opt.param_groups:  # a float would be frozen into the graph
-                if not torch.is_tensor(group["lr"]):
-                    group["lr"] = torch.tensor(group["lr"], device=inputs[0].device)
             self.inputs = [value.clone() for value in inputs]
             self.graph, self.outputs = self.capture(update, self.inputs)
         for static, value in zip(self.inputs, inputs):
@@ -386,7 +388,8 @@ class StepGraph:
         """(graph, outputs): update(*inputs) recorded once, its outputs the tensors each replay writes; nothing
         runs until the first replay."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a DataLoader's pin-memory thread (image folders) may call CUDA during the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = update(*inputs)
         return graph, outputs
 

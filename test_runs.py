@@ -256,7 +256,6 @@ def backbone_logits(checkpoint, dataset):
     return evaluation.head_logits(model, None, d)[0]["backbone"]
 
 
-@slow
 class ReplayOnCPU(runtime.StepGraph):
     """runtime.StepGraph's contract where no CUDA graph exists: its warmup steps run eagerly, its capture records
     the step and runs nothing, and each replay runs the step on the graph's own input tensors and writes its results
@@ -266,8 +265,8 @@ class ReplayOnCPU(runtime.StepGraph):
         self.opt = opt
         return super().__call__(update, inputs, opt)
 
-    @staticmethod
-    def eager(update, inputs):
+    def eager(self, update, inputs):
+        assert all(torch.is_tensor(g["lr"]) for g in self.opt.param_groups), "the eager steps read another lr"
         return update(*inputs)
 
     def capture(self, update, inputs):
@@ -315,6 +314,7 @@ def settings_of_run(run):
     return json.loads((run / "args.json").read_text())["settings"]
 
 
+@slow
 def test_predict_on_png_files_gives_the_top1_of_eval(run_dir, image_dir, tiny_npz, capsys):
     """deploy.pt --predict on the test images written as PNG (lossless): the same class per image as
     eval.py's network on the .npz, so the same top-1; a file that is no image gets one line, the rest go on."""
