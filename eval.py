@@ -141,6 +141,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
+    given = [flag for flag in ("--table", "--plot", "--budget") if getattr(args, flag[2:])]
+    if len(given) > 1:
+        p.error(f"{' and '.join(given)}: one at a time (each reads run folders and prints or draws one thing)")
+    if given and args.checkpoint:
+        p.error(f"{given[0]} reads run folders, not a checkpoint: drop {args.checkpoint} or {given[0]}")
     for flag, value, low in (("--top-k", args.top_k, 1), ("--batch-size", args.batch_size, 1),
                              ("--workers", args.workers, 0)):
         if value < low:
@@ -168,7 +173,7 @@ def main(argv=None):
             raise UserError("--plot with --per-class draws the confusion matrix of one run: name one run folder")
         args.checkpoint = os.path.join(args.plot[0], "deploy.pt")
     if args.checkpoint is None:
-        raise UserError("name a checkpoint to evaluate, or pass --table / --plot with run folders")
+        raise UserError("name a checkpoint to evaluate, or pass --table, --plot or --budget with run folders")
     device = pick_device(args.device)
     if os.path.isdir(args.checkpoint):  # a run folder: its deployed network, else its last checkpoint
         found = [f for f in ("deploy.pt", "last.pt") if os.path.exists(os.path.join(args.checkpoint, f))]

@@ -380,8 +380,19 @@ def budget_series(paths, notes=None):
                        [run.summary["train_time_s"] / 60 for run in on_device if epochs[id(run)] == n])
                       for n in sorted({epochs[id(run)] for run in on_device})]
             series.append((label, device, points))
+            for n in sorted({epochs[id(run)] for run in on_device}):  # minutes under different speed settings
+                speeds = {speed_of(run) for run in on_device if epochs[id(run)] == n}
+                if len(speeds) > 1:
+                    notes.append(f"{label} at {n} epochs on {device}: its seeds ran with different speed settings "
+                                 f"({'; '.join(sorted(speeds))}), so their minutes differ for that reason too")
     notes += provenance_notes(scaled)
     return series
+
+
+def speed_of(run):
+    """What sets a run's speed beside its device: its autocast, memory format and compile mode, as it resolved them."""
+    s = run.summary.get("settings") or {}
+    return ", ".join(f"{k} {s.get(k, '?')}" for k in ("amp", "channels_last", "compile"))
 
 
 def plot_budget(paths, out, notes=None):
@@ -408,10 +419,10 @@ def plot_budget(paths, out, notes=None):
     axes[0].set(xlabel="epochs", ylabel="final test top-1 of the backbone (%)", xscale="log",
                 title="top-1 against the length of the run")
     axes[1].set(xlabel=minutes, xscale="log", title="top-1 against the time it took")
-    from matplotlib.ticker import ScalarFormatter  # plain numbers of minutes on the log axis, not powers of ten
+    from matplotlib.ticker import ScalarFormatter  # (matplotlib is optional: imported where it draws)
 
-    for axis in (axes[1].xaxis.set_major_formatter, axes[1].xaxis.set_minor_formatter):
-        axis(ScalarFormatter())
+    axes[1].xaxis.set_major_formatter(ScalarFormatter())  # plain minutes on the log axis, not powers of ten
+    axes[1].xaxis.set_minor_formatter(ScalarFormatter())
     lengths = sorted({n for _, _, points in series for n, _, _ in points})
     axes[0].set_xticks(lengths, [str(n) for n in lengths])
     axes[0].minorticks_off()

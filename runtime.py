@@ -303,7 +303,8 @@ def resolve_speed(amp, channels_last, compile, device, world=1, run_steps=0):
         compile = "off"
     dtype = autocast_dtype(amp, device)
     if compile == STEP_GRAPH and dtype == torch.float16:  # --amp auto on a GPU without bf16
-        raise UserError(f"--compile {STEP_GRAPH} {step_graph_refused(device, world, 'fp16')}")
+        raise UserError(f"--compile {STEP_GRAPH} captures the whole step in one CUDA graph and "
+                        f"{step_graph_refused(device, world, 'fp16')} (--amp auto chose fp16: this GPU lacks bf16)")
     # channels_last on a CPU pays in an eager bf16 step (11-28% at widths 16-64), not in a compiled one (2%, noise)
     # nor in fp32 (-12% to +7%): docs/performance.md
     auto = device.type == "cuda" or (compile == "off" and dtype == torch.bfloat16)
@@ -360,10 +361,16 @@ class StepGraph:
 
     def __call__(self, update, inputs, opt):
         self.calls += 1
-        if self.calls == 1:  # a float would be frozen into the graph; a tensor from the first step on, so that
-            for group in opt.param_groups:  # eager and replayed steps (and a resumed run's) read the same float32
+        # a float lr would be frozen into the graph: a tensor from the first step on, so that eager and replayed
+        # steps (and a resumed run's) read the same float32
+        if self.calls == 1:
+            for group in opt.param_groups:
                 if not torch.is_tensor(group["lr"]):
                     group["lr"] = torch.tensor(group["lr"], device=inputs[0].device)
+            self.lr = [group["lr"] for group in opt.param_groups]
+        if any(group["lr"] is not lr for group, lr in zip(opt.param_groups, self.lr)):
+            raise RuntimeError("an optimiser group's lr tensor was replaced, and the graph reads the old one: set the "
+                               "lr with runtime.set_lr")
         if self.graph is None and self.calls <= self.warmup:
             return self.eager(update, inputs)
         if self.graph is None:

@@ -77,8 +77,7 @@ def run_case(args, data, device, steps_to_run, trace=False):
         if i == 0:
             batches = train_batches(data, s.batch_size, s.seed, epoch)
         lr = schedule.lr_at(step, s)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        runtime.set_lr(opt, lr)
         total, terms, _ = train.train_step(method, opt, speed, next(batches), clip)
         conv, fc, grad = norms(teacher)
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]

@@ -667,7 +667,7 @@ def test_channels_last_auto_is_on_for_cuda_and_for_an_eager_bf16_step_on_a_cpu(m
     assert not runtime.resolve_speed("bf16", "off", "off", CPU)["channels_last"]
 
 
-def test_the_step_graph_is_refused_where_it_cannot_run_in_one_line():
+def test_the_step_graph_is_refused_where_it_cannot_run_in_one_line(monkeypatch):
     """--compile step-graph needs CUDA, one process and no fp16 (GradScaler waits on the host each step)."""
     cuda = torch.device("cuda")  # resolve_speed refuses before it asks anything of the device
     for device, world, amp, why in ((CPU, 1, "bf16", "needs CUDA: on a CPU use --compile default or off"),
@@ -676,6 +676,42 @@ def test_the_step_graph_is_refused_where_it_cannot_run_in_one_line():
         with pytest.raises(errors.UserError, match=f"^--compile step-graph captures the whole step in one CUDA graph "
                                                    f"and {why}"):
             runtime.resolve_speed(amp, "auto", "step-graph", device, world)
+    monkeypatch.setattr(runtime, "compiler_missing", lambda device: None)
+    monkeypatch.setattr(runtime, "autocast_dtype", lambda choice, device: torch.float16)  # a GPU without bf16
+    with pytest.raises(errors.UserError, match=r"and needs --amp bf16 or off: .* \(--amp auto chose fp16"):
+        runtime.resolve_speed("auto", "auto", "step-graph", cuda)
+
+
+def test_the_step_graph_is_what_speed_and_wrap_give_for_its_mode(monkeypatch):
+    """--compile step-graph: a StepGraph for the step, no per-step marking of CUDA graph trees, and the objective
+    compiled in the default mode (the graph is StepGraph's own, not reduce-overhead's)."""
+    speed = runtime.speed(SimpleNamespace(amp="bf16", compile="step-graph"), CPU)
+    assert isinstance(speed.step_graph, runtime.StepGraph) and not speed.cudagraphs
+    assert runtime.speed(SimpleNamespace(amp="bf16", compile="reduce-overhead"), CPU).step_graph is None
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode: modes.append(mode) or module)
+    _, method, _ = build(["--width", str(WIDTH), "--compile", "off"])
+    runtime.wrap(method, "step-graph", CPU, 1)
+    assert modes == [None]
+
+
+def test_a_step_graph_refuses_an_lr_set_around_it():
+    """The graph reads the lr tensor the first step made: an lr assigned as a float afterwards would be ignored
+    by every replay, so the next step stops with a line that names runtime.set_lr."""
+    class Eager(runtime.StepGraph):
+        eager = staticmethod(lambda update, inputs: update(*inputs))
+
+    param = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([param], lr=0.1, fused=True)
+    step, inputs = Eager(warmup=5), (torch.ones(2),)
+    step(lambda x: x, inputs, opt)
+    tensor = opt.param_groups[0]["lr"]
+    runtime.set_lr(opt, 0.2)
+    step(lambda x: x, inputs, opt)
+    assert opt.param_groups[0]["lr"] is tensor and tensor.item() == pytest.approx(0.2)
+    opt.param_groups[0]["lr"] = 0.3
+    with pytest.raises(RuntimeError, match="lr tensor was replaced.*set the lr with runtime.set_lr"):
+        step(lambda x: x, inputs, opt)
 
 
 def test_the_lr_a_step_graph_reads_is_filled_in_place_and_saved_as_a_float():

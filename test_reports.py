@@ -276,7 +276,7 @@ LENGTH = Path(__file__).parent / "docs" / "summaries" / "length" / "e15"
 
 
 @slow
-def test_the_budget_figure_puts_one_experiments_lengths_on_one_line_and_keeps_devices_apart(tmp_path):
+def test_the_budget_figure_puts_one_experiments_lengths_on_one_line_and_keeps_devices_apart(run_dir, tmp_path):
     """eval.py --budget: the seeds of one experiment at one length are one point, its lengths one line; runs on
     another machine (whose minutes do not compare), decays not at the recipe's fractions (not only the length
     differs) and unfinished runs are kept off the line, each named."""
@@ -289,6 +289,13 @@ def test_the_budget_figure_puts_one_experiments_lengths_on_one_line_and_keeps_de
     summary = json.loads((moved / "summary.json").read_text())
     summary["settings"]["milestones"] = [1]
     (moved / "summary.json").write_text(json.dumps(summary))
+    unfinished = tmp_path / "e60" / "ce-seed0"  # metrics and last.pt, no summary.json yet
+    unfinished.mkdir(parents=True)
+    for name in ("metrics.jsonl", "last.pt"):
+        shutil.copy(run_dir / name, unfinished / name)
+    compiled = json.loads((tmp_path / "e30" / "ce-seed1" / "summary.json").read_text())
+    compiled["settings"]["compile"] = "default"  # one seed compiled, the other eager: a note, the same point
+    (tmp_path / "e30" / "ce-seed1" / "summary.json").write_text(json.dumps(compiled))
     notes = []
     series = report.budget_series([str(tmp_path)], notes)
     cpu = json.loads((LENGTH / "ce-seed0" / "summary.json").read_text())["device_name"]
@@ -299,6 +306,10 @@ def test_the_budget_figure_puts_one_experiments_lengths_on_one_line_and_keeps_de
     assert series[0][2][0][2] == [s["train_time_s"] / 60 for s in ce15]
     assert any(f"left out: {moved} decays at epochs [1]" in note for note in notes), notes
     assert any(note.startswith("devices: ") for note in notes), notes
+    assert f"left out, unfinished: {unfinished}" in notes
+    assert any(note.startswith(f"ce at 30 epochs on {cpu}: its seeds ran with different speed settings (amp bf16, "
+                               f"channels_last True, compile default; amp bf16, channels_last True, compile off)")
+               for note in notes), notes
 
 
 @slow
@@ -311,3 +322,10 @@ def test_the_budget_figure_goes_into_the_first_folder_by_default(tmp_path, capsy
     assert capsys.readouterr().out == f"figure written to {tmp_path / 'budget.png'}\n"
     with pytest.raises(errors.UserError, match="no finished run at the recipe's decays among"):
         report.budget_series([str(tmp_path / "budget.png")])
+    for other in ("--table", "--plot"):  # one report at a time, never one of them silently left out
+        with pytest.raises(SystemExit):
+            evaluation.main([other, str(tmp_path), "--budget", str(tmp_path)])
+        assert f"error: {other} and --budget: one at a time" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluation.main([str(tmp_path / "ce-seed0" / "last.pt"), "--budget", str(tmp_path)])
+    assert "error: --budget reads run folders, not a checkpoint" in capsys.readouterr().err

@@ -259,7 +259,7 @@ def backbone_logits(checkpoint, dataset):
 class ReplayOnCPU(runtime.StepGraph):
     """runtime.StepGraph's contract where no CUDA graph exists: its warmup steps run eagerly, its capture records
     the step and runs nothing, and each replay runs the step on the graph's own input tensors and writes its results
-    into the same output tensors every time, reading the lr tensors captured (asserted unreplaced)."""
+    into the same output tensors every time (StepGraph itself refuses an lr tensor replaced meanwhile)."""
 
     def __call__(self, update, inputs, opt):
         self.opt = opt
@@ -270,11 +270,10 @@ class ReplayOnCPU(runtime.StepGraph):
         return update(*inputs)
 
     def capture(self, update, inputs):
-        self.lr, self.outputs, self.replays = [g["lr"] for g in self.opt.param_groups], None, 0
+        self.outputs, self.replays = None, 0
         return SimpleNamespace(replay=lambda: self.replay(update)), None
 
     def replay(self, update):
-        assert all(g["lr"] is lr for g, lr in zip(self.opt.param_groups, self.lr)), "the lr tensor was replaced"
         outputs, self.replays = update(*self.inputs), self.replays + 1
         if self.outputs is None:
             self.outputs = outputs
@@ -305,7 +304,9 @@ def test_a_run_whose_step_is_replayed_as_one_graph_trains_bitwise_as_the_eager_o
         for k, v in (eager[part] or {}).items():
             assert torch.equal(v, graph[part][k]), f"{part}.{k}"
     (group,), (graph_group,) = eager["optimizer"]["param_groups"], graph["optimizer"]["param_groups"]
-    assert type(graph_group.pop("lr")) is float and group.pop("lr") == pytest.approx(0.01) and group == graph_group
+    lr, graph_lr = group.pop("lr"), graph_group.pop("lr")
+    assert type(graph_lr) is float and graph_lr == pytest.approx(lr, rel=1e-7) and lr == pytest.approx(0.01)
+    assert group == graph_group
     if method == "ps-kd":
         assert torch.equal(eager["ps_kd_store"], graph["ps_kd_store"])
 
