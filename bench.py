@@ -8,6 +8,7 @@ step's time (compilation included), projected run time.
     python bench.py --amp off --channels-last off --compile off --json
     python bench.py --compile off --alternate channels-last --width 16   # channels_last off and on, alternating
     python bench.py --alternate step-graph   # CUDA: today's CUDA graphs against the whole step as one graph
+    python bench.py --width 16 --concurrent 1 4 10   # images/s of 1, 4 and 10 runs sharing this machine
 
 The timed step is train.py's own (`train.train_step` fed by `data.train_batches`), never a copy.
 `--baseline` also times the plain way to write it: a DataLoader with per-image PIL transforms on the
@@ -16,8 +17,11 @@ CIFAR-100-shaped uint8 images (50,000 x 32 x 32 x 3, 100 classes): speed does no
 """
 import argparse
 import json
+import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -79,6 +83,14 @@ def parser():
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="instead of timing, profile N steps of the step (after --warmup) with torch.profiler and print "
                         "its operators by self time, grouped by input shape (on CUDA, by self CUDA time)")
+    p.add_argument("--concurrent", type=int, nargs="+", default=None, metavar="N",
+                   help="for each N, start N processes of this benchmark at once (one method; on a CPU each gets "
+                        "cores/N threads, as experiments.sh's JOBS), time every one's step over the same --window "
+                        "seconds after all have warmed up, and print the images/s of all N together: how many runs "
+                        "to start on one machine")
+    p.add_argument("--window", type=float, default=None,
+                   help="seconds each --concurrent process steps for (default 30 on CUDA, 20 on a CPU)")
+    p.add_argument("--ready", default=None, help=argparse.SUPPRESS)  # DIR:N, a --concurrent process's barrier
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -213,6 +225,72 @@ def alternated(args, method, data, device, warmup, steps):
     return {value: float(np.median(times)) for value, times in seconds.items()}
 
 
+def windowed(step, warmup, window, device, ready):
+    """A --concurrent process: (steps, seconds) of step() called for `window` seconds, after `warmup` steps and
+    after every process of its group has warmed up. ready is "DIR:N": each process writes a file in DIR once
+    warm and starts timing when N are there, so that all N time their steps over the same seconds."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    folder, n = ready.rsplit(":", 1)
+    open(os.path.join(folder, f"ready.{os.getpid()}"), "w").close()
+    deadline = time.monotonic() + 1800
+    while sum(name.startswith("ready.") for name in os.listdir(folder)) < int(n):
+        if time.monotonic() > deadline:
+            sys.exit(f"error: {n} --concurrent processes were not all warm after 30 minutes: fewer at once")
+        time.sleep(0.01)
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < window:
+        step()
+        steps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return steps, time.perf_counter() - start
+
+
+def concurrent(args, method, device, warmup, window):
+    """--concurrent: for each N, N processes of this benchmark started together, each timing its step over the
+    same window (windowed); a dict per N with the images/s of each process and of all N together. On a CPU each
+    process gets cores/N threads (at least one), as experiments.sh gives its JOBS, unless OMP_NUM_THREADS is
+    set."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    width = [] if ":" in args.arch else ["--width", str(args.width)]
+    argv = [sys.executable, os.path.abspath(__file__), "--arch", args.arch, *width, "--stem", args.stem,
+            "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--method", method,
+            "--recipe", args.recipe, "--device", str(device), "--amp", args.amp, "--channels-last",
+            args.channels_last, "--compile", args.compile, "--warmup", str(warmup), "--window", str(window), "--json"]
+    rows = []
+    for n in args.concurrent:
+        env = dict(os.environ)
+        if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+            env["OMP_NUM_THREADS"] = str(max(1, cores // n))
+        with tempfile.TemporaryDirectory() as folder:
+            logs = [open(os.path.join(folder, f"log{i}"), "w+") for i in range(n)]
+            procs = [subprocess.Popen(argv + ["--ready", f"{folder}:{n}"], stdout=log, stderr=subprocess.STDOUT,
+                                      env=env, text=True) for log in logs]
+            while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+                time.sleep(0.2)
+            failed = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+            for p in procs:
+                if failed is not None:
+                    p.kill()  # the others would wait for it at the barrier
+                p.wait()
+            outputs = []
+            for log in logs:
+                log.seek(0)
+                outputs.append(log.read())
+                log.close()
+        if failed is not None:
+            tail = outputs[failed].strip().splitlines()[-1:] or ["(no output)"]
+            sys.exit(f"error: --concurrent process {failed + 1} of {n} failed: {tail[0]}")
+        runs = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+        rows.append({"runs": n, "threads_per_run": runs[0]["threads"], "settings": runs[0]["settings"],
+                     "images_per_s": sum(r["images_per_s"] for r in runs),
+                     "images_per_s_each": [r["images_per_s"] for r in runs], "steps_each": [r["steps"] for r in runs]})
+    return rows
+
+
 # ----------------------------------------------------------------------------- the plain way
 
 
@@ -317,6 +395,27 @@ def print_alternated(args, methods, data, device, warmup, steps, name):
               f"steps)")
 
 
+def print_concurrent(args, method, device, warmup, window):
+    """--concurrent: the images/s of N processes together for each N (concurrent), and against one process."""
+    rows = concurrent(args, method, device, warmup, window)
+    one = next((r["images_per_s"] for r in rows if r["runs"] == 1), None)
+    for r in rows:
+        r["ratio_to_one"] = r["images_per_s"] / one if one else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    if args.json:
+        return print(json.dumps({"device": name, "torch": torch.__version__, "method": method, "arch": args.arch,
+                                 "width": args.width, "batch_size": args.batch_size, "warmup": warmup,
+                                 "window_s": window, "results": rows}))
+    print(f"{name}, torch {torch.__version__}: {method} {args.arch} width {args.width}, batch {args.batch_size}, "
+          + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in rows[0]["settings"].items())
+          + f"; each process steps for {window:g} s once all have taken {warmup} warm-up steps")
+    for r in rows:
+        each = ", ".join(f"{x:.0f}" for x in r["images_per_s_each"])
+        threads = r["threads_per_run"]
+        print(f"{r['runs']:>3} at once, {threads} CPU thread{'s' * (threads > 1)} each: {r['images_per_s']:8.0f} "
+              f"img/s together ({each})" + (f", {r['ratio_to_one']:.2f}x one run" if r["ratio_to_one"] else ""))
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = runtime.pick_device(args.device)
@@ -330,10 +429,25 @@ def main(argv=None):
     if args.profile and (args.alternate or args.baseline or args.json):
         sys.exit("error: --profile profiles the step alone: drop --alternate, --baseline and --json")
     methods = list(METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
+    window = args.window if args.window is not None else (30.0 if cuda else 20.0)
+    if args.concurrent or args.ready:
+        if args.profile or args.alternate or args.baseline or len(methods) > 1:
+            sys.exit("error: --concurrent times one method's step alone: give one --method and drop --profile, "
+                     "--alternate and --baseline")
+        if min(args.concurrent or [1]) < 1 or window <= 0:
+            sys.exit("error: --concurrent takes numbers of processes of at least 1, --window seconds above 0")
+    if args.concurrent:
+        return print_concurrent(args, methods[0], device, warmup, window)
     # few timed steps make a noisy mean, and the projection multiplies it by 160,000 steps
     estimate = "training steps only" + (f"; rough, from {steps} timed step{'s' * (steps > 1)}" if steps < 10 else "")
     data = synthetic_cifar(device, args.image_size)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    if args.ready:  # one process of --concurrent
+        step, settings = fast_stepper(train_args(args, methods[0]), data, device)
+        steps_done, seconds = windowed(step, warmup, window, device, args.ready)
+        return print(json.dumps({"device": name, "threads": torch.get_num_threads(), "settings": settings,
+                                 "steps": steps_done, "seconds": seconds,
+                                 "images_per_s": steps_done * args.batch_size / seconds}))
     if args.profile:
         return print_profiles(args, methods, data, device, warmup, name)
     if args.alternate:

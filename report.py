@@ -419,9 +419,10 @@ def plot_budget(paths, out, notes=None):
     axes[0].set(xlabel="epochs", ylabel="final test top-1 of the backbone (%)", xscale="log",
                 title="top-1 against the length of the run")
     axes[1].set(xlabel=minutes, xscale="log", title="top-1 against the time it took")
-    from matplotlib.ticker import ScalarFormatter  # (matplotlib is optional: imported where it draws)
+    from matplotlib.ticker import LogLocator, ScalarFormatter  # (matplotlib is optional: imported where it draws)
 
     axes[1].xaxis.set_major_formatter(ScalarFormatter())  # plain minutes on the log axis, not powers of ten
+    axes[1].xaxis.set_minor_locator(LogLocator(subs=(2, 5)))  # labels at 2, 5, 20, 50, ...: they cannot crowd
     axes[1].xaxis.set_minor_formatter(ScalarFormatter())
     lengths = sorted({n for _, _, points in series for n, _, _ in points})
     axes[0].set_xticks(lengths, [str(n) for n in lengths])

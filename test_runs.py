@@ -485,6 +485,26 @@ def test_bench_profiles_the_step_by_operator_and_shape(capsys):
         bench.main(["--profile", "1", "--baseline", "--device", "cpu"])
 
 
+@slow
+def test_bench_times_processes_running_at_once_over_one_window(capsys, monkeypatch):
+    """--concurrent 2: two processes, started together, each timing its step over the same window once both are
+    warm; on a CPU each gets cores/2 threads (at least one); the total is the sum of the two. A process that fails
+    stops the benchmark with its last line."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    tiny = ["--width", "4", "--batch-size", "2", "--warmup", "1", "--window", "0.5", "--device", "cpu",
+            "--amp", "off", "--compile", "off", "--json"]
+    bench.main(["--concurrent", "2", *tiny])
+    (row,) = json.loads(capsys.readouterr().out)["results"]
+    cores = len(os.sched_getaffinity(0))
+    assert row["runs"] == 2 and row["threads_per_run"] == max(1, cores // 2) and len(row["steps_each"]) == 2
+    assert all(steps >= 1 for steps in row["steps_each"])
+    assert row["images_per_s"] == pytest.approx(sum(row["images_per_s_each"])) and row["ratio_to_one"] is None
+    with pytest.raises(SystemExit, match="--concurrent process 1 of 1 failed: .*--width"):
+        bench.main(["--concurrent", "1", *tiny[:1], "0", *tiny[2:]])  # --width 0: the process refuses it
+    with pytest.raises(SystemExit, match="--concurrent times one method's step alone"):
+        bench.main(["--concurrent", "2", "--baseline", "--device", "cpu"])
+
+
 # ------------------------------------- ImageNet folders (slow): one epoch on a generated ImageFolder
 
 
