@@ -249,6 +249,13 @@ def windowed(step, warmup, window, device, ready):
     return steps, time.perf_counter() - start
 
 
+def read_back(f):
+    """The text written to the open file f, which is then closed."""
+    f.seek(0)
+    with f:
+        return f.read()
+
+
 def concurrent(args, method, device, warmup, window):
     """--concurrent: for each N, N processes of this benchmark started together, each timing its step over the
     same window (windowed); a dict per N with the images/s of each process and of all N together. On a CPU each
@@ -266,9 +273,9 @@ def concurrent(args, method, device, warmup, window):
         if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
             env["OMP_NUM_THREADS"] = str(max(1, cores // n))
         with tempfile.TemporaryDirectory() as folder:
-            logs = [open(os.path.join(folder, f"log{i}"), "w+") for i in range(n)]
-            procs = [subprocess.Popen(argv + ["--ready", f"{folder}:{n}"], stdout=log, stderr=subprocess.STDOUT,
-                                      env=env, text=True) for log in logs]
+            outs, errs = ([open(os.path.join(folder, f"{kind}{i}"), "w+") for i in range(n)] for kind in "oe")
+            procs = [subprocess.Popen(argv + ["--ready", f"{folder}:{n}"], stdout=out, stderr=err, env=env)
+                     for out, err in zip(outs, errs)]
             while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
                 time.sleep(0.2)
             failed = next((i for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
@@ -276,15 +283,11 @@ def concurrent(args, method, device, warmup, window):
                 if failed is not None:
                     p.kill()  # the others would wait for it at the barrier
                 p.wait()
-            outputs = []
-            for log in logs:
-                log.seek(0)
-                outputs.append(log.read())
-                log.close()
+            outs, errs = [[read_back(f) for f in files] for files in (outs, errs)]
         if failed is not None:
-            tail = outputs[failed].strip().splitlines()[-1:] or ["(no output)"]
+            tail = errs[failed].strip().splitlines()[-1:] or ["(no output)"]
             sys.exit(f"error: --concurrent process {failed + 1} of {n} failed: {tail[0]}")
-        runs = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+        runs = [json.loads(out) for out in outs]
         rows.append({"runs": n, "threads_per_run": runs[0]["threads"], "settings": runs[0]["settings"],
                      "images_per_s": sum(r["images_per_s"] for r in runs),
                      "images_per_s_each": [r["images_per_s"] for r in runs], "steps_each": [r["steps"] for r in runs]})
