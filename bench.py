@@ -419,42 +419,20 @@ def print_concurrent(args, method, device, warmup, window):
               f"img/s together ({each})" + (f", {r['ratio_to_one']:.2f}x one run" if r["ratio_to_one"] else ""))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = runtime.pick_device(args.device)
-    cuda = device.type == "cuda"
-    warmup = args.warmup if args.warmup is not None else (20 if cuda else 2)
-    steps = args.steps if args.steps is not None else (50 if cuda else 4)
-    args.blocks = args.blocks or (5 if args.alternate else 1)
-    if steps < 1 or warmup < 0 or args.image_size < 8 or args.workers < 0 or args.blocks < 1 or args.profile < 0:
-        sys.exit("error: --steps and --blocks must be at least 1, --warmup, --workers and --profile at least 0, "
-                 "--image-size at least 8")
-    if args.profile and (args.alternate or args.baseline or args.json):
-        sys.exit("error: --profile profiles the step alone: drop --alternate, --baseline and --json")
-    methods = list(METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
-    window = args.window if args.window is not None else (30.0 if cuda else 20.0)
-    if args.concurrent or args.ready:
-        if args.profile or args.alternate or args.baseline or len(methods) > 1:
-            sys.exit("error: --concurrent times one method's step alone: give one --method and drop --profile, "
-                     "--alternate and --baseline")
-        if min(args.concurrent or [1]) < 1 or window <= 0:
-            sys.exit("error: --concurrent takes numbers of processes of at least 1, --window seconds above 0")
-    if args.concurrent:
-        return print_concurrent(args, methods[0], device, warmup, window)
+def print_window(args, method, data, device, warmup, window, name):
+    """One process of --concurrent: its step timed over the window all processes share, as one JSON line."""
+    step, settings = fast_stepper(train_args(args, method), data, device)
+    steps_done, seconds = windowed(step, warmup, window, device, args.ready)
+    return print(json.dumps({"device": name, "threads": torch.get_num_threads(), "settings": settings,
+                             "steps": steps_done, "seconds": seconds,
+                             "images_per_s": steps_done * args.batch_size / seconds}))
+
+
+def print_measured(args, methods, data, device, warmup, steps, name):
+    """The default mode: each method's fast step (and with --baseline the plain way's, alternating in blocks)
+    timed, printed as a line per method and mode, or as one JSON object with --json."""
     # few timed steps make a noisy mean, and the projection multiplies it by 160,000 steps
     estimate = "training steps only" + (f"; rough, from {steps} timed step{'s' * (steps > 1)}" if steps < 10 else "")
-    data = synthetic_cifar(device, args.image_size)
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    if args.ready:  # one process of --concurrent
-        step, settings = fast_stepper(train_args(args, methods[0]), data, device)
-        steps_done, seconds = windowed(step, warmup, window, device, args.ready)
-        return print(json.dumps({"device": name, "threads": torch.get_num_threads(), "settings": settings,
-                                 "steps": steps_done, "seconds": seconds,
-                                 "images_per_s": steps_done * args.batch_size / seconds}))
-    if args.profile:
-        return print_profiles(args, methods, data, device, warmup, name)
-    if args.alternate:
-        return print_alternated(args, methods, data, device, warmup, steps, name)
     results = []
     for method in methods:
         targs = train_args(args, method)
@@ -484,6 +462,39 @@ def main(argv=None):
               f"{r['projected_205_epochs_min']:.0f} min ({estimate}) | amp {r['amp']}, channels_last "
               f"{r['channels_last']}, compile {r['compile']}"
               + (f" | {r['speedup']:.2f}x the plain way" if "speedup" in r else ""))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = runtime.pick_device(args.device)
+    cuda = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (20 if cuda else 2)
+    steps = args.steps if args.steps is not None else (50 if cuda else 4)
+    args.blocks = args.blocks or (5 if args.alternate else 1)
+    if steps < 1 or warmup < 0 or args.image_size < 8 or args.workers < 0 or args.blocks < 1 or args.profile < 0:
+        sys.exit("error: --steps and --blocks must be at least 1, --warmup, --workers and --profile at least 0, "
+                 "--image-size at least 8")
+    if args.profile and (args.alternate or args.baseline or args.json):
+        sys.exit("error: --profile profiles the step alone: drop --alternate, --baseline and --json")
+    methods = list(METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
+    window = args.window if args.window is not None else (30.0 if cuda else 20.0)
+    if args.concurrent or args.ready:
+        if args.profile or args.alternate or args.baseline or len(methods) > 1:
+            sys.exit("error: --concurrent times one method's step alone: give one --method and drop --profile, "
+                     "--alternate and --baseline")
+        if min(args.concurrent or [1]) < 1 or window <= 0:
+            sys.exit("error: --concurrent takes numbers of processes of at least 1, --window seconds above 0")
+    if args.concurrent:
+        return print_concurrent(args, methods[0], device, warmup, window)
+    data = synthetic_cifar(device, args.image_size)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    if args.ready:  # one process of --concurrent
+        return print_window(args, methods[0], data, device, warmup, window, name)
+    if args.profile:
+        return print_profiles(args, methods, data, device, warmup, name)
+    if args.alternate:
+        return print_alternated(args, methods, data, device, warmup, steps, name)
+    return print_measured(args, methods, data, device, warmup, steps, name)
 
 
 if __name__ == "__main__":
