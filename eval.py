@@ -13,8 +13,8 @@
 Accepts this project's last.pt / best.pt (every head and the self-teacher), deploy.pt (the backbone
 alone), checkpoints of the released scripts (docs/method.md section 11) and torchvision ResNet state dicts, as
 checkpoints.py reads them. docs/method.md section 8: the backbone is the deployed network, so its row comes
-first and is the headline. `--table`, `--plot` and `--budget` hand run folders to report.py, `--predict` image files to
-predict.py.
+first and is the headline. `--table` hands run folders to report.py, `--plot` and `--budget` to figures.py,
+`--predict` image files to predict.py.
 """
 import json
 import os
@@ -23,6 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import figures
 import report
 from checkpoints import check_classes, model_from_checkpoint, read_checkpoint, recorded_dataset
 from data import eval_batches, load_dataset, pixel_stats
@@ -159,10 +160,10 @@ def main(argv=None):
     if args.table:
         print(report.results_table(args.table, notes))
     elif args.plot and not args.per_class:
-        out = report.plot_runs(args.plot, args.out or os.path.join(args.plot[0], "results.png"), notes)
+        out = figures.plot_runs(args.plot, args.out or os.path.join(args.plot[0], "results.png"), notes)
         print(f"figure written to {out}")
     elif args.budget:
-        out = report.plot_budget(args.budget, args.out or os.path.join(args.budget[0], "budget.png"), notes)
+        out = figures.plot_budget(args.budget, args.out or os.path.join(args.budget[0], "budget.png"), notes)
         print(f"figure written to {out}")
     for line in notes:
         print(f"note: {line}", file=sys.stderr)
@@ -200,7 +201,7 @@ def main(argv=None):
     metrics = {name: head_metrics(z, y) for name, z in outputs.items()}
     classes = per_class(outputs["backbone"], y, meta.get("class_names") or data.class_names) if args.per_class else None
     if args.plot:
-        out = report.plot_confusion(classes, args.out or os.path.join(args.plot[0], "confusion.png"),
+        out = figures.plot_confusion(classes, args.out or os.path.join(args.plot[0], "confusion.png"),
                                     f"{args.checkpoint} on {data.name} ({data.n_test} test images)")
         print(f"figure written to {out}")
     elif args.json:

@@ -22,7 +22,7 @@ import cli
 import data
 import errors
 import eval as evaluation
-import report
+import figures
 import runtime
 import schedule
 import stability
@@ -500,10 +500,10 @@ def test_the_figure_of_a_short_run_has_whole_epochs_and_markers(run_dir, tmp_pat
     pytest.importorskip("matplotlib")
     import matplotlib.figure
 
-    figures = []
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
-    report.plot_runs([run_dir], str(tmp_path / "f.png"))
-    for ax in figures[0].axes:
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    figures.plot_runs([run_dir], str(tmp_path / "f.png"))
+    for ax in drawn[0].axes:
         assert all(float(t).is_integer() for t in ax.get_xticks())
         assert all(line.get_marker() == "o" for line in ax.get_lines())
 

@@ -1,4 +1,4 @@
-"""Reports (slow): eval.py --table, --plot and --budget over run folders (report.py)."""
+"""Reports (slow): eval.py --table, --plot and --budget over run folders (report.py, figures.py)."""
 import argparse
 import json
 import os
@@ -12,6 +12,7 @@ import torch
 import data
 import errors
 import eval as evaluation
+import figures
 import report
 from conftest import metric_lines, tiny_run
 from losses import TERMS
@@ -70,7 +71,7 @@ def test_table_and_plot_never_average_runs_of_different_experiments(run_dir, tmp
     assert [" |".join(row.split(" |")[:2]) for row in table[2:]] == ["| ce | tiny (3 classes, 300 train)",
                                                                     "| mixskd paper | tiny (10 classes, 192 train)"]
     pytest.importorskip("matplotlib")
-    report.plot_runs([str(r) for r in runs], str(tmp_path / "fig.png"))
+    figures.plot_runs([str(r) for r in runs], str(tmp_path / "fig.png"))
 
 
 @slow
@@ -93,7 +94,7 @@ def test_plot_draws_the_confusion_matrix_of_one_run(run_dir, tmp_path, capsys):
 
 @slow
 def test_plot_goes_into_the_run_folder_by_default(run_dir, monkeypatch, capsys):
-    monkeypatch.setattr(report, "plot_runs", lambda runs, out, notes: out)  # where, not how: no matplotlib needed
+    monkeypatch.setattr(figures, "plot_runs", lambda runs, out, notes: out)  # where, not how: no matplotlib needed
     evaluation.main(["--plot", str(run_dir)])
     assert capsys.readouterr().out.strip() == f"figure written to {run_dir / 'results.png'}"
 
@@ -219,7 +220,7 @@ def test_the_figure_of_baseline_runs_draws_their_loss_terms(tiny_npz, tmp_path, 
         return fig, axes
 
     monkeypatch.setattr(plt, "subplots", subplots)
-    report.plot_runs([str(tmp_path / "ce")], str(tmp_path / "fig.png"))
+    figures.plot_runs([str(tmp_path / "ce")], str(tmp_path / "fig.png"))
     loss_ax = drawn["axes"][1]
     assert loss_ax.get_title() == "loss terms, ce seed 0" and [line.get_label() for line in loss_ax.lines] == [
         "total", "L_ce"]
@@ -254,9 +255,9 @@ def test_a_folder_with_metrics_alone_is_named_not_tabled(run_dir, tmp_path, monk
     assert report.results_table([str(run_dir), str(tmp_path / "bare")], notes).count("\n") == 2
     assert notes == [f"left out: {tmp_path / 'bare'} holds metrics.jsonl but neither summary.json nor last.pt, which "
                      f"say what it trained"]
-    monkeypatch.setattr(report, "pyplot", lambda: pytest.skip("the runs are chosen before anything is drawn"))
+    monkeypatch.setattr(figures, "pyplot", lambda: pytest.skip("the runs are chosen before anything is drawn"))
     with pytest.raises(errors.UserError, match="no run to draw among .*neither summary.json nor last.pt"):
-        report.plot_runs([str(tmp_path / "bare")], str(tmp_path / "fig.png"))
+        figures.plot_runs([str(tmp_path / "bare")], str(tmp_path / "fig.png"))
 
 
 def length_copy(summary_dir, dest, epochs, top1, **summary_changes):
@@ -297,7 +298,7 @@ def test_the_budget_figure_puts_one_experiments_lengths_on_one_line_and_keeps_de
     compiled["settings"]["compile"] = "default"  # one seed compiled, the other eager: a note, the same point
     (tmp_path / "e30" / "ce-seed1" / "summary.json").write_text(json.dumps(compiled))
     notes = []
-    series = report.budget_series([str(tmp_path)], notes)
+    series = figures.budget_series([str(tmp_path)], notes)
     cpu = json.loads((LENGTH / "ce-seed0" / "summary.json").read_text())["device_name"]
     ce15 = [json.loads((LENGTH / f"ce-seed{k}" / "summary.json").read_text()) for k in (0, 1)]
     assert [(label, device, [(n, top1) for n, top1, _ in points]) for label, device, points in series] == [
@@ -321,7 +322,7 @@ def test_the_budget_figure_goes_into_the_first_folder_by_default(tmp_path, capsy
     assert (tmp_path / "budget.png").read_bytes()[:4] == b"\x89PNG"
     assert capsys.readouterr().out == f"figure written to {tmp_path / 'budget.png'}\n"
     with pytest.raises(errors.UserError, match="no finished run at the recipe's decays among"):
-        report.budget_series([str(tmp_path / "budget.png")])
+        figures.budget_series([str(tmp_path / "budget.png")])
     for other in ("--table", "--plot"):  # one report at a time, never one of them silently left out
         with pytest.raises(SystemExit):
             evaluation.main([other, str(tmp_path), "--budget", str(tmp_path)])
