@@ -14,6 +14,7 @@ Unfinished runs are left out of the table and named.
 """
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -171,9 +172,9 @@ def experiment(run, with_data=True):
 
 def grouped_runs(runs, name_data=True):
     """Runs grouped by experiment, seeds together: [(label, [run, ...]), ...] by network, then in a fixed method
-    order. A label is the method, and where several groups share a method, the values that set each of them
-    apart (--epochs 2, n_train 300, ...; the data's only with name_data): runs of different experiments are
-    never averaged."""
+    order, then by label, its numbers in their order (--epochs 90 before 205). A label is the method, and where
+    several groups share a method, the values that set each of them apart (--epochs 2, n_train 300, ...; the
+    data's only with name_data): runs of different experiments are never averaged."""
     groups = {}
     for run in runs:
         groups.setdefault(json.dumps(experiment(run), sort_keys=True, default=str), []).append(run)
@@ -189,7 +190,9 @@ def grouped_runs(runs, name_data=True):
                          sorted(members, key=lambda run: run.values.get("seed", 0))))
     order = lambda label: METHOD_ORDER.index(label.split(" (")[0]) if label.split(" (")[0] in METHOD_ORDER else 99
     network = lambda group: str(group[1][0].values.get("arch", ""))  # one network's rows together
-    labelled = sorted(labelled, key=lambda group: (network(group), order(group[0]), group[0],
+    # numbers in a label in their order, not the characters': --epochs 90 before --epochs 205
+    numeric = lambda label: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", label)]
+    labelled = sorted(labelled, key=lambda group: (network(group), order(group[0]), numeric(group[0]),
                                                    data_label(group[1][0].data)))
     seen = {}  # groups that differ only in what a label shortens (a file's folder) stay apart, numbered
     for i, (label, members) in enumerate(labelled):

@@ -192,6 +192,16 @@ def test_a_table_over_several_networks_keeps_each_networks_rows_together(run_dir
                                                     "| ce (--arch b:net)", "| mixskd paper (--arch b:net)"]
 
 
+
+def test_a_tables_lengths_come_in_the_order_of_their_numbers(tmp_path):
+    """One method at 9, 90 and 205 epochs: the rows in that order (a sort by characters puts 205 between 9 and
+    90), whatever order the folders are found in."""
+    for epochs in (205, 9, 90):
+        length_copy(LENGTH / "ce-seed0", tmp_path / f"e{epochs}" / "ce-seed0", epochs, 60.0)
+    rows = report.results_table([str(tmp_path)]).splitlines()[2:]
+    assert [row.split(" |")[0].split(", ")[0] for row in rows] == ["| ce (--epochs 9", "| ce (--epochs 90",
+                                                                 "| ce (--epochs 205"]
+
 @slow
 def test_a_summary_json_alone_is_a_finished_run_of_the_table(run_dir, tmp_path):
     """docs/ keeps the summary.json of each run behind its tables: the table made from those files alone is the
