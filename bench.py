@@ -32,6 +32,7 @@ from PIL import Image
 
 import cli
 import runtime
+import speedups
 import train
 from data import STATS, pixel_stats, train_batches
 from errors import ArgumentParser, run_cli
@@ -171,9 +172,9 @@ def fast_stepper(targs, data, device):
     """train.py's loop body: device-side batches from data.train_batches, then train.train_step."""
     torch.manual_seed(0)
     s = resolve(targs, data, device)  # --compile auto as for the recipe's run: 50,000 images, 205 epochs
-    speed = runtime.speed(s, device)
+    speed = speedups.speed(s, device)
     method, opt = train.build(s, data.num_classes, device, data.y_train)
-    runtime.wrap(method, s.compile, device, world=1)
+    speedups.wrap(method, s.compile, device, world=1)
     state = {"epoch": 0, "batches": iter(())}
 
     def step():
@@ -183,7 +184,7 @@ def fast_stepper(targs, data, device):
             method.set_epoch(state["epoch"], s.epochs)
             state["batches"] = train_batches(data, s.batch_size, 0, state["epoch"], extra=method.extra)
             batch = next(state["batches"])
-        runtime.set_lr(opt, 0.01)
+        speedups.set_lr(opt, 0.01)
         train.train_step(method, opt, speed, batch)
 
     return step, {"amp": s.amp, "channels_last": s.channels_last, "compile": s.compile}

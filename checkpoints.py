@@ -122,7 +122,7 @@ def run_meta(args, s, data, backbone):
 
 
 def optimizer_state(opt):
-    """opt.state_dict() with each group's lr a float, also where it is a tensor on the GPU (runtime.StepGraph's),
+    """opt.state_dict() with each group's lr a float, also where it is a tensor on the GPU (speedups.StepGraph's),
     so that a checkpoint resumes under any --compile and on any device."""
     state = opt.state_dict()  # its groups are copies: the optimizer's own lr tensors stay as they are
     for group in state["param_groups"]:

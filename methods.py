@@ -29,7 +29,7 @@ RECIPES = ("paper", "official")
 
 class Method:
     """Cross-entropy on clean images, the backbone alone (docs/method.md section 7): the base every method
-    follows. `forward` is the module the step calls: `objective` itself, or runtime.wrap's DistributedDataParallel
+    follows. `forward` is the module the step calls: `objective` itself, or speedups.wrap's DistributedDataParallel
     and torch.compile around it. `hp` holds the flags the method reads (`defaults`), resolved."""
 
     name = "ce"

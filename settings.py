@@ -13,7 +13,7 @@ run it continues computed (only the speed settings are resolved again, for the m
 import dataclasses
 import os
 
-import runtime
+import speedups
 from data import DATASETS, SMALL_IMAGES, steps_per_epoch
 from folders import first_image_size
 from methods import METHODS
@@ -122,7 +122,7 @@ def resolve(args, data, device, world=1, resume=None):
         s = dataclasses.replace(s, epochs=args.epochs, milestones=milestones(args, args.epochs),
                                 extended_at=resume["start_epoch"], epochs_before=resume["epochs"],
                                 lr_ceiling=None if args.extend_schedule == "new" else resume["lr"])
-    return dataclasses.replace(s, **runtime.resolve_speed(args.amp, args.channels_last, args.compile, device, world,
+    return dataclasses.replace(s, **speedups.resolve_speed(args.amp, args.channels_last, args.compile, device, world,
                                                           s.steps_per_epoch * s.epochs))
 
 

@@ -22,6 +22,7 @@ import torch
 import cli
 import runtime
 import schedule
+import speedups
 import train
 from data import load_dataset, train_batches
 from errors import ArgumentParser, run_cli
@@ -64,7 +65,7 @@ def norms(teacher):
 def run_case(args, data, device, steps_to_run, trace=False):
     """The first steps_to_run steps of the run `args` describes; returns the case's record."""
     s = resolve(args, data, device)
-    speed = runtime.speed(s, device)
+    speed = speedups.speed(s, device)
     runtime.seed_all(args.seed)
     method, opt = train.build(s, data.num_classes, device)
     steps, clip = s.steps_per_epoch, s.clip
@@ -77,7 +78,7 @@ def run_case(args, data, device, steps_to_run, trace=False):
         if i == 0:
             batches = train_batches(data, s.batch_size, s.seed, epoch)
         lr = schedule.lr_at(step, s)
-        runtime.set_lr(opt, lr)
+        speedups.set_lr(opt, lr)
         total, terms, _ = train.train_step(method, opt, speed, next(batches), clip)
         conv, fc, grad = norms(teacher)
         grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]

@@ -25,6 +25,7 @@ import eval as evaluation
 import figures
 import runtime
 import schedule
+import speedups
 import stability
 import train
 from conftest import HERE, SHARED_NPZ, metric_lines, settings_of, tiny_run
@@ -394,14 +395,14 @@ def test_every_argument_is_either_resumed_or_named_as_not_training():
 def test_a_bf16_run_resumed_under_fp16_starts_a_fresh_grad_scaler(run_dir, tmp_path, monkeypatch, capsys):
     """On CPU the fp16 choice is stood in for by an enabled GradScaler: its empty saved state used to fail with
     "The source state dict is empty"."""
-    real = runtime.speed
+    real = speedups.speed
 
     def fp16_scaler(s, device):
         speed = real(s, device)
         speed.scaler = torch.amp.GradScaler("cpu", enabled=True)
         return speed
 
-    monkeypatch.setattr(runtime, "speed", fp16_scaler)
+    monkeypatch.setattr(speedups, "speed", fp16_scaler)
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
     train.main(["--out", str(out), "--resume", "--extend", "--epochs", "3", "--milestones", "1"])

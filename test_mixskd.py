@@ -24,8 +24,8 @@ import data
 import errors
 import eval as evaluation
 import report
-import runtime
 import schedule
+import speedups
 import train
 from conftest import CPU, SHARED_NPZ, batch, build, settings_of
 from losses import (
@@ -561,7 +561,7 @@ def test_official_recipe_never_updates_self_teacher_or_discriminators():
     objective = method.objective
     assert not objective.net.backbone.stem_relu
     before = {k: v.clone() for k, v in objective.state_dict().items()}
-    speed = runtime.speed(s, CPU)
+    speed = speedups.speed(s, CPU)
     for seed in (0, 1):
         train.train_step(method, opt, speed, batch(seed))
     for name in ("self_teacher", "discs"):
@@ -649,8 +649,8 @@ def test_short_runs_place_two_distinct_milestones(epochs, milestones):
 
 
 def test_compile_auto_on_a_cpu_compiles_long_runs_and_says_when_it_cannot(monkeypatch, capsys):
-    resolved = lambda steps: runtime.resolve_speed("auto", "auto", "auto", CPU, 1, steps)["compile"]
-    assert (resolved(runtime.CPU_COMPILE_STEPS - 1), resolved(runtime.CPU_COMPILE_STEPS)) == ("off", "default")
+    resolved = lambda steps: speedups.resolve_speed("auto", "auto", "auto", CPU, 1, steps)["compile"]
+    assert (resolved(speedups.CPU_COMPILE_STEPS - 1), resolved(speedups.CPU_COMPILE_STEPS)) == ("off", "default")
     monkeypatch.setenv("CXX", "no-such-compiler")
     assert resolved(10**6) == "off"
     assert capsys.readouterr().err == ("note: --compile default needs a C++ compiler (no-such-compiler), which this "
@@ -660,11 +660,11 @@ def test_compile_auto_on_a_cpu_compiles_long_runs_and_says_when_it_cannot(monkey
 def test_channels_last_auto_is_on_for_cuda_and_for_an_eager_bf16_step_on_a_cpu(monkeypatch):
     """docs/performance.md: on a CPU channels_last saved 11-28% of an eager bf16 step, nothing of a compiled one,
     and -12% to +7% in fp32."""
-    monkeypatch.setattr(runtime, "compiler_missing", lambda device: None)
-    cl = lambda amp, compile: runtime.resolve_speed(amp, "auto", compile, CPU)["channels_last"]
+    monkeypatch.setattr(speedups, "compiler_missing", lambda device: None)
+    cl = lambda amp, compile: speedups.resolve_speed(amp, "auto", compile, CPU)["channels_last"]
     assert cl("bf16", "off") and not cl("off", "off") and not cl("bf16", "default")
-    assert runtime.resolve_speed("off", "on", "default", CPU)["channels_last"]  # as asked
-    assert not runtime.resolve_speed("bf16", "off", "off", CPU)["channels_last"]
+    assert speedups.resolve_speed("off", "on", "default", CPU)["channels_last"]  # as asked
+    assert not speedups.resolve_speed("bf16", "off", "off", CPU)["channels_last"]
 
 
 def test_the_step_graph_is_refused_where_it_cannot_run_in_one_line(monkeypatch):
@@ -675,30 +675,30 @@ def test_the_step_graph_is_refused_where_it_cannot_run_in_one_line(monkeypatch):
                                     (cuda, 1, "fp16", "needs --amp bf16 or off: fp16's GradScaler waits on the host")):
         with pytest.raises(errors.UserError, match=f"^--compile step-graph captures the whole step in one CUDA graph "
                                                    f"and {why}"):
-            runtime.resolve_speed(amp, "auto", "step-graph", device, world)
-    monkeypatch.setattr(runtime, "compiler_missing", lambda device: None)
-    monkeypatch.setattr(runtime, "autocast_dtype", lambda choice, device: torch.float16)  # a GPU without bf16
+            speedups.resolve_speed(amp, "auto", "step-graph", device, world)
+    monkeypatch.setattr(speedups, "compiler_missing", lambda device: None)
+    monkeypatch.setattr(speedups, "autocast_dtype", lambda choice, device: torch.float16)  # a GPU without bf16
     with pytest.raises(errors.UserError, match=r"and needs --amp bf16 or off: .* \(--amp auto chose fp16"):
-        runtime.resolve_speed("auto", "auto", "step-graph", cuda)
+        speedups.resolve_speed("auto", "auto", "step-graph", cuda)
 
 
 def test_the_step_graph_is_what_speed_and_wrap_give_for_its_mode(monkeypatch):
     """--compile step-graph: a StepGraph for the step, no per-step marking of CUDA graph trees, and the objective
     compiled in the default mode (the graph is StepGraph's own, not reduce-overhead's)."""
-    speed = runtime.speed(SimpleNamespace(amp="bf16", compile="step-graph"), CPU)
-    assert isinstance(speed.step_graph, runtime.StepGraph) and not speed.cudagraphs
-    assert runtime.speed(SimpleNamespace(amp="bf16", compile="reduce-overhead"), CPU).step_graph is None
+    speed = speedups.speed(SimpleNamespace(amp="bf16", compile="step-graph"), CPU)
+    assert isinstance(speed.step_graph, speedups.StepGraph) and not speed.cudagraphs
+    assert speedups.speed(SimpleNamespace(amp="bf16", compile="reduce-overhead"), CPU).step_graph is None
     modes = []
     monkeypatch.setattr(torch, "compile", lambda module, mode: modes.append(mode) or module)
     _, method, _ = build(["--width", str(WIDTH), "--compile", "off"])
-    runtime.wrap(method, "step-graph", CPU, 1)
+    speedups.wrap(method, "step-graph", CPU, 1)
     assert modes == [None]
 
 
 def test_a_step_graph_refuses_an_lr_set_around_it():
     """The graph reads the lr tensor the first step made: an lr assigned as a float afterwards would be ignored
-    by every replay, so the next step stops with a line that names runtime.set_lr."""
-    class Eager(runtime.StepGraph):
+    by every replay, so the next step stops with a line that names speedups.set_lr."""
+    class Eager(speedups.StepGraph):
         eager = staticmethod(lambda update, inputs: update(*inputs))
 
     param = torch.zeros(2, requires_grad=True)
@@ -706,11 +706,11 @@ def test_a_step_graph_refuses_an_lr_set_around_it():
     step, inputs = Eager(warmup=5), (torch.ones(2),)
     step(lambda x: x, inputs, opt)
     tensor = opt.param_groups[0]["lr"]
-    runtime.set_lr(opt, 0.2)
+    speedups.set_lr(opt, 0.2)
     step(lambda x: x, inputs, opt)
     assert opt.param_groups[0]["lr"] is tensor and tensor.item() == pytest.approx(0.2)
     opt.param_groups[0]["lr"] = 0.3
-    with pytest.raises(RuntimeError, match="lr tensor was replaced.*set the lr with runtime.set_lr"):
+    with pytest.raises(RuntimeError, match="lr tensor was replaced.*set the lr with speedups.set_lr"):
         step(lambda x: x, inputs, opt)
 
 
@@ -724,8 +724,8 @@ def test_the_lr_a_step_graph_reads_is_filled_in_place_and_saved_as_a_float():
                  for ps, lr in ((params, torch.tensor(0.1)), (twins, 0.1)))
     tensor = opt.param_groups[0]["lr"]
     for step in range(3):
-        runtime.set_lr(opt, 0.05 * (step + 1))
-        runtime.set_lr(twin, 0.05 * (step + 1))
+        speedups.set_lr(opt, 0.05 * (step + 1))
+        speedups.set_lr(twin, 0.05 * (step + 1))
         for p, q in zip(params, twins):
             p.grad, q.grad = torch.cos(p.detach() * step), torch.cos(q.detach() * step)
         opt.step()
@@ -895,7 +895,7 @@ def test_fast_step_matches_the_reference(method, recipe):
     x, y = batch(n=8)
     np.random.seed(1)
     torch.manual_seed(1)
-    total, terms, _ = train.train_step(method_, opt, runtime.speed(s, CPU), (x, y))
+    total, terms, _ = train.train_step(method_, opt, speedups.speed(s, CPU), (x, y))
 
     np.random.seed(1)  # the same draws, made here without mixup.py
     torch.manual_seed(1)

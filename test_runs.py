@@ -21,7 +21,7 @@ import data
 import errors
 import eval as evaluation
 import report
-import runtime
+import speedups
 import train
 from conftest import HAS_TENSORBOARD, HERE, TENSORBOARD, metric_lines, readme_block, tiny_run
 from losses import TERMS, discriminators
@@ -256,8 +256,8 @@ def backbone_logits(checkpoint, dataset):
     return evaluation.head_logits(model, None, d)[0]["backbone"]
 
 
-class ReplayOnCPU(runtime.StepGraph):
-    """runtime.StepGraph's contract where no CUDA graph exists: its warmup steps run eagerly, its capture records
+class ReplayOnCPU(speedups.StepGraph):
+    """speedups.StepGraph's contract where no CUDA graph exists: its warmup steps run eagerly, its capture records
     the step and runs nothing, and each replay runs the step on the graph's own input tensors and writes its results
     into the same output tensors every time (StepGraph itself refuses an lr tensor replaced meanwhile)."""
 
@@ -290,8 +290,8 @@ def test_a_run_whose_step_is_replayed_as_one_graph_trains_bitwise_as_the_eager_o
     losses, test numbers, weights and checkpoint are bitwise the eager run's, PS-KD's store included."""
     flags = ["--epochs", "2", "--method", method, "--amp", "off", "--compile", "off"]
     tiny_run(tiny_npz, tmp_path / "eager", *flags)
-    graphs, speed = [], runtime.speed
-    monkeypatch.setattr(runtime, "speed", lambda s, device: SimpleNamespace(
+    graphs, speed = [], speedups.speed
+    monkeypatch.setattr(speedups, "speed", lambda s, device: SimpleNamespace(
         **{**vars(speed(s, device)), "step_graph": graphs.append(ReplayOnCPU(warmup=2)) or graphs[-1]}))
     tiny_run(tiny_npz, tmp_path / "graph", *flags)
     steps = 2 * settings_of_run(tmp_path / "graph")["steps_per_epoch"]

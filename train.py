@@ -10,8 +10,8 @@ on one device or under torchrun.
 
 Top to bottom: the method and its optimiser (methods.py; docs/method.md sections 5-9 and 12); one step; the run
 (setup, the loop, the end of an epoch, the summary). The command line is cli.py, the settings a run resolves from
-it settings.py, the lr schedule schedule.py; plumbing: runtime.py, checkpoints.py. A run writes into --out:
-args.json (the arguments and settings, at the start), metrics.jsonl (a line per epoch), last.pt (every epoch,
+it settings.py, the lr schedule schedule.py; plumbing: runtime.py, speedups.py, checkpoints.py. A run writes into
+--out: args.json (the arguments and settings, at the start), metrics.jsonl (a line per epoch), last.pt (every epoch,
 atomically), best.pt (best backbone top-1 on the validation split of --val-split, else on the test set), deploy.pt
 (the backbone alone), summary.json (the headline: final backbone top-1) and, with --tensorboard, TensorBoard's
 event file.
@@ -30,6 +30,7 @@ import torch
 import checkpoints
 import report
 import runtime
+import speedups
 from arch import network
 from cli import parse_args, parser, resume_arguments
 from data import hold_out, load_dataset, note_single_image_classes, train_batches, train_labels
@@ -122,7 +123,7 @@ def setup(args, rank, world, device, resume=None):
     run.data = data = hold_out(load_dataset(args.dataset, args.data, device, args.image_size, args.workers,
                                             in_memory=setting_of(args) == "cifar"), args.val_split, args.seed)
     run.s = s = resolve(args, data, device, world, resume)
-    run.speed = runtime.speed(s, device)
+    run.speed = speedups.speed(s, device)
     runtime.check_writable(args.out, rank)
     run.method, run.opt = build(s, data.num_classes, device, train_labels(data))
     runtime.seed_all(args.seed + rank)  # each rank draws its own lam and perm for its own batch
@@ -134,7 +135,7 @@ def setup(args, rank, world, device, resume=None):
                                                        run.speed.scaler, device, rank, run.method.store)
     elif args.init_from:
         checkpoints.init_from(args.init_from, objective.net, getattr(objective, "self_teacher", None))
-    runtime.wrap(run.method, s.compile, device, world, args.sync_bn)
+    speedups.wrap(run.method, s.compile, device, world, args.sync_bn)
     run.record = {"args": vars(args), "settings": dataclasses.asdict(s)}  # saved in every checkpoint
     run.tensorboard = None  # rank 0 alone writes files
     if run.main:
@@ -200,7 +201,7 @@ def train(run):
         for i, batch in enumerate(train_batches(run.data, s.batch_size, s.seed, epoch, run.rank, run.world,
                                                 method.extra)):
             lr = lr_at(epoch * s.steps_per_epoch + i, s)
-            runtime.set_lr(opt, lr)
+            speedups.set_lr(opt, lr)
             total, terms, hits = train_step(method, opt, run.speed, batch, s.clip)
             logged = {"total": total, **terms, "hits": hits}
             values = torch.stack([value.float() for value in logged.values()])  # all on the device, no sync
