@@ -21,7 +21,8 @@
 # ARCH, WIDTH (empty: the network's own, as for torchvision:/timm: networks), WARMUP (warmup epochs; empty:
 # train.py's default) and EPOCHS set the network and the length; the defaults are the table's.
 #
-# A finished run (summary.json) is skipped and an interrupted one resumed, so rerunning continues.
+# A finished run (summary.json) is skipped and an interrupted one resumed, so rerunning continues (its log,
+# RUNS/<run>.log, goes on where it stopped).
 # With JOBS=n each job gets (cores / n) CPU threads (OMP_NUM_THREADS), since n jobs of one thread per
 # core each would oversubscribe the CPU; an OMP_NUM_THREADS you set yourself is kept.
 set -euo pipefail
@@ -47,10 +48,10 @@ for seed in $SEEDS; do
     name="$name-seed$seed"
     dir="$RUNS/$name"
     [ -f "$dir/summary.json" ] && continue
-    resume=""
-    [ -f "$dir/last.pt" ] && resume="--resume"
+    resume="" into=">"
+    [ -f "$dir/last.pt" ] && resume="--resume" into=">>"  # a resumed run's log goes on after its first part's
     echo "$PYTHON train.py --arch $ARCH ${WIDTH:+--width $WIDTH} --dataset $DATA --batch-size 64 --epochs $EPOCHS \
-${WARMUP:+--warmup-epochs $WARMUP} --seed $seed --method $method --out $dir $resume > $dir.log 2>&1 \
+${WARMUP:+--warmup-epochs $WARMUP} --seed $seed --method $method --out $dir $resume $into $dir.log 2>&1 \
 || echo failed: $dir, see $dir.log"
   done
 done | tr '\n' '\0' | xargs -0 -P "$JOBS" -I{} bash -c {}

@@ -755,3 +755,26 @@ def test_experiments_give_each_job_its_share_of_the_cores(tmp_path):
     assert (tmp_path / "threads").read_text().split() == [expected] * 4  # two runs, the table, the figure
 
 
+@slow
+def test_experiments_resume_a_run_and_keep_its_log(tmp_path):
+    """An interrupted run (last.pt, no summary.json) is resumed and its log goes on after the first part; a run
+    that starts afresh gets a log of its own; a finished run (summary.json) is not started."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/sh\necho "ran: $*"\n')
+    stub.chmod(0o755)
+    runs = tmp_path / "runs"
+    for name in ("ce-seed0", "mixup-seed0", "cutmix-seed0"):
+        (runs / name).mkdir(parents=True)
+        (runs / f"{name}.log").write_text(f"{name}, first part\n")
+    (runs / "ce-seed0" / "last.pt").write_bytes(b"")
+    (runs / "cutmix-seed0" / "summary.json").write_text("{}")
+    env = {**os.environ, "PYTHON": str(stub), "SEEDS": "0", "METHODS": "ce mixup cutmix", "RUNS": str(runs),
+           "DATA": str(stub)}
+    subprocess.run(["bash", str(HERE / "experiments.sh")], env=env, check=True, capture_output=True, timeout=60)
+    first, resumed = (runs / "ce-seed0.log").read_text().splitlines()
+    assert first == "ce-seed0, first part" and resumed.startswith("ran: train.py ") and resumed.endswith(" --resume")
+    fresh, = (runs / "mixup-seed0.log").read_text().splitlines()
+    assert fresh.startswith("ran: train.py ") and "--resume" not in fresh
+    assert (runs / "cutmix-seed0.log").read_text() == "cutmix-seed0, first part\n"
+
+
