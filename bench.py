@@ -213,17 +213,12 @@ def measured(modes, blocks, warmup, steps, device):
 
 
 def alternated(args, method, data, device, warmup, steps):
-    """--alternate FLAG: {value: seconds} for FLAG's two values (ALTERNATIVES), the median over --blocks blocks of
-    `steps` steps of each one's step, the blocks alternating (a, b, then b, a, ...) after `warmup` steps of each."""
+    """--alternate FLAG: {value: seconds} for FLAG's two values (ALTERNATIVES), each one's step timed by measured:
+    the median over --blocks blocks of `steps` steps, the blocks alternating, after `warmup` steps of each."""
     flag, values = ALTERNATIVES[args.alternate]
-    steppers = {value: fast_stepper(train_args(args, method, **{flag: value}), data, device)[0] for value in values}
-    for step in steppers.values():
-        timed(step, warmup, 1, device)
-    seconds = {value: [] for value in steppers}
-    for block in range(args.blocks):
-        for value in values if block % 2 == 0 else values[::-1]:
-            seconds[value].append(timed(steppers[value], 0, steps, device)[0])
-    return {value: float(np.median(times)) for value, times in seconds.items()}
+    modes = [(value, lambda value=value: fast_stepper(train_args(args, method, **{flag: value}), data, device))
+             for value in values]
+    return {value: seconds for value, seconds, *_ in measured(modes, args.blocks, warmup, steps, device)}
 
 
 def windowed(step, warmup, window, device, ready):
