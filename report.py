@@ -170,6 +170,12 @@ def experiment(run, with_data=True):
     return {**{k: v for k, v in run.values.items() if k not in NOT_THE_EXPERIMENT}, **data}
 
 
+def natural_key(label):
+    """A sort key that orders the numbers in a label by value, not by their characters: --epochs 90 before
+    --epochs 205, --lr 0.05 before --lr 0.5."""
+    return [float(t) if k % 2 else t for k, t in enumerate(re.split(r"(\d+(?:\.\d+)?)", label))]
+
+
 def grouped_runs(runs, name_data=True):
     """Runs grouped by experiment, seeds together: [(label, [run, ...]), ...] by network, then in a fixed method
     order, then by label, its numbers in their order (--epochs 90 before 205). A label is the method, and where
@@ -190,9 +196,7 @@ def grouped_runs(runs, name_data=True):
                          sorted(members, key=lambda run: run.values.get("seed", 0))))
     order = lambda label: METHOD_ORDER.index(label.split(" (")[0]) if label.split(" (")[0] in METHOD_ORDER else 99
     network = lambda group: str(group[1][0].values.get("arch", ""))  # one network's rows together
-    # numbers in a label in their order, not the characters': --epochs 90 before --epochs 205
-    numeric = lambda label: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", label)]
-    labelled = sorted(labelled, key=lambda group: (network(group), order(group[0]), numeric(group[0]),
+    labelled = sorted(labelled, key=lambda group: (network(group), order(group[0]), natural_key(group[0]),
                                                    data_label(group[1][0].data)))
     seen = {}  # groups that differ only in what a label shortens (a file's folder) stay apart, numbered
     for i, (label, members) in enumerate(labelled):

@@ -201,6 +201,9 @@ def test_a_tables_lengths_come_in_the_order_of_their_numbers(tmp_path):
     rows = report.results_table([str(tmp_path)]).splitlines()[2:]
     assert [row.split(" |")[0].split(", ")[0] for row in rows] == ["| ce (--epochs 9", "| ce (--epochs 90",
                                                                  "| ce (--epochs 205"]
+    labels = ["ce (--lr 0.5)", "ce (--lr 0.05)", "ce (--epochs 205)", "ce (--epochs 90)"]  # decimals by value too
+    assert sorted(labels, key=report.natural_key) == ["ce (--epochs 90)", "ce (--epochs 205)", "ce (--lr 0.05)",
+                                                      "ce (--lr 0.5)"]
 
 @slow
 def test_a_summary_json_alone_is_a_finished_run_of_the_table(run_dir, tmp_path):
