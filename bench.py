@@ -4,6 +4,7 @@ step's time (compilation included), projected run time.
     python bench.py                       # the project's MixSKD step, best settings for this device
     python bench.py --baseline            # ... and the plain way, same process, with the speed-up
     python bench.py --profile 2           # where the step's time goes: torch.profiler, by operator and shape
+    python bench.py --profile 2 --baseline   # ... and the plain way's, each with its convolutions' share
     python bench.py --method all          # every method's step, one after the other, in one process
     python bench.py --amp off --channels-last off --compile off --json
     python bench.py --compile off --alternate channels-last --width 16   # channels_last off and on, alternating
@@ -83,7 +84,8 @@ def parser():
                    "the other)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="instead of timing, profile N steps of the step (after --warmup) with torch.profiler and print "
-                        "its operators by self time, grouped by input shape (on CUDA, by self CUDA time)")
+                        "its operators by self time, grouped by input shape (on CUDA, by self CUDA time), and on a CPU "
+                        "the convolutions' share of it; with --baseline the plain way's step likewise")
     p.add_argument("--concurrent", type=int, nargs="+", default=None, metavar="N",
                    help="for each N, start N processes of this benchmark at once (one method; on a CPU each gets "
                         "cores/N threads, as experiments.sh's JOBS), time every one's step over the same --window "
@@ -346,7 +348,9 @@ def plain_stepper(targs, data, device, workers):
 
 def profiled(step, warmup, steps, device, rows=15):
     """torch.profiler's table of steps calls of step() after warmup ones: the operators by self time (CPU, or
-    CUDA on a GPU), grouped by input shape, so that one layer's convolution stands apart from another's."""
+    CUDA on a GPU), grouped by input shape, so that one layer's convolution stands apart from another's. On a CPU
+    a line follows with the ms per step of all operators and of the convolutions (forward and backward) among them;
+    not on CUDA, where the time falls on kernels (cuDNN's, or a CUDA graph's replay) that no operator name marks."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(warmup):
@@ -358,22 +362,33 @@ def profiled(step, warmup, steps, device, rows=15):
             step()
         if cuda:
             torch.cuda.synchronize(device)
-    return trace.key_averages(group_by_input_shape=True).table(
-        sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows,
-        max_name_column_width=32, max_shapes_column_width=80)
+    rows_by_shape = trace.key_averages(group_by_input_shape=True)
+    table = rows_by_shape.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows,
+                                max_name_column_width=32, max_shapes_column_width=80)
+    if cuda:
+        return table
+    total = sum(e.self_cpu_time_total for e in rows_by_shape) / steps / 1e3  # microseconds -> ms per step
+    conv = sum(e.self_cpu_time_total for e in rows_by_shape if "convolution" in e.key) / steps / 1e3
+    return (table + f"\nper step (profiled): {total:.1f} ms of operators, {conv:.1f} ms of them convolutions "
+            f"({100 * conv / max(total, 1e-9):.0f}%), {total - conv:.1f} ms the rest")
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def print_profiles(args, methods, data, device, warmup, name):
-    """--profile: each method's step under torch.profiler (profiled)."""
+    """--profile: each method's step under torch.profiler (profiled); with --baseline the plain way's first."""
     for method in methods:
-        step, settings = fast_stepper(train_args(args, method), data, device)
-        print(f"{name}, {method} {args.arch} width {args.width}, "
-              + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in settings.items())
-              + f": {args.profile} step{'s' * (args.profile > 1)} profiled after {warmup}")
-        print(profiled(step, warmup, args.profile, device))
+        targs = train_args(args, method)
+        modes = [("fast", lambda: fast_stepper(targs, data, device))]
+        if args.baseline and method in PLAIN:
+            modes.insert(0, ("baseline", lambda: plain_stepper(targs, data, device, args.workers)))
+        for mode, make in modes:
+            step, settings = make()
+            print(f"{name}, {method} {mode} {args.arch} width {args.width}, "
+                  + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in settings.items())
+                  + f": {args.profile} step{'s' * (args.profile > 1)} profiled after {warmup}")
+            print(profiled(step, warmup, args.profile, device))
 
 
 def print_alternated(args, methods, data, device, warmup, steps, name):
@@ -470,8 +485,9 @@ def main(argv=None):
     if steps < 1 or warmup < 0 or args.image_size < 8 or args.workers < 0 or args.blocks < 1 or args.profile < 0:
         sys.exit("error: --steps and --blocks must be at least 1, --warmup, --workers and --profile at least 0, "
                  "--image-size at least 8")
-    if args.profile and (args.alternate or args.baseline or args.json):
-        sys.exit("error: --profile profiles the step alone: drop --alternate, --baseline and --json")
+    if args.profile and (args.alternate or args.json):
+        sys.exit("error: --profile profiles the step (with --baseline, and the plain way's): drop --alternate and "
+                 "--json")
     methods = list(METHODS) if "all" in args.method else list(dict.fromkeys(args.method))
     window = args.window if args.window is not None else (30.0 if cuda else 20.0)
     if args.concurrent or args.ready:

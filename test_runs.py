@@ -3,6 +3,7 @@ image folders, bench.py."""
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -474,15 +475,22 @@ def test_bench_alternates_a_setting_in_one_process(capsys):
 
 @slow
 def test_bench_profiles_the_step_by_operator_and_shape(capsys):
-    """--profile N: torch.profiler's table of N steps, one row per operator and input shape; mixed with the timing
-    modes it is refused."""
+    """--profile N: torch.profiler's table of N steps, one row per operator and input shape, and on a CPU the
+    convolutions' share of the step; with --baseline the plain way's step first, likewise; mixed with --alternate
+    or --json it is refused."""
     bench.main(["--width", "4", "--batch-size", "4", "--profile", "1", "--warmup", "1", "--device", "cpu",
-                "--amp", "off", "--compile", "off"])
+                "--amp", "off", "--compile", "off", "--baseline", "--workers", "0"])
     out = capsys.readouterr().out
-    assert "mixskd resnet18 width 4" in out and "1 step profiled after 1" in out
+    assert "mixskd baseline resnet18 width 4" in out and "mixskd fast resnet18 width 4" in out
+    assert out.count("1 step profiled after 1") == 2
     assert "aten::convolution_backward" in out and "[[8, 32, 4, 4]" in out  # the clean and mixed halves: 8 rows
-    with pytest.raises(SystemExit, match="--profile profiles the step alone"):
-        bench.main(["--profile", "1", "--baseline", "--device", "cpu"])
+    shares = re.findall(r"per step \(profiled\): ([\d.]+) ms of operators, ([\d.]+) ms of them convolutions "
+                        r"\((\d+)%\), ([\d.]+) ms the rest", out)
+    assert len(shares) == 2  # the plain way's, then ours
+    for total, conv, percent, rest in (map(float, s) for s in shares):
+        assert 0 < conv < total and abs(conv + rest - total) < 0.2 and abs(100 * conv / total - percent) <= 0.5
+    with pytest.raises(SystemExit, match="--profile profiles the step"):
+        bench.main(["--profile", "1", "--alternate", "compile", "--device", "cpu"])
 
 
 @slow
