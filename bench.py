@@ -12,7 +12,7 @@ step's time (compilation included), projected run time.
     python bench.py --width 16 --concurrent 1 4 10   # images/s of 1, 4 and 10 runs sharing this machine
 
 The timed step is train.py's own (`train.train_step` fed by `data.train_batches`), never a copy.
-`--baseline` also times the plain way to write it: a DataLoader with per-image PIL transforms on the
+`--baseline` also times the plain way to write it (plain.py): a DataLoader with per-image PIL transforms on the
 host, eager fp32 in NCHW, default SGD, and `.item()` on every loss term each step. Data are synthetic
 CIFAR-100-shaped uint8 images (50,000 x 32 x 32 x 3, 100 classes): speed does not depend on pixels.
 """
@@ -28,8 +28,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torchvision.transforms as T
-from PIL import Image
 
 import cli
 import runtime
@@ -38,7 +36,7 @@ import train
 from data import STATS, pixel_stats, train_batches
 from errors import ArgumentParser, run_cli
 from methods import METHODS, RECIPES
-from mixup import mix_batch
+from plain import plain_stepper
 from settings import resolve
 
 SPEC_STEPS = 50_000 // 64 * 205  # the recipe's CIFAR-100 run: 781 steps per epoch, 205 epochs
@@ -290,60 +288,6 @@ def concurrent(args, method, device, warmup, window):
                      "images_per_s": sum(r["images_per_s"] for r in runs),
                      "images_per_s_each": [r["images_per_s"] for r in runs], "steps_each": [r["steps"] for r in runs]})
     return rows
-
-
-# ----------------------------------------------------------------------------- the plain way
-
-
-class PILCifar(torch.utils.data.Dataset):
-    """CIFAR as torchvision serves it: a PIL image per item, transformed on the host."""
-
-    def __init__(self, images, labels, transform):
-        self.images, self.labels, self.transform = images.numpy(), labels.numpy(), transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
-
-
-def plain_step(method, opt, x, y):
-    """The step as it is usually written: eager fp32 NCHW, a host float lam, default SGD, and the
-    habit of reading every loss term with .item() each step (one host sync per term)."""
-    inputs, lam, perm = x, None, None
-    if method.name != "ce":
-        x_mix, perm, lam = mix_batch(x, method.hp["alpha"], method.hp.get("mix", method.name))
-        inputs = torch.cat([x, x_mix]) if method.name == "mixskd" else x_mix
-    total, terms, _ = method.objective(inputs, y, lam, perm)
-    opt.zero_grad()
-    total.backward()
-    opt.step()
-    return [total.item()] + [v.item() for v in terms.values()]
-
-
-def plain_stepper(targs, data, device, workers):
-    torch.manual_seed(0)
-    plain = argparse.Namespace(**{**vars(targs), "amp": "off", "channels_last": "off", "compile": "off"})
-    method, _ = train.build(resolve(plain, data, device), data.num_classes, device)
-    params = [p for p in method.objective.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    transform = T.Compose([T.RandomCrop(data.images.shape[1], padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                           T.Normalize(data.mean, data.std)])
-    loader = torch.utils.data.DataLoader(PILCifar(data.images, data.labels, transform), batch_size=targs.batch_size,
-                                         shuffle=True, num_workers=workers, drop_last=True,
-                                         persistent_workers=workers > 0)
-    state = {"batches": iter(loader)}
-
-    def step():
-        batch = next(state["batches"], None)
-        if batch is None:
-            state["batches"] = iter(loader)
-            batch = next(state["batches"])
-        x, y = batch
-        plain_step(method, opt, x.to(device), y.to(device))
-
-    return step, {"amp": "off", "channels_last": False, "compile": "off", "data": f"DataLoader+PIL, {workers} workers"}
 
 
 def profiled(step, warmup, steps, device, rows=15):
