@@ -320,14 +320,20 @@ def profiled(step, warmup, steps, device, rows=15):
 # ----------------------------------------------------------------------------- main
 
 
+def stepper_makers(args, method, data, device):
+    """[(mode, make)] for method: "fast", train.py's step, and with --baseline (for PLAIN's methods) "baseline",
+    the plain way's, first; make() builds that stepper, so that each is built only when its turn comes."""
+    targs = train_args(args, method)
+    makers = [("fast", lambda: fast_stepper(targs, data, device))]
+    if args.baseline and method in PLAIN:
+        makers.insert(0, ("baseline", lambda: plain_stepper(targs, data, device, args.workers)))
+    return makers
+
+
 def print_profiles(args, methods, data, device, warmup, name):
     """--profile: each method's step under torch.profiler (profiled); with --baseline the plain way's first."""
     for method in methods:
-        targs = train_args(args, method)
-        modes = [("fast", lambda: fast_stepper(targs, data, device))]
-        if args.baseline and method in PLAIN:
-            modes.insert(0, ("baseline", lambda: plain_stepper(targs, data, device, args.workers)))
-        for mode, make in modes:
+        for mode, make in stepper_makers(args, method, data, device):
             step, settings = make()
             print(f"{name}, {method} {mode} {args.arch} width {args.width}, "
                   + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in settings.items())
@@ -390,10 +396,7 @@ def print_measured(args, methods, data, device, warmup, steps, name):
     estimate = "training steps only" + (f"; rough, from {steps} timed step{'s' * (steps > 1)}" if steps < 10 else "")
     results = []
     for method in methods:
-        targs = train_args(args, method)
-        modes = [("fast", lambda: fast_stepper(targs, data, device))]
-        if args.baseline and method in PLAIN:
-            modes.insert(0, ("baseline", lambda: plain_stepper(targs, data, device, args.workers)))
+        modes = stepper_makers(args, method, data, device)
         for mode, seconds, memory, first, settings in measured(modes, args.blocks, warmup, steps, device):
             results.append({"method": method, "mode": mode, **settings, "ms_per_step": 1000 * seconds,
                             "images_per_s": args.batch_size / seconds, "peak_memory_mib": memory,
