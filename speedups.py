@@ -49,6 +49,25 @@ def resolve_speed(amp, channels_last, compile, device, world=1, run_steps=0):
             "channels_last": channels_last == "on" or (channels_last == "auto" and auto), "compile": compile}
 
 
+# oneDNN's fp32 kernel for a 1x1 convolution of stride > 1 gets its weight gradient wrong in channels_last when the
+# convolution has fewer input channels than the kernel's channel block (8 with AVX2, 16 with AVX-512): on a 2-core
+# AMD EPYC with AVX2 and no AVX-512 (torch 2.14.1) 4 to 7 channels gave weight gradients 38-120% off, or hung or
+# crashed, while 8 to 256 channels, stride 1 and bf16 matched the default format (docs/performance.md; oneDNN
+# issue 6035, "1x1 convolution backward_weights writes past the rtus workspace (nhwc, IC < ic_block)").
+ONEDNN_1X1_BLOCK = 16
+
+
+def channels_last_hazard(net):
+    """(name, input channels) of net's first 1x1 convolution of stride > 1 with fewer than ONEDNN_1X1_BLOCK input
+    channels (per group), whose weight gradient oneDNN's fp32 CPU kernel gets wrong in channels_last; None where
+    net has none."""
+    for name, m in net.named_modules():
+        if (isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+                and m.in_channels // m.groups < ONEDNN_1X1_BLOCK):
+            return name, m.in_channels // m.groups
+    return None
+
+
 def speed(s, device):
     """What the step needs of the speed settings s (settings.Settings, or anything with amp, channels_last and
     compile resolved): autocast (a context), scaler (a GradScaler, active for fp16 only) and cudagraphs (whether

@@ -667,6 +667,27 @@ def test_channels_last_auto_is_on_for_cuda_and_for_an_eager_bf16_step_on_a_cpu(m
     assert not speedups.resolve_speed("bf16", "off", "off", CPU)["channels_last"]
 
 
+def test_channels_last_in_fp32_on_a_cpu_is_refused_where_onednn_gets_the_weight_gradient_wrong():
+    """oneDNN's fp32 kernel for a 1x1 convolution of stride 2 gets its weight gradient wrong in channels_last with
+    fewer input channels than its channel block (docs/performance.md): such a network is refused in one line in
+    fp32 on a CPU, whichever module holds the convolution, and runs in bf16, in the default format, and at width
+    16, where the narrowest such convolution has 16 input channels."""
+    flags = ["--channels-last", "on", "--compile", "off"]
+    refused = r"^channels_last in fp32 on a CPU: oneDNN computes wrong weight gradients .* \({} has 4; .* use --chan"
+    with pytest.raises(errors.UserError, match=refused.format(r"net\.layer2\.0\.downsample\.0")):
+        build(["--width", "4", "--amp", "off", "--method", "ce", *flags])
+    with pytest.raises(errors.UserError, match=refused.format(r"net\.backbone\.layer2\.0\.downsample\.0")):
+        build(["--width", "4", "--amp", "off", *flags])  # MixSKD's objective: the network inside it
+    for argv in (["--width", "4", "--amp", "bf16", *flags], ["--width", "16", "--amp", "off", *flags],
+                 ["--width", "4", "--amp", "off", "--channels-last", "off", "--compile", "off"]):
+        build(argv)
+    hazard = speedups.channels_last_hazard
+    assert hazard(torch.nn.Conv2d(15, 32, 1, stride=2)) == ("", 15)
+    assert hazard(torch.nn.Conv2d(32, 32, 1, stride=2, groups=4)) == ("", 8)  # per group
+    for fine in (torch.nn.Conv2d(16, 32, 1, stride=2), torch.nn.Conv2d(4, 8, 1), torch.nn.Conv2d(4, 8, 3, stride=2)):
+        assert hazard(fine) is None
+
+
 def test_the_step_graph_is_refused_where_it_cannot_run_in_one_line(monkeypatch):
     """--compile step-graph needs CUDA, one process and no fp16 (GradScaler waits on the host each step)."""
     cuda = torch.device("cuda")  # resolve_speed refuses before it asks anything of the device

@@ -54,6 +54,11 @@ def build(s, num_classes, device, train_labels=None):
     net = network(s.arch, num_classes, s.width, cls.stem_relu(s.hp, s.setting), s.setting, cls.heads, s.image_size)
     memory_format = torch.channels_last if s.channels_last else torch.contiguous_format
     method = cls(net, num_classes, s.hp, s.setting, memory_format, train_labels=train_labels)
+    if device.type == "cpu" and s.channels_last and s.amp == "off" and (
+            bad := speedups.channels_last_hazard(method.objective)):
+        raise UserError(f"channels_last in fp32 on a CPU: oneDNN computes wrong weight gradients for a 1x1 strided "
+                        f"convolution of fewer than {speedups.ONEDNN_1X1_BLOCK} input channels ({bad[0]} has "
+                        f"{bad[1]}; docs/performance.md): use --channels-last off, --amp bf16 or a wider network")
     params = [p for p in method.objective.parameters() if p.requires_grad]  # what the recipe trains
     method.objective.to(device, memory_format=memory_format)
     # fused: one kernel over every parameter on CUDA, one pass of C++ on a CPU (42.6M parameters: 16 ms, against
