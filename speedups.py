@@ -51,7 +51,7 @@ def resolve_speed(amp, channels_last, compile, device, world=1, run_steps=0):
 
 # oneDNN's fp32 kernel for a 1x1 convolution of stride > 1 gets its weight gradient wrong in channels_last when the
 # convolution has fewer input channels than the kernel's channel block (8 with AVX2, 16 with AVX-512): on a 2-core
-# AMD EPYC with AVX2 and no AVX-512 (torch 2.14.1) 4 to 7 channels gave weight gradients 38-120% off, or hung or
+# AMD EPYC with AVX2 and no AVX-512 (torch 2.14.1) 1 to 7 channels gave weight gradients 6-120% off, or hung or
 # crashed, while 8 to 256 channels, stride 1 and bf16 matched the default format (docs/performance.md; oneDNN
 # issue 6035, "1x1 convolution backward_weights writes past the rtus workspace (nhwc, IC < ic_block)").
 ONEDNN_1X1_BLOCK = 16
