@@ -18,9 +18,11 @@ from runtime import rank
 CPU_COMPILE_STEPS = 3_000  # a CPU run this long repays its compilation (measured: docs/performance.md)
 
 
-def resolve_speed(amp, channels_last, compile, device, world=1, run_steps=0):
+def resolve_speed(amp, channels_last, compile, device, world=1, run_steps=0, narrow=False):
     """The `auto` speed flags resolved for a device: {"amp": bf16|fp16|off, "channels_last": bool, "compile": mode
-    or "off"}. channels_last: on CUDA, and on a CPU for an eager step under bf16 autocast. --compile auto compiles
+    or "off"}. channels_last: on CUDA, and on a CPU for an eager step under bf16 autocast, or in fp32 where the CPU
+    has no native bf16 kernels, unless `narrow` (the network has a convolution that channels_last gets wrong in
+    fp32 on a CPU: channels_last_hazard, this project's ResNets below width 16). --compile auto compiles
     on CUDA (CUDA graphs, but plain compilation under torchrun, where CUDA graphs with DDP's gradient hooks are
     unverified), and on a CPU a run of at least CPU_COMPILE_STEPS steps: on 2 cores
     compiling took 85-95 s and saved 16% of a width-16 step (340 -> 287 ms) and 12% at width 64 (3,048 -> 2,689
@@ -42,9 +44,10 @@ def resolve_speed(amp, channels_last, compile, device, world=1, run_steps=0):
     if compile == STEP_GRAPH and dtype == torch.float16:  # --amp auto on a GPU without bf16
         raise UserError(f"--compile {STEP_GRAPH} captures the whole step in one CUDA graph and "
                         f"{step_graph_refused(device, world, 'fp16')} (--amp auto chose fp16: this GPU lacks bf16)")
-    # channels_last on a CPU pays in an eager bf16 step (11-28% at widths 16-64), not in a compiled one (2%, noise)
-    # nor in fp32 (-12% to +7%): docs/performance.md
-    auto = device.type == "cuda" or (compile == "off" and dtype == torch.bfloat16)
+    # channels_last on a CPU pays in an eager bf16 step (11-28% at widths 16-64), not in a compiled one (2%, noise),
+    # nor in fp32 on a CPU with native bf16 (-12% to +7%), but in fp32 on one without (9-24%): docs/performance.md
+    auto = device.type == "cuda" or (compile == "off" and (
+        dtype == torch.bfloat16 or (dtype is None and not cpu_has_native_bf16() and not narrow)))
     return {"amp": {torch.bfloat16: "bf16", torch.float16: "fp16", None: "off"}[dtype],
             "channels_last": channels_last == "on" or (channels_last == "auto" and auto), "compile": compile}
 
@@ -175,6 +178,11 @@ def compiler_missing(device):
     return None if shutil.which(cxx) else f"a C++ compiler ({cxx})"
 
 
+def cpu_has_native_bf16():
+    """Whether oneDNN reports native bf16 kernels on this CPU (AVX512-BF16 or AMX)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def autocast_dtype(choice, device):
     """auto: bf16 on CUDA (fp16 where the GPU lacks bf16); on a CPU, bf16 only where oneDNN reports
     native bf16 kernels (AVX512-BF16 or AMX), else fp32, since emulated bf16 is slower than fp32."""
@@ -183,7 +191,7 @@ def autocast_dtype(choice, device):
     if choice == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     if choice == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16 or off")
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[choice]
