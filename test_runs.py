@@ -489,7 +489,11 @@ def test_bench_profiles_the_step_by_operator_and_shape(capsys):
                         r"\((\d+)%\), ([\d.]+) ms the rest", out)
     assert len(shares) == 2  # the plain way's, then ours
     for total, conv, percent, rest in (map(float, s) for s in shares):
-        assert 0 < conv < total and abs(conv + rest - total) < 0.2 and abs(100 * conv / total - percent) <= 0.5
+        assert 0 < conv < total and abs(conv + rest - total) < 0.2
+        # the percent comes from the unrounded times, printed rounded to 0.1 ms: 31.4 of 72.2 ms is 43.5%,
+        # yet 31.44 of 72.16 is 43.6% and prints 44%
+        low, high = 100 * (conv - 0.05) / (total + 0.05), 100 * (conv + 0.05) / (total - 0.05)
+        assert low - 0.5 <= percent <= high + 0.5
     with pytest.raises(SystemExit, match="--profile profiles the step"):
         bench.main(["--profile", "1", "--alternate", "compile", "--device", "cpu"])
 
