@@ -28,7 +28,10 @@ def torchrun(npz, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(HERE / "train.py"), "--dataset", npz, "--width", "4", "--batch-size", "16", "--warmup-epochs", "1",
            "--milestones", "1", "--out", str(out), *extra]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # loopback: no dependence on how the host name resolves
+    # loopback: no dependence on how the host name resolves; cores / 2 threads a rank: an OMP_NUM_THREADS of the
+    # cores' count, which torchrun passes to each rank, oversubscribes the CPU (2 cores: 80 s for this file, not 17)
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": threads}
     for attempt in range(2):
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, timeout=300, env=env)
         # one retry, only when the launcher lost a race for a free port, or when a rank aborted in gloo's teardown
