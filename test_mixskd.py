@@ -701,6 +701,22 @@ def test_channels_last_in_fp32_on_a_cpu_is_refused_where_onednn_gets_the_weight_
         assert hazard(fine) is None
 
 
+@pytest.mark.parametrize("argv", [[], ["--recipe", "official"], ["--method", "byot"], ["--method", "dks"]])
+def test_in_channels_last_every_gradient_comes_in_its_parameters_strides(argv):
+    """DistributedDataParallel lays each gradient bucket out in its parameter's strides and warns, once a rank, when
+    a gradient comes in others: the self-teacher's 1x1 conv weight, used as a matrix (self_teacher.py), gets its
+    gradient in the default strides, so train.build keeps that weight in them while the rest is channels_last."""
+    s, method, _ = build(["--width", "16", "--amp", "off", "--channels-last", "on", "--compile", "off", *argv])
+    x, y = torch.rand(4, 3, 32, 32), torch.arange(4)
+    total = method.forward(*method.inputs(x, y))[0]
+    total.backward()
+    trained = [(name, p) for name, p in method.objective.named_parameters() if p.grad is not None]
+    assert len(trained) > 20 and any(p.is_contiguous(memory_format=torch.channels_last) and p.shape[-1] == 3
+                                     for _, p in trained)  # the convolutions are channels_last
+    for name, p in trained:
+        assert p.grad.stride() == p.stride(), name
+
+
 def test_the_step_graph_is_refused_where_it_cannot_run_in_one_line(monkeypatch):
     """--compile step-graph needs CUDA, one process and no fp16 (GradScaler waits on the host each step)."""
     cuda = torch.device("cuda")  # resolve_speed refuses before it asks anything of the device

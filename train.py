@@ -38,6 +38,7 @@ from errors import UserError, run_cli
 from eval import evaluate
 from methods import METHODS
 from schedule import default_warmup_iterations, lr_at, schedule_text
+from self_teacher import SelfTeacher
 from settings import resolve, setting_of
 
 CLEAR_LINE = "\r\033[K"  # back to the start of the terminal line and erase it
@@ -61,6 +62,10 @@ def build(s, num_classes, device, train_labels=None):
                         f"{bad[1]}; docs/performance.md): use --channels-last off, --amp bf16 or a wider network")
     params = [p for p in method.objective.parameters() if p.requires_grad]  # what the recipe trains
     method.objective.to(device, memory_format=memory_format)
+    for teacher in (m for m in method.objective.modules() if isinstance(m, SelfTeacher)):
+        # its 1x1 conv runs as a matrix product (self_teacher.py), whose gradient comes in the default strides: its
+        # weight kept in them too, DistributedDataParallel's bucket matches the gradient (else each rank warns)
+        teacher.conv.weight.data = teacher.conv.weight.data.clone(memory_format=torch.contiguous_format)
     # fused: one kernel over every parameter on CUDA, one pass of C++ on a CPU (42.6M parameters: 16 ms, against
     # 46 to 83 ms for foreach, which a CPU runs as a loop of per-tensor ops)
     opt = torch.optim.SGD(params, lr=s.lr, momentum=0.9, nesterov=s.nesterov, weight_decay=s.weight_decay, fused=True)
