@@ -13,7 +13,9 @@ class SelfTeacher(nn.Module):
 
     The conv is linear and bias-free, so it commutes with global average pooling: we pool first and
     apply the 1x1 conv as a matrix product, H*W times cheaper (16x at 4x4) and the same function.
-    The weights keep the conv's shape (C x 4C x 1 x 1), as in the released checkpoints.
+    The weights keep the conv's shape (C x 4C x 1 x 1), as in the released checkpoints. Used as a matrix, the
+    weight gets its gradient in the default strides: under channels_last keep the weight in them (train.build
+    does), or DistributedDataParallel warns on each rank that the gradient's strides differ from its bucket's.
     """
 
     def __init__(self, channels, num_classes, num_heads=4):
